@@ -1,0 +1,26 @@
+"""a2a-redis: a Redis task store and event bus for multi-replica A2A agent servers."""
+
+from a2a_redis.errors import (
+    A2ARedisError,
+    ContentionError,
+    CorruptDataError,
+    RedisUnavailableError,
+    TaskOwnedElsewhereError,
+    UnsupportedSchemaError,
+)
+from a2a_redis.keys import Keys
+from a2a_redis.streams import StreamRetention
+from a2a_redis.task_store import RedisTaskStore, VersionedRedisTaskStore
+
+__all__ = [
+    "A2ARedisError",
+    "ContentionError",
+    "CorruptDataError",
+    "Keys",
+    "RedisTaskStore",
+    "RedisUnavailableError",
+    "StreamRetention",
+    "TaskOwnedElsewhereError",
+    "UnsupportedSchemaError",
+    "VersionedRedisTaskStore",
+]

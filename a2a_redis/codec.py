@@ -1,0 +1,268 @@
+"""How a2a-redis lays bytes out in Redis: task records, index members, stream entries.
+
+A2A objects are stored as their protobuf wire bytes. Our own small envelopes use msgpack.
+Every record carries a schema version (:data:`SCHEMA_VERSION`) so that a later release can
+migrate it; a record from an unknown (newer) schema raises :class:`UnsupportedSchemaError`.
+Every decoding failure raises :class:`CorruptDataError` naming the key.
+
+Task record (a hash, ``keys.task``)::
+
+    f  schema version          "1"
+    o  owner                   UTF-8 (surrogates passed through)
+    v  version                 decimal integer, 1 on the first write, +1 per write
+    d  the Task                protobuf bytes
+    c  context id              UTF-8
+    s  state                   decimal TaskState number
+    m  ListTasks index member  see :func:`index_member`
+    w  write id                8 random bytes naming the write that produced this record
+    x  expires at              Unix ms when a terminal-task TTL applies, else "0"
+
+Stream entry (``keys.events``)::
+
+    f  schema version   "1"
+    v  task version     decimal integer (the version the event produced)
+    e  the event        ``StreamResponse`` protobuf bytes (as the SDK's SQL stream stores)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped,unused-ignore]
+from a2a.server.events.event_queue import Event
+from a2a.types.a2a_pb2 import StreamResponse, Task, TaskState
+from a2a.utils.proto_utils import to_stream_response
+from a2a.utils.task import ListTasksCursor
+from google.protobuf.message import DecodeError
+
+from a2a_redis.errors import CorruptDataError, UnsupportedSchemaError
+
+__all__ = [
+    "HEAD_FIELDS",
+    "SCHEMA_VERSION",
+    "TERMINAL_STATES",
+    "RecordHead",
+    "decode_event",
+    "decode_head",
+    "decode_locator",
+    "decode_task",
+    "encode_event",
+    "encode_locator",
+    "encode_record",
+    "index_member",
+    "member_cursor",
+    "member_for_cursor",
+    "member_task_id",
+    "member_timestamp_floor",
+]
+
+SCHEMA_VERSION = 1
+_SCHEMA = b"1"
+
+TERMINAL_STATES = frozenset(
+    {
+        TaskState.TASK_STATE_COMPLETED,
+        TaskState.TASK_STATE_CANCELED,
+        TaskState.TASK_STATE_FAILED,
+        TaskState.TASK_STATE_REJECTED,
+    }
+)
+
+F_SCHEMA, F_OWNER, F_VERSION, F_TASK = b"f", b"o", b"v", b"d"
+F_CONTEXT, F_STATE, F_MEMBER, F_WRITE, F_EXPIRES = b"c", b"s", b"m", b"w", b"x"
+
+#: The fields a write reads before deciding (everything but the payload).
+HEAD_FIELDS = (F_SCHEMA, F_OWNER, F_VERSION, F_CONTEXT, F_STATE, F_MEMBER, F_WRITE, F_EXPIRES)
+
+_TS_OFFSET = 1 << 127  # timestamps in ns can be negative or exceed int64: 128-bit, offset
+_NO_TS = b"\x00" + bytes(16)
+_MEMBER_HEAD = 17
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogatepass")
+
+
+def _raw(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _check_schema(key: str, schema: bytes | None) -> None:
+    if schema == _SCHEMA:
+        return
+    if schema is not None and schema.isdigit() and int(schema) > SCHEMA_VERSION:
+        raise UnsupportedSchemaError(
+            f"record has schema version {schema.decode()}, this release reads "
+            f"{SCHEMA_VERSION}: upgrade a2a-redis",
+            key=key,
+        )
+    raise CorruptDataError(f"record has no valid schema version ({schema!r})", key=key)
+
+
+def _int(key: str, field: str, raw: bytes | None) -> int:
+    try:
+        return int(raw) if raw is not None else 0
+    except ValueError:
+        raise CorruptDataError(f"field {field!r} is not an integer", key=key) from None
+
+
+# -- task records --------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class RecordHead:
+    """What a write must know of the stored record to decide and to keep indexes right."""
+
+    owner: str
+    version: int
+    context_id: str
+    state: int
+    member: bytes
+    write_id: bytes
+    expires_at: int
+
+    def locator(self) -> bytes:
+        """This record's entry in the owner's ``expiring`` zset."""
+        return encode_locator(self.context_id, self.state, self.member)
+
+
+def decode_head(key: str, values: list[bytes | None]) -> RecordHead | None:
+    """Decode an HMGET of :data:`HEAD_FIELDS`; None when the record does not exist."""
+    if all(v is None for v in values):
+        return None
+    schema, owner, version, context_id, state, member, write_id, expires = values
+    _check_schema(key, schema)
+    if owner is None or version is None or member is None:
+        raise CorruptDataError("record is missing its owner, version or index member", key=key)
+    return RecordHead(
+        owner=_text(owner),
+        version=_int(key, "v", version),
+        context_id=_text(context_id or b""),
+        state=_int(key, "s", state),
+        member=member,
+        write_id=write_id or b"",
+        expires_at=_int(key, "x", expires),
+    )
+
+
+def encode_record(
+    task: Task, payload: bytes, *, owner: str, version: int, write_id: bytes, expires_at: int
+) -> dict[bytes, bytes]:
+    """The hash fields of a task record (``payload`` is ``task.SerializeToString()``)."""
+    return {
+        F_SCHEMA: _SCHEMA,
+        F_OWNER: _raw(owner),
+        F_VERSION: b"%d" % version,
+        F_TASK: payload,
+        F_CONTEXT: _raw(task.context_id),
+        F_STATE: b"%d" % task.status.state,
+        F_MEMBER: index_member(task),
+        F_WRITE: write_id,
+        F_EXPIRES: b"%d" % expires_at,
+    }
+
+
+def decode_task(key: str, task_id: str, schema: bytes | None, payload: bytes | None) -> Task:
+    """Decode a stored Task, checking the schema and that it is the task asked for."""
+    _check_schema(key, schema)
+    if payload is None:
+        raise CorruptDataError("record has no task payload", key=key)
+    try:
+        task: Task = Task.FromString(payload)
+    except (DecodeError, RuntimeWarning) as e:
+        raise CorruptDataError(f"task payload is not a valid Task: {e}", key=key) from e
+    if task.id != task_id:
+        raise CorruptDataError("task payload names a different task id", key=key)
+    return task
+
+
+# -- ListTasks index -------------------------------------------------------------------------
+def _member(has_ts: bool, ts_ns: int, task_id: str) -> bytes:
+    head = b"\x01" + (ts_ns + _TS_OFFSET).to_bytes(16, "big") if has_ts else _NO_TS
+    return head + task_id.encode("utf-8")
+
+
+def index_member(task: Task) -> bytes:
+    """The task's member in the ListTasks indexes.
+
+    All members have score 0 and sort by bytes, which equals the SDK's sort key
+    ``(has timestamp, timestamp_ns, id)``: a flag byte, the timestamp as a 128-bit
+    big-endian offset integer, then the id in UTF-8 (whose byte order is code point order).
+    """
+    has_ts = task.HasField("status") and task.status.HasField("timestamp")
+    return _member(has_ts, task.status.timestamp.ToNanoseconds() if has_ts else 0, task.id)
+
+
+def member_for_cursor(cursor: ListTasksCursor) -> bytes:
+    """The index member at a ListTasks cursor position."""
+    has_ts = cursor.timestamp_ns is not None
+    return _member(has_ts, cursor.timestamp_ns or 0, cursor.task_id)
+
+
+def member_timestamp_floor(ts_ns: int) -> bytes:
+    """The smallest member with this timestamp (for ``status_timestamp_after``)."""
+    return _member(True, ts_ns, "")
+
+
+def member_task_id(key: str, member: bytes) -> str:
+    """The task id inside an index member."""
+    if len(member) < _MEMBER_HEAD:
+        raise CorruptDataError("index member is too short", key=key)
+    try:
+        return member[_MEMBER_HEAD:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorruptDataError("index member holds an invalid task id", key=key) from e
+
+
+def member_cursor(key: str, member: bytes) -> ListTasksCursor:
+    """The ListTasks cursor pointing at an index member."""
+    task_id = member_task_id(key, member)
+    if member[0] == 0:
+        return ListTasksCursor(timestamp_ns=None, task_id=task_id)
+    return ListTasksCursor(
+        timestamp_ns=int.from_bytes(member[1:_MEMBER_HEAD], "big") - _TS_OFFSET, task_id=task_id
+    )
+
+
+def encode_locator(context_id: str, state: int, member: bytes) -> bytes:
+    """A msgpack envelope naming every index entry of one task (schema-versioned)."""
+    packed: bytes = msgpack.packb([SCHEMA_VERSION, _raw(context_id), state, member])
+    return packed
+
+
+def decode_locator(key: str, raw: bytes) -> tuple[str, int, bytes]:
+    """Decode :func:`encode_locator`'s envelope into ``(context_id, state, member)``."""
+    try:
+        schema, context_id, state, member = msgpack.unpackb(raw)
+        if schema != SCHEMA_VERSION:
+            raise ValueError(f"schema {schema!r}")
+        return _text(context_id), int(state), bytes(member)
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        raise CorruptDataError(f"invalid expiry locator: {e}", key=key) from e
+
+
+# -- stream entries --------------------------------------------------------------------------
+def encode_event(version: int, event: Event) -> dict[bytes, bytes]:
+    """The fields of a stream entry carrying ``event`` at task ``version``."""
+    return {
+        F_SCHEMA: _SCHEMA,
+        F_VERSION: b"%d" % version,
+        b"e": to_stream_response(event).SerializeToString(),
+    }
+
+
+def decode_event(key: str, fields: dict[bytes, bytes]) -> tuple[int, Event]:
+    """Decode a stream entry into ``(version, event)``."""
+    _check_schema(key, fields.get(F_SCHEMA))
+    version = _int(key, "v", fields.get(F_VERSION))
+    payload = fields.get(b"e")
+    if payload is None:
+        raise CorruptDataError("stream entry has no event", key=key)
+    try:
+        response = StreamResponse.FromString(payload)
+    except DecodeError as e:
+        raise CorruptDataError(f"stream entry is not a valid StreamResponse: {e}", key=key) from e
+    which = response.WhichOneof("payload")
+    event: Any = getattr(response, which) if which else None
+    if event is None:
+        raise CorruptDataError("stream entry carries no known event", key=key)
+    return version, event

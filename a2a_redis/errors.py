@@ -1,0 +1,80 @@
+"""One exception hierarchy for a2a-redis, and the one place that translates redis-py errors.
+
+Every error raised by this package derives from :class:`A2ARedisError` and names the Redis
+key it concerns, except the SDK's own ``ConcurrentTaskModificationError``, which the
+versioned store raises on a version conflict exactly as the SDK's SQL store does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from redis import exceptions as rex
+
+__all__ = [
+    "A2ARedisError",
+    "ContentionError",
+    "CorruptDataError",
+    "RedisUnavailableError",
+    "TaskOwnedElsewhereError",
+    "UnsupportedSchemaError",
+    "redis_errors",
+]
+
+
+class A2ARedisError(Exception):
+    """Base class of every error raised by a2a-redis."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message if key is None else f"{message} (key {key!r})")
+        self.key = key
+
+
+class RedisUnavailableError(A2ARedisError):
+    """Redis could not be reached, or did not answer in time.
+
+    Raised instead of "not found": an outage is never reported as a missing task.
+    """
+
+
+class CorruptDataError(A2ARedisError):
+    """Bytes under one of our keys cannot be decoded, or the key holds the wrong type."""
+
+
+class UnsupportedSchemaError(CorruptDataError):
+    """A record carries a schema version this release cannot read (written by a newer one)."""
+
+
+class TaskOwnedElsewhereError(A2ARedisError):
+    """A plain ``TaskStore.save`` named a task id that another owner already holds.
+
+    Task ids are unique per prefix (the SDK's runtime keys its registries and event streams
+    by task id alone), so the write is refused instead of overwriting the other owner's task.
+    """
+
+
+class ContentionError(A2ARedisError):
+    """An unconditional write lost its optimistic transaction too many times in a row."""
+
+
+@contextmanager
+def redis_errors(operation: str, key: str, *, connection: bool = True) -> Iterator[None]:
+    """Translate redis-py exceptions raised inside the block into our typed errors.
+
+    Connection loss and timeouts become :class:`RedisUnavailableError` (unless
+    ``connection`` is False, for callers that retry them); a WRONGTYPE reply becomes
+    :class:`CorruptDataError`. Other server errors propagate unchanged.
+    """
+    try:
+        yield
+    except (rex.ConnectionError, rex.TimeoutError) as e:
+        if not connection:
+            raise
+        raise RedisUnavailableError(f"Redis unavailable during {operation}: {e}", key=key) from e
+    except rex.ResponseError as e:
+        if str(e).startswith("WRONGTYPE"):
+            raise CorruptDataError(
+                f"{operation}: a key of this task holds the wrong Redis type", key=key
+            ) from e
+        raise

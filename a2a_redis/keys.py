@@ -1,0 +1,119 @@
+"""Every Redis key and channel a2a-redis uses is built here, from one configurable prefix.
+
+Layout (``P`` is the prefix, ``T`` an encoded task id, ``O`` an encoded owner)::
+
+    P:{t:T}:task        hash    the task record (see codec.py)
+    P:{t:T}:events      stream  the task's event log
+    P:{t:T}:wake        channel pub/sub wake-up for live subscribers
+    P:{o:O}:all         zset    the owner's ListTasks index, all tasks
+    P:{o:O}:ctx:C       zset    ... filtered by context id C (encoded)
+    P:{o:O}:st:S        zset    ... filtered by state S (an integer)
+    P:{o:O}:ctxst:C:S   zset    ... filtered by both
+    P:{o:O}:expiring    zset    index locators of terminal tasks that have a TTL
+
+All keys of one task share the Redis Cluster hash tag ``{t:T}`` so that WATCH, MULTI/EXEC
+and scripts on a task stay in one slot; all index keys of one owner share ``{o:O}``.
+
+Ids are percent-encoded: every byte of their UTF-8 form outside ``[A-Za-z0-9._-]``
+becomes ``%XX``. The encoding is injective, never yields ``{``, ``}``, ``:`` or glob
+characters, and so no id can break out of its tag, collide with another id, or reach
+another component of a key.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["Keys", "encode_id"]
+
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+_HEX = "0123456789ABCDEF"
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9._\-:/]{1,64}$")
+
+
+def encode_id(value: str) -> str:
+    """Percent-encode ``value`` for use inside a key (injective; safe for tags and globs)."""
+    raw = value.encode("utf-8", "surrogatepass")
+    if all(b in _SAFE for b in raw):
+        return raw.decode("ascii")
+    out = []
+    for b in raw:
+        if b in _SAFE:
+            out.append(chr(b))
+        else:
+            out.append("%" + _HEX[b >> 4] + _HEX[b & 15])
+    return "".join(out)
+
+
+class Keys:
+    """Builds the keys of one a2a-redis namespace.
+
+    Args:
+        prefix: The namespace, for example ``"a2a"`` or ``"myapp:a2a"``. It may hold
+            letters, digits and ``._-:/``; braces are refused because they would
+            become the cluster hash tag.
+    """
+
+    __slots__ = ("prefix",)
+
+    def __init__(self, prefix: str = "a2a") -> None:
+        if not _PREFIX_RE.match(prefix):
+            raise ValueError(
+                f"invalid key prefix {prefix!r}: use 1-64 characters from [A-Za-z0-9._-:/]"
+            )
+        self.prefix = prefix
+
+    # -- per task ------------------------------------------------------------------------
+    def _task_base(self, task_id: str) -> str:
+        return f"{self.prefix}:{{t:{encode_id(task_id)}}}"
+
+    def task(self, task_id: str) -> str:
+        """The hash holding the task record."""
+        return self._task_base(task_id) + ":task"
+
+    def events(self, task_id: str) -> str:
+        """The task's event stream."""
+        return self._task_base(task_id) + ":events"
+
+    def wake(self, task_id: str) -> str:
+        """The pub/sub channel that wakes live subscribers of the task."""
+        return self._task_base(task_id) + ":wake"
+
+    # -- per owner -----------------------------------------------------------------------
+    def _owner_base(self, owner: str) -> str:
+        return f"{self.prefix}:{{o:{encode_id(owner)}}}"
+
+    def index(self, owner: str, context_id: str = "", state: int = 0) -> str:
+        """The owner's ListTasks index for an optional context id and state filter.
+
+        An empty ``context_id`` and a zero ``state`` mean "no filter", as in the SDK.
+        """
+        base = self._owner_base(owner)
+        if context_id and state:
+            return f"{base}:ctxst:{encode_id(context_id)}:{state}"
+        if context_id:
+            return f"{base}:ctx:{encode_id(context_id)}"
+        if state:
+            return f"{base}:st:{state}"
+        return f"{base}:all"
+
+    def indexes(self, owner: str, context_id: str, state: int) -> tuple[str, ...]:
+        """Every index a task with this context id and state belongs to."""
+        keys = [self.index(owner)]
+        if context_id:
+            keys.append(self.index(owner, context_id=context_id))
+        if state:
+            keys.append(self.index(owner, state=state))
+        if context_id and state:
+            keys.append(self.index(owner, context_id=context_id, state=state))
+        return tuple(keys)
+
+    def expiring(self, owner: str) -> str:
+        """The owner's zset of terminal tasks that will expire, scored by expiry (ms)."""
+        return self._owner_base(owner) + ":expiring"
+
+    # -- admin ---------------------------------------------------------------------------
+    def scan_pattern(self) -> str:
+        """A SCAN MATCH pattern covering every key of this namespace (admin use only)."""
+        escaped = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix)
+        return escaped + ":*"

@@ -1,0 +1,72 @@
+"""Per-task Redis Streams: the one place that writes a task's event log.
+
+The task store appends each saved event here inside its own MULTI/EXEC, and the event stream
+appends what the store did not persist; both use :func:`append_commands`, so an entry always
+has the same format (see ``codec.encode_event``), the same cap and the same retention.
+
+Retention: every append trims the stream to about ``maxlen`` entries (``XADD MAXLEN ~``),
+and every write to a task sets the stream's TTL: ``terminal_ttl`` once the task is terminal
+(the SDK never calls ``destroy()``), ``idle_ttl`` while it is not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from a2a.server.events.event_queue import Event
+
+from a2a_redis.codec import encode_event
+from a2a_redis.keys import Keys
+from a2a_redis.transaction import Command
+
+__all__ = ["StreamRetention", "append_commands", "retention_commands"]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRetention:
+    """How long a task's event stream lives, and how long it may grow.
+
+    Attributes:
+        maxlen: Approximate cap on entries per task (``XADD MAXLEN ~``). Default 10,000.
+        terminal_ttl: Seconds the stream is kept after the task's last write in a terminal
+            state. Default 3,600 (one hour), long enough for late subscribers to replay.
+        idle_ttl: Seconds the stream is kept after the last write to a non-terminal task.
+            Default 604,800 (seven days); each write renews it.
+    """
+
+    maxlen: int = 10_000
+    terminal_ttl: float = 3_600.0
+    idle_ttl: float = 7 * 86_400.0
+
+    def __post_init__(self) -> None:
+        if self.maxlen < 1 or self.terminal_ttl <= 0 or self.idle_ttl <= 0:
+            raise ValueError(f"invalid stream retention {self!r}: every value must be positive")
+
+
+def retention_commands(
+    keys: Keys, task_id: str, *, terminal: bool, retention: StreamRetention
+) -> list[Command]:
+    """Commands (for a MULTI) that set the stream's TTL after a write to the task."""
+    ttl = retention.terminal_ttl if terminal else retention.idle_ttl
+    return [("PEXPIRE", keys.events(task_id), int(ttl * 1000))]
+
+
+def append_commands(
+    keys: Keys,
+    task_id: str,
+    version: int,
+    event: Event,
+    *,
+    terminal: bool,
+    retention: StreamRetention,
+) -> list[Command]:
+    """Commands (for a MULTI) that append ``event`` at ``version`` and wake live subscribers."""
+    stream = keys.events(task_id)
+    fields: list[bytes] = []
+    for name, value in encode_event(version, event).items():
+        fields += (name, value)
+    return [
+        ("XADD", stream, "MAXLEN", "~", retention.maxlen, "*", *fields),
+        *retention_commands(keys, task_id, terminal=terminal, retention=retention),
+        ("PUBLISH", keys.wake(task_id), b"%d" % version),
+    ]

