@@ -8,7 +8,9 @@ from a2a_redis.errors import (
     TaskOwnedElsewhereError,
     UnsupportedSchemaError,
 )
+from a2a_redis.event_stream import RedisTaskEventStream
 from a2a_redis.keys import Keys
+from a2a_redis.listener import ListenerClosedError, StreamListener, SubscriberLagError
 from a2a_redis.streams import StreamRetention
 from a2a_redis.task_store import RedisTaskStore, VersionedRedisTaskStore
 
@@ -17,9 +19,13 @@ __all__ = [
     "ContentionError",
     "CorruptDataError",
     "Keys",
+    "ListenerClosedError",
+    "RedisTaskEventStream",
     "RedisTaskStore",
     "RedisUnavailableError",
+    "StreamListener",
     "StreamRetention",
+    "SubscriberLagError",
     "TaskOwnedElsewhereError",
     "UnsupportedSchemaError",
     "VersionedRedisTaskStore",

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped,unused-ignore]
+from a2a.server.cluster.version import TaskVersion
 from a2a.server.events.event_queue import Event
 from a2a.types.a2a_pb2 import StreamResponse, Task, TaskState
 from a2a.utils.proto_utils import to_stream_response
@@ -55,6 +56,7 @@ __all__ = [
     "member_for_cursor",
     "member_task_id",
     "member_timestamp_floor",
+    "version_int",
 ]
 
 SCHEMA_VERSION = 1
@@ -105,6 +107,17 @@ def _int(key: str, field: str, raw: bytes | None) -> int:
         return int(raw) if raw is not None else 0
     except ValueError:
         raise CorruptDataError(f"field {field!r} is not an integer", key=key) from None
+
+
+def version_int(version: TaskVersion) -> int:
+    """The integer inside a ``TaskVersion`` (0 for MISSING); TypeError for other kinds.
+
+    ``TaskVersion`` exposes no accessor; the SDK's own SQL store reads ``_value`` likewise.
+    """
+    value = version._value
+    if not isinstance(value, int):
+        raise TypeError(f"a2a-redis needs integer task versions, got {type(value).__name__}")
+    return value
 
 
 # -- task records --------------------------------------------------------------------------

@@ -11,6 +11,7 @@ and every write to a task sets the stream's TTL: ``terminal_ttl`` once the task 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from a2a.server.events.event_queue import Event
@@ -19,7 +20,15 @@ from a2a_redis.codec import encode_event
 from a2a_redis.keys import Keys
 from a2a_redis.transaction import Command
 
-__all__ = ["StreamRetention", "append_commands", "retention_commands"]
+__all__ = [
+    "DESTROYED",
+    "AppendLedger",
+    "StreamRetention",
+    "append_commands",
+    "destroy_commands",
+    "parse_entry_id",
+    "retention_commands",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,3 +79,49 @@ def append_commands(
         *retention_commands(keys, task_id, terminal=terminal, retention=retention),
         ("PUBLISH", keys.wake(task_id), b"%d" % version),
     ]
+
+
+#: Wake payload announcing that a task's stream was destroyed: its subscribers end.
+DESTROYED = b"destroyed"
+
+
+def destroy_commands(keys: Keys, task_id: str) -> list[Command]:
+    """Commands (for a MULTI) that delete the task's stream and end its live subscribers."""
+    return [("UNLINK", keys.events(task_id)), ("PUBLISH", keys.wake(task_id), DESTROYED)]
+
+
+class AppendLedger:
+    """Remembers, in process, which (task id, version) events the store already appended.
+
+    The SDK saves an event and then publishes it; publishing it again would append it
+    twice. The store records each appended event here and ``RedisTaskEventStream.publish``
+    consumes the record, so the usual path costs publish no round trip. Bounded: the oldest
+    records go first (a record not consumed only means a redundant append, which
+    subscribers drop by version).
+    """
+
+    __slots__ = ("_entries", "_size")
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._entries: OrderedDict[tuple[str, int], None] = OrderedDict()
+
+    def record(self, task_id: str, version: int) -> None:
+        """Note that the store appended ``task_id``'s event at ``version``."""
+        self._entries[(task_id, version)] = None
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+    def consume(self, task_id: str, version: int) -> bool:
+        """Whether that event was appended (forgetting it)."""
+        try:
+            del self._entries[(task_id, version)]
+        except KeyError:
+            return False
+        return True
+
+
+def parse_entry_id(entry_id: bytes) -> tuple[int, int]:
+    """A stream entry id ``b"ms-seq"`` as a comparable tuple."""
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)

@@ -55,7 +55,13 @@ from a2a_redis.errors import (
     redis_errors,
 )
 from a2a_redis.keys import Keys
-from a2a_redis.streams import StreamRetention, append_commands, retention_commands
+from a2a_redis.streams import (
+    AppendLedger,
+    StreamRetention,
+    append_commands,
+    destroy_commands,
+    retention_commands,
+)
 from a2a_redis.task_index import TaskIndex
 from a2a_redis.transaction import Command, WatchedTransaction, backoff
 
@@ -103,6 +109,7 @@ class _TaskRecords:
         self.retention = stream_retention
         self.max_attempts = max_attempts
         self.index = TaskIndex(redis, self.keys)
+        self.ledger = AppendLedger()
 
     # -- read ----------------------------------------------------------------------------
     async def read(self, task_id: str, owner: str) -> tuple[Task, int] | None:
@@ -185,6 +192,8 @@ class _TaskRecords:
             else:
                 if committed is not None:
                     version, expires_at = committed
+                    if event is not None:
+                        self.ledger.record(task.id, version)
                     if expires_at:
                         await self.index.purge_expired(owner)
                     return version
@@ -242,7 +251,8 @@ class _TaskRecords:
                         await tx.unwatch()
                         return
                     cmds: list[Command] = [
-                        ("UNLINK", key, self.keys.events(task_id)),
+                        ("UNLINK", key),
+                        *destroy_commands(self.keys, task_id),
                         *self.index.upkeep(owner, old, None),
                     ]
                     if await tx.commit(cmds) is not None:
@@ -300,6 +310,16 @@ class VersionedRedisTaskStore(VersionedTaskStore):
     def keys(self) -> Keys:
         """The key builder of this store's namespace."""
         return self._records.keys
+
+    @property
+    def ledger(self) -> AppendLedger:
+        """The in-process record of events this store appended (shared with the stream)."""
+        return self._records.ledger
+
+    @property
+    def stream_retention(self) -> StreamRetention:
+        """The retention this store applies to event streams."""
+        return self._records.retention
 
     async def save(
         self,

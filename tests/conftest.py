@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -104,20 +104,40 @@ async def _cleanup(client: aioredis.Redis, prefix: str) -> None:
 
 
 @pytest.fixture
-async def redis(
-    request: pytest.FixtureRequest, backend: str, prefix: str, embedded: _Embedded
-) -> AsyncIterator[aioredis.Redis]:
-    """A client of the parametrized backend (real servers and fakeredis)."""
+async def client_factory(
+    request: pytest.FixtureRequest, backend: str, embedded: _Embedded
+) -> AsyncIterator[Callable[[], aioredis.Redis]]:
+    """Makes more clients of the parametrized backend (one per "replica"); closes them."""
+    made: list[aioredis.Redis] = []
     if backend == "fakeredis":
         import fakeredis
 
-        client: aioredis.Redis = fakeredis.FakeAsyncRedis()
+        server = fakeredis.FakeServer()
+
+        def make() -> aioredis.Redis:
+            made.append(fakeredis.FakeAsyncRedis(server=server))
+            return made[-1]
+
     else:
         url = _url_for(backend, request.config.stash[_SERVERS], embedded)
-        client = aioredis.Redis.from_url(url)
+
+        def make() -> aioredis.Redis:
+            made.append(aioredis.Redis.from_url(url))
+            return made[-1]
+
+    yield make
+    for client in made:
+        await client.aclose()
+
+
+@pytest.fixture
+async def redis(
+    client_factory: Callable[[], aioredis.Redis], prefix: str
+) -> AsyncIterator[aioredis.Redis]:
+    """A client of the parametrized backend (real servers and fakeredis)."""
+    client = client_factory()
     yield client
     await _cleanup(client, prefix)
-    await client.aclose()
 
 
 @pytest.fixture

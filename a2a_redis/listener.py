@@ -1,0 +1,405 @@
+"""Live delivery: one pub/sub connection per process, one feed per task, fanned out in process.
+
+The stream is the record; pub/sub only wakes readers. For each task that has local
+subscribers, the listener holds a :class:`Feed`: it is subscribed to the task's wake channel
+and, on each wake, reads the new entries once (``XRANGE (last +``) into a small ring shared
+by every local subscriber of the task. So an idle subscriber costs no Redis command, and an
+event costs one command per replica however many local subscribers it has.
+
+Each subscriber keeps only its position (a stream entry id). A subscriber that falls behind
+the ring (it holds ``ring_size`` entries) reads what it missed from the stream itself, so a
+slow subscriber neither grows memory nor slows the others; only if the stream was trimmed
+past its position (``MAXLEN``) does it fail, with :class:`SubscriberLagError`.
+
+If the pub/sub connection drops, the listener reconnects with capped backoff, re-subscribes
+every channel (redis-py does this on connect) and then re-reads every feed from its last
+entry: nothing is lost, and subscribers de-duplicate by entry id. Meanwhile subscribers wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, cast
+
+from a2a.server.events.event_queue import Event
+from redis import exceptions as rex
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from a2a_redis.codec import decode_event
+from a2a_redis.errors import (
+    A2ARedisError,
+    CorruptDataError,
+    RedisUnavailableError,
+    redis_errors,
+)
+from a2a_redis.keys import Keys
+from a2a_redis.streams import DESTROYED, parse_entry_id
+from a2a_redis.transaction import backoff
+
+__all__ = [
+    "Feed",
+    "ListenerClosedError",
+    "Rows",
+    "StreamEntry",
+    "StreamListener",
+    "SubscriberLagError",
+    "read_entries",
+]
+
+logger = logging.getLogger(__name__)
+
+FETCH_BATCH = 512
+Position = tuple[int, int]
+Rows = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+class SubscriberLagError(A2ARedisError):
+    """A subscriber fell behind further than the task's stream retains (``MAXLEN``)."""
+
+
+class ListenerClosedError(A2ARedisError):
+    """The listener (its backend) was closed while a subscriber was waiting."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEntry:
+    """One decoded stream entry."""
+
+    position: Position
+    version: int
+    event: Event
+
+
+def format_position(position: Position) -> str:
+    """A position as a stream entry id."""
+    return f"{position[0]}-{position[1]}"
+
+
+def _decode_rows(key: str, rows: Rows) -> list[StreamEntry]:
+    """Decode XRANGE rows; a corrupt entry is logged and skipped (its position still counts)."""
+    out = []
+    for entry_id, fields in rows:
+        try:
+            version, event = decode_event(key, fields)
+        except CorruptDataError as e:
+            logger.warning("skipping corrupt stream entry %s: %s", entry_id, e)
+            continue
+        out.append(StreamEntry(parse_entry_id(entry_id), version, event))
+    return out
+
+
+async def read_entries(
+    redis: Redis, key: str, after: Position, *, check_trim: bool = False
+) -> tuple[list[StreamEntry], Position]:
+    """Entries after ``after`` (one batch), and the position of the last row read.
+
+    With ``check_trim`` (one more round trip), raises :class:`SubscriberLagError` if
+    entries after ``after`` were trimmed away before they could be read.
+    """
+    rows = cast(
+        Rows, await redis.xrange(key, min="(" + format_position(after), max="+", count=FETCH_BATCH)
+    )
+    if check_trim and after != (0, 0):
+        await _check_not_trimmed(redis, key, after)
+    last = parse_entry_id(rows[-1][0]) if rows else after
+    return _decode_rows(key, rows), last
+
+
+async def _check_not_trimmed(redis: Redis, key: str, after: Position) -> None:
+    try:
+        info: dict[Any, Any] = await redis.xinfo_stream(key)
+    except rex.ResponseError:
+        return  # no such stream (expired or destroyed): nothing was trimmed after us
+    deleted = info.get("max-deleted-entry-id") or info.get(b"max-deleted-entry-id")
+    if deleted is not None:
+        raw = deleted if isinstance(deleted, bytes) else str(deleted).encode()
+        if parse_entry_id(raw) > after:
+            raise SubscriberLagError(
+                f"events after {format_position(after)} were trimmed (MAXLEN) before this "
+                "subscriber read them",
+                key=key,
+            )
+
+
+class Feed:
+    """The live entries of one task, shared by its local subscribers."""
+
+    def __init__(self, task_id: str, key: str, channel: str, ring_size: int) -> None:
+        self.task_id = task_id
+        self.key = key
+        self.channel = channel
+        self.refs = 0
+        self.ring: deque[StreamEntry] = deque(maxlen=ring_size)
+        self.last: Position | None = None  # last entry read from Redis; None until ready
+        self.covered_from: Position = (0, 0)  # the ring holds every entry after this
+        self.changed = asyncio.Event()
+        self.ended: A2ARedisError | None = None
+        self.destroyed = False
+        self.fetching = False
+        self.dirty = False
+        self.ready: asyncio.Future[None] | None = None
+
+    def entries_after(self, position: Position) -> list[StreamEntry] | None:
+        """Ring entries after ``position``; None if the ring no longer covers it."""
+        if position < self.covered_from:
+            return None
+        return [e for e in self.ring if e.position > position]
+
+    def extend(self, entries: list[StreamEntry], last: Position) -> None:
+        """Append fetched entries (read up to ``last``) and wake the subscribers."""
+        for entry in entries:
+            if len(self.ring) == self.ring.maxlen:
+                self.covered_from = self.ring[0].position
+            self.ring.append(entry)
+        self.last = last
+        if entries:
+            self.notify()
+
+    def notify(self) -> None:
+        """Wake every subscriber waiting on this feed."""
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+
+
+class StreamListener:
+    """One pub/sub connection and the feeds of every task with local subscribers.
+
+    Args:
+        redis: The shared client (pub/sub takes one connection of its pool; fetches use
+            the pool like any command). Not owned: never closed here.
+        keys: The namespace's key builder.
+        ring_size: Entries kept per task for local subscribers (default 256).
+        heartbeat: Seconds of pub/sub silence after which a PING checks the connection.
+        subscribe_timeout: Seconds to wait for the server to confirm a SUBSCRIBE.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        ring_size: int = 256,
+        heartbeat: float = 15.0,
+        subscribe_timeout: float = 10.0,
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._ring_size = ring_size
+        self._heartbeat = heartbeat
+        self._subscribe_timeout = subscribe_timeout
+        self._feeds: dict[str, Feed] = {}
+        self._by_channel: dict[bytes, Feed] = {}
+        self._confirms: dict[bytes, asyncio.Future[None]] = {}
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._lock = asyncio.Lock()
+        self._closed = False
+        self.connected = False
+        self.reconnects = 0
+
+    # -- public --------------------------------------------------------------------------
+    def stats(self) -> dict[str, int | bool]:
+        """Feeds (tasks), local subscribers, connection state, reconnect count."""
+        return {
+            "connected": self.connected,
+            "tasks": len(self._feeds),
+            "subscribers": sum(f.refs for f in self._feeds.values()),
+            "reconnects": self.reconnects,
+        }
+
+    async def join(self, task_id: str) -> Feed:
+        """Register a local subscriber of ``task_id``; returns once its feed is live."""
+        if self._closed:
+            raise ListenerClosedError("the listener is closed")
+        feed = self._feeds.get(task_id)
+        if feed is None:
+            channel = self._keys.wake(task_id)
+            feed = Feed(task_id, self._keys.events(task_id), channel, self._ring_size)
+            self._feeds[task_id] = feed
+            self._by_channel[channel.encode()] = feed
+            feed.ready = asyncio.ensure_future(self._start(feed))
+        feed.refs += 1
+        try:
+            assert feed.ready is not None
+            await asyncio.shield(feed.ready)
+        except BaseException:
+            await self.leave(feed)
+            raise
+        return feed
+
+    async def leave(self, feed: Feed) -> None:
+        """Unregister a local subscriber; the last one out unsubscribes the channel."""
+        feed.refs -= 1
+        if feed.refs > 0 or self._feeds.get(feed.task_id) is not feed:
+            return
+        del self._feeds[feed.task_id]
+        self._by_channel.pop(feed.channel.encode(), None)
+        if self._pubsub is not None and not self._closed:
+            try:
+                async with self._lock:
+                    await self._pubsub.unsubscribe(feed.channel)
+            except (rex.ConnectionError, rex.TimeoutError) as e:
+                logger.debug("unsubscribe of task %s failed: %s", feed.task_id, e)
+
+    async def aclose(self) -> None:
+        """Stop the reader, end every waiting subscriber, release the pub/sub connection."""
+        self._closed = True
+        error = ListenerClosedError("the listener was closed")
+        for feed in list(self._feeds.values()):
+            feed.ended = error
+            feed.notify()
+        tasks = [t for t in (self._reader, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            self._pubsub = None
+        self.connected = False
+
+    # -- feed start and fetch ------------------------------------------------------------
+    async def _start(self, feed: Feed) -> None:
+        """SUBSCRIBE (confirmed by the server), then note the stream's current end."""
+        if self._pubsub is None:
+            self._pubsub = self._redis.pubsub()
+        channel = feed.channel.encode()
+        confirmed = asyncio.get_running_loop().create_future()
+        self._confirms[channel] = confirmed
+        try:
+            with redis_errors("subscribe", feed.channel):
+                async with self._lock:  # redis-py's PubSub is not safe for concurrent commands
+                    await self._pubsub.subscribe(feed.channel)
+                self._ensure_reader()
+                try:
+                    await asyncio.wait_for(asyncio.shield(confirmed), self._subscribe_timeout)
+                except asyncio.TimeoutError as e:
+                    raise RedisUnavailableError(
+                        "SUBSCRIBE was not confirmed in time", key=feed.channel
+                    ) from e
+                tail = cast(Rows, await self._redis.xrevrange(feed.key, count=1))
+        finally:
+            self._confirms.pop(channel, None)
+        start = parse_entry_id(tail[0][0]) if tail else (0, 0)
+        feed.covered_from = start
+        feed.last = start
+        if feed.dirty:
+            self._wake(feed)
+
+    def _wake(self, feed: Feed) -> None:
+        if feed.last is None or feed.fetching:
+            feed.dirty = True
+            return
+        feed.fetching = True
+        self._spawn(self._fetch(feed))
+
+    async def _fetch(self, feed: Feed) -> None:
+        attempt = 0
+        try:
+            while feed.last is not None and self._feeds.get(feed.task_id) is feed:
+                feed.dirty = False
+                try:
+                    entries, last = await read_entries(self._redis, feed.key, feed.last)
+                except (rex.ConnectionError, rex.TimeoutError) as e:
+                    attempt += 1
+                    if attempt > 5:
+                        logger.warning("fetch of task %s failed: %s", feed.task_id, e)
+                        feed.dirty = True
+                        return
+                    await backoff(attempt, base=0.02, cap=1.0)
+                    continue
+                except SubscriberLagError as e:
+                    feed.ended = e
+                    feed.notify()
+                    return
+                attempt = 0
+                feed.extend(entries, last)
+                if not feed.dirty and len(entries) < FETCH_BATCH:
+                    break
+        finally:
+            feed.fetching = False
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- reader --------------------------------------------------------------------------
+    def _ensure_reader(self) -> None:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.ensure_future(self._read())
+            self.connected = True
+
+    async def _read(self) -> None:
+        attempt = 0
+        while not self._closed:
+            try:
+                if not self.connected:
+                    await self._resubscribe()
+                    attempt = 0
+                assert self._pubsub is not None
+                message = await self._pubsub.get_message(timeout=self._heartbeat)
+                if message is None:
+                    async with self._lock:
+                        await self._pubsub.ping()
+                    continue
+                self._dispatch(message)
+            except (rex.ConnectionError, rex.TimeoutError, OSError) as e:
+                attempt += 1
+                if self.connected:
+                    logger.warning("pub/sub connection lost: %s; reconnecting", e)
+                self.connected = False
+                await backoff(attempt, base=0.05, cap=2.0)
+
+    async def _resubscribe(self) -> None:
+        """Replace the pub/sub connection and subscribe every live feed's channel again.
+
+        Each feed is re-read from its last entry when the server confirms its channel
+        (see ``_dispatch``), so what was written while disconnected is backfilled.
+        """
+        old, self._pubsub = self._pubsub, self._redis.pubsub()
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.aclose()  # type: ignore[no-untyped-call]
+        channels = [feed.channel for feed in self._feeds.values()]
+        async with self._lock:
+            if channels:
+                await self._pubsub.subscribe(*channels)
+            else:
+                await self._pubsub.ping()
+        self.connected = True
+        self.reconnects += 1
+        logger.warning("pub/sub reconnected; re-subscribed %d tasks", len(channels))
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind, channel = message.get("type"), message.get("channel")
+        if isinstance(kind, bytes):
+            kind = kind.decode()
+        if not isinstance(channel, bytes):
+            return
+        if kind == "subscribe":
+            confirmed = self._confirms.get(channel)
+            if confirmed is not None and not confirmed.done():
+                confirmed.set_result(None)
+            feed = self._by_channel.get(channel)
+            if feed is not None and feed.last is not None:
+                self._wake(feed)  # re-subscribed after a reconnect: backfill
+            return
+        if kind != "message":
+            return
+        feed = self._by_channel.get(channel)
+        if feed is None:
+            return
+        if message.get("data") == DESTROYED:
+            feed.destroyed = True
+            feed.notify()
+            return
+        self._wake(feed)

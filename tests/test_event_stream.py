@@ -1,0 +1,228 @@
+"""Contract and fault tests of RedisTaskEventStream: two "replicas" (clients) per test."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+from a2a.server.cluster import TaskVersion, VersionedEvent
+from a2a.types.a2a_pb2 import Message, TaskState, TaskStatusUpdateEvent
+
+from a2a_redis.event_stream import RedisTaskEventStream
+from a2a_redis.listener import StreamListener
+from a2a_redis.streams import StreamRetention
+from a2a_redis.task_store import VersionedRedisTaskStore
+from tests.helpers import ctx, make_task
+
+S = TaskState
+MISSING = TaskVersion.MISSING
+GUARD = 20  # seconds: a hang guard only, never an asserted bound
+
+
+class Replica:
+    def __init__(self, client: aioredis.Redis, prefix: str, **stream_kwargs: object) -> None:
+        self.client = client
+        self.store = VersionedRedisTaskStore(client, prefix=prefix)
+        self.stream = RedisTaskEventStream(client, task_store=self.store, **stream_kwargs)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        await self.stream.aclose()
+        await self.client.aclose()  # for replicas made outside client_factory
+
+
+@pytest.fixture
+async def pair(redis: aioredis.Redis, client_factory, prefix: str) -> AsyncIterator[tuple]:
+    a, b = Replica(client_factory(), prefix), Replica(client_factory(), prefix)
+    yield a, b
+    await a.stream.aclose()
+    await b.stream.aclose()
+
+
+async def produce(replica: Replica, task_id: str, states: list[int]) -> list[TaskVersion]:
+    """Save + publish a task's life on ``replica`` (as the SDK's executing replica does)."""
+    task = make_task(task_id)
+    version = await replica.store.save(task, event=task, prev_version=MISSING, context=ctx())
+    await replica.stream.publish(task_id, VersionedEvent(task, version))
+    versions = [version]
+    for state in states:
+        event = TaskStatusUpdateEvent(task_id=task_id, context_id="ctx")
+        event.status.state = state
+        task.status.state = state
+        version = await replica.store.save(task, event=event, prev_version=version, context=ctx())
+        await replica.stream.publish(task_id, VersionedEvent(event, version))
+        versions.append(version)
+    return versions
+
+
+async def collect(stream: RedisTaskEventStream, task_id: str, after: TaskVersion, n: int):
+    out: list[VersionedEvent] = []
+    gen = stream.subscribe(task_id, after=after)
+    try:
+        async for item in gen:
+            out.append(item)
+            if len(out) == n:
+                break
+    finally:
+        await gen.aclose()
+    return out
+
+
+async def test_replay_then_live_in_order_exactly_once(pair):
+    a, b = pair
+    versions = await produce(a, "t", [S.TASK_STATE_WORKING] * 3)
+    reader = asyncio.create_task(collect(b.stream, "t", versions[1], 2 + 5))
+    await asyncio.sleep(0.05)
+    task = make_task("t", state=S.TASK_STATE_WORKING)
+    version = versions[-1]
+    for state in [S.TASK_STATE_WORKING] * 4 + [S.TASK_STATE_COMPLETED]:
+        event = TaskStatusUpdateEvent(task_id="t", context_id="ctx")
+        event.status.state = state
+        task.status.state = state
+        version = await a.store.save(task, event=event, prev_version=version, context=ctx())
+        await a.stream.publish("t", VersionedEvent(event, version))
+        versions.append(version)
+    got = await asyncio.wait_for(reader, GUARD)
+    assert [g.version for g in got] == versions[2:]
+    assert got[-1].event.status.state == S.TASK_STATE_COMPLETED
+
+
+async def test_publish_of_a_stored_event_appends_nothing(pair):
+    a, _ = pair
+    await produce(a, "t", [S.TASK_STATE_WORKING])
+    assert await a.client.xlen(a.store.keys.events("t")) == 2
+
+
+async def test_message_reply_is_appended_by_publish(pair):
+    a, b = pair
+    versions = await produce(a, "t", [])
+    reply = Message(message_id="m1", task_id="t", context_id="ctx")
+    await a.stream.publish("t", VersionedEvent(reply, versions[-1]))
+    got = await asyncio.wait_for(collect(b.stream, "t", MISSING, 2), GUARD)
+    assert [type(g.event).__name__ for g in got] == ["Task", "Message"]
+    assert got[1].event == reply
+
+
+async def test_stream_without_our_store_appends_and_dedupes(redis: aioredis.Redis, prefix: str):
+    """Paired with another store, publish appends; a duplicate publish is delivered once."""
+    stream = RedisTaskEventStream(redis, prefix=prefix)
+    events = []
+    for v in (1, 2, 3):
+        event = TaskStatusUpdateEvent(task_id="t", context_id="ctx")
+        event.status.state = S.TASK_STATE_WORKING
+        events.append(VersionedEvent(event, TaskVersion(v)))
+    for e in [events[0], events[1], events[1], events[2]]:
+        await stream.publish("t", e)
+    got = await asyncio.wait_for(collect(stream, "t", MISSING, 3), GUARD)
+    assert [g.version for g in got] == [TaskVersion(1), TaskVersion(2), TaskVersion(3)]
+    await stream.aclose()
+
+
+async def test_many_subscribers_share_one_connection_and_one_fetch(pair):
+    a, b = pair
+    await produce(a, "t", [])
+    readers = [asyncio.create_task(collect(b.stream, "t", TaskVersion(1), 3)) for _ in range(50)]
+    for _ in range(100):
+        if b.stream.listener.stats()["subscribers"] == 50:
+            break
+        await asyncio.sleep(0.01)
+    assert b.stream.listener.stats() == {
+        "connected": True, "tasks": 1, "subscribers": 50, "reconnects": 0,
+    }  # fmt: skip
+    task = make_task("t")
+    version = TaskVersion(1)
+    for state in (S.TASK_STATE_WORKING, S.TASK_STATE_WORKING, S.TASK_STATE_COMPLETED):
+        event = TaskStatusUpdateEvent(task_id="t", context_id="ctx")
+        event.status.state = state
+        version = await a.store.save(task, event=event, prev_version=version, context=ctx())
+        await a.stream.publish("t", VersionedEvent(event, version))
+    results = await asyncio.wait_for(asyncio.gather(*readers), GUARD)
+    for got in results:
+        assert [g.version for g in got] == [TaskVersion(2), TaskVersion(3), TaskVersion(4)]
+    assert b.stream.listener.stats()["subscribers"] == 0  # closing released everything
+    assert b.stream.listener.stats()["tasks"] == 0
+
+
+async def test_slow_subscriber_catches_up_from_the_stream(redis, backend, prefix, pair):
+    """A subscriber behind the shared ring reads from the stream: complete, memory bounded."""
+    a, _ = pair
+    listener = StreamListener(a.client, a.store.keys, ring_size=4)
+    stream = RedisTaskEventStream(a.client, task_store=a.store, listener=listener)
+    await produce(a, "t", [])
+    gen = stream.subscribe("t", after=TaskVersion(1))
+    first = asyncio.create_task(gen.__anext__())
+    await asyncio.sleep(0.05)
+    versions = await produce_more(a, "t", TaskVersion(1), 40)
+    got = [await asyncio.wait_for(first, GUARD)]
+    while len(got) < 40:
+        got.append(await asyncio.wait_for(gen.__anext__(), GUARD))
+    await gen.aclose()
+    assert [g.version for g in got] == versions
+    assert len(listener._feeds) == 0
+    await listener.aclose()
+
+
+async def produce_more(replica: Replica, task_id: str, version: TaskVersion, n: int):
+    task = make_task(task_id, state=S.TASK_STATE_WORKING)
+    out = []
+    for _ in range(n):
+        event = TaskStatusUpdateEvent(task_id=task_id, context_id="ctx")
+        event.status.state = S.TASK_STATE_WORKING
+        version = await replica.store.save(task, event=event, prev_version=version, context=ctx())
+        await replica.stream.publish(task_id, VersionedEvent(event, version))
+        out.append(version)
+    return out
+
+
+async def test_destroy_and_delete_end_subscribers_cleanly(pair):
+    a, b = pair
+    await produce(a, "t1", [])
+    await produce(a, "t2", [])
+    r1 = asyncio.create_task(collect(b.stream, "t1", TaskVersion(1), 99))
+    r2 = asyncio.create_task(collect(b.stream, "t2", TaskVersion(1), 99))
+    await asyncio.sleep(0.05)
+    await a.stream.destroy("t1")
+    await a.store.delete("t2", ctx())
+    assert await asyncio.wait_for(r1, GUARD) == []
+    assert await asyncio.wait_for(r2, GUARD) == []
+    assert await a.client.exists(a.store.keys.events("t1")) == 0
+
+
+async def test_terminal_publish_shortens_stream_ttl(redis: aioredis.Redis, prefix: str):
+    stream = RedisTaskEventStream(
+        redis, prefix=prefix, stream_retention=StreamRetention(terminal_ttl=30, idle_ttl=900)
+    )
+    event = TaskStatusUpdateEvent(task_id="t", context_id="ctx")
+    event.status.state = S.TASK_STATE_WORKING
+    await stream.publish("t", VersionedEvent(event, TaskVersion(1)))
+    assert await redis.pttl(stream._keys.events("t")) > 30_000
+    event.status.state = S.TASK_STATE_COMPLETED
+    await stream.publish("t", VersionedEvent(event, TaskVersion(2)))
+    assert 0 < await redis.pttl(stream._keys.events("t")) <= 30_000
+    await stream.aclose()
+
+
+async def test_pubsub_connection_killed_mid_stream_loses_nothing(real_redis, real_url, prefix):
+    """CLIENT KILL TYPE pubsub: the listener reconnects, re-subscribes, backfills."""
+    a = Replica(aioredis.Redis.from_url(real_url), prefix)
+    b = Replica(aioredis.Redis.from_url(real_url), prefix)
+    try:
+        await produce(a, "t", [])
+        reader = asyncio.create_task(collect(b.stream, "t", TaskVersion(1), 30))
+        await asyncio.sleep(0.05)
+        version = TaskVersion(1)
+        versions = []
+        for i in range(3):
+            versions += await produce_more(a, "t", version, 5)
+            version = versions[-1]
+            await real_redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            versions += await produce_more(a, "t", version, 5)  # written while reconnecting
+            version = versions[-1]
+            del i
+        got = await asyncio.wait_for(reader, GUARD)
+        assert [g.version for g in got] == versions
+        assert b.stream.listener.stats()["reconnects"] >= 1
+    finally:
+        await a.close()
+        await b.close()
