@@ -1,0 +1,116 @@
+"""A small A2A agent server that runs as one of several replicas sharing one Redis.
+
+    python examples/agent_server.py --port 9001 --redis-url redis://127.0.0.1:6379 --name A
+
+The agent streams a few text chunks, slowly enough to watch from another replica. A
+message containing "input" asks for input first; one containing "fail" raises.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import re
+
+import redis.asyncio as aioredis
+import uvicorn
+from a2a.helpers.proto_helpers import new_task_from_user_message
+from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.events.event_queue import EventQueue
+from a2a.server.request_handlers import DefaultRequestHandler
+from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
+from a2a.server.tasks.task_updater import TaskUpdater
+from a2a.types import AgentCapabilities, AgentCard, AgentInterface, AgentSkill, Part
+from starlette.applications import Starlette
+
+from a2a_redis import RedisTaskEventStream, VersionedRedisTaskStore
+
+
+class ChunkAgent(AgentExecutor):
+    """WORKING, then ``chunks=N`` (default 5) text chunks ``delay`` seconds apart, then done."""
+
+    def __init__(self, replica: str, delay: float) -> None:
+        self.replica = replica
+        self.delay = delay
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        text = context.get_user_input()
+        updater = TaskUpdater(event_queue, str(context.task_id), str(context.context_id))
+        if context.current_task is None:
+            await event_queue.enqueue_event(new_task_from_user_message(context.message))
+        await updater.start_work(updater.new_agent_message([Part(text=f"{self.replica}: on it")]))
+        if "fail" in text:
+            raise RuntimeError("the agent was asked to fail")
+        if "input" in text and "answer" not in text:
+            await updater.requires_input(updater.new_agent_message([Part(text="your answer?")]))
+            return
+        found = re.search(r"chunks=(\d+)", text)
+        for i in range(int(found.group(1)) if found else 5):
+            await asyncio.sleep(self.delay)
+            await updater.add_artifact(
+                [Part(text=f"chunk {i} from {self.replica}")], artifact_id="answer",
+                name="answer", append=i > 0,
+            )  # fmt: skip
+        await updater.complete()
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        """Nothing to stop: the handler cancels the producer and records CANCELED."""
+
+
+def build_app(url: str, redis_url: str, prefix: str, name: str, delay: float) -> Starlette:
+    """The replica's Starlette app: the SDK's JSON-RPC routes over a2a-redis."""
+    card = AgentCard(
+        name="a2a-redis example agent",
+        description="Streams text chunks; any replica can serve any task.",
+        version="1.0.0",
+        capabilities=AgentCapabilities(streaming=True),
+        default_input_modes=["text"],
+        default_output_modes=["text"],
+        supported_interfaces=[
+            AgentInterface(protocol_binding="JSONRPC", protocol_version="1.0", url=url)
+        ],
+        skills=[
+            AgentSkill(
+                id="chunks", name="Chunks", description="Streams text chunks.", tags=["demo"]
+            )
+        ],
+    )
+    client = aioredis.Redis.from_url(redis_url)
+    task_store = VersionedRedisTaskStore(client, prefix=prefix)
+    event_stream = RedisTaskEventStream(client, task_store=task_store)
+    handler = DefaultRequestHandler(
+        agent_executor=ChunkAgent(name, delay),
+        task_store=task_store,
+        agent_card=card,
+        event_stream=event_stream,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]
+        yield
+        await event_stream.aclose()
+        await client.aclose()
+
+    routes = create_agent_card_routes(card) + create_jsonrpc_routes(handler, "/")
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9001)
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--prefix", default="a2a")
+    parser.add_argument("--name", default="replica")
+    parser.add_argument("--delay", type=float, default=0.3, help="seconds between chunks")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    url = f"http://{args.host}:{args.port}/"
+    app = build_app(url, args.redis_url, args.prefix, args.name, args.delay)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Two real replica processes (uvicorn, the SDK's routes) on loopback, one Redis, official client.
+
+The replicas are ``examples/agent_server.py``; the driver is ``a2a.client``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from a2a.client import Client, create_client
+from a2a.types import (
+    CancelTaskRequest,
+    GetTaskRequest,
+    ListTasksRequest,
+    Message,
+    Part,
+    Role,
+    SendMessageRequest,
+    StreamResponse,
+    SubscribeToTaskRequest,
+    TaskState,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+GUARD = 30  # seconds: a hang guard only
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Replica:
+    def __init__(self, name: str, redis_url: str, prefix: str, delay: float) -> None:
+        self.name = name
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "examples" / "agent_server.py"), "--port", str(self.port),
+             "--redis-url", redis_url, "--prefix", prefix, "--name", name, "--delay", str(delay)],
+            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + GUARD
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"replica {self.name} exited"
+            try:
+                if httpx.get(self.url + "/.well-known/agent-card.json", timeout=1).is_success:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"replica {self.name} did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def replicas(real_url: str, real_redis: object, prefix: str) -> Iterator[tuple[Replica, Replica]]:
+    pair = (Replica("A", real_url, prefix, 0.15), Replica("B", real_url, prefix, 0.15))
+    try:
+        for r in pair:
+            r.wait_ready()
+        yield pair
+    finally:
+        for r in pair:
+            r.stop()
+
+
+@pytest.fixture
+async def clients(replicas: tuple[Replica, Replica]) -> AsyncIterator[tuple[Client, Client]]:
+    a, b = replicas
+    ca, cb = await create_client(a.url), await create_client(b.url)
+    yield ca, cb
+    await ca.close()
+    await cb.close()
+
+
+def _send(text: str) -> SendMessageRequest:
+    return SendMessageRequest(
+        message=Message(role=Role.ROLE_USER, message_id=str(uuid.uuid4()), parts=[Part(text=text)])
+    )
+
+
+def _chunks(responses: list[StreamResponse]) -> list[str]:
+    out = []
+    for r in responses:
+        if r.HasField("task"):
+            out += [p.text for a in r.task.artifacts for p in a.parts]
+        elif r.HasField("artifact_update"):
+            out += [p.text for p in r.artifact_update.artifact.parts]
+    return out
+
+
+def _final_state(responses: list[StreamResponse]) -> int:
+    for r in reversed(responses):
+        if r.HasField("status_update"):
+            return r.status_update.status.state
+        if r.HasField("task"):
+            return r.task.status.state
+    raise AssertionError("no state in the stream")
+
+
+async def _start(client: Client, text: str) -> tuple[str, list[StreamResponse], asyncio.Task]:
+    """Start a streaming send; return its task id once A has streamed its first chunk."""
+    seen: list[StreamResponse] = []
+    first_chunk = asyncio.get_running_loop().create_future()
+
+    async def drain() -> None:
+        async for response in client.send_message(_send(text)):
+            seen.append(response)
+            if response.HasField("artifact_update") and not first_chunk.done():
+                first_chunk.set_result(response.artifact_update.task_id)
+
+    runner = asyncio.create_task(drain())
+    task_id = await asyncio.wait_for(first_chunk, GUARD)
+    return task_id, seen, runner
+
+
+async def test_resubscribe_on_b_mid_stream_gets_every_later_event(clients):
+    a, b = clients
+    task_id, seen_a, runner = await _start(a, "chunks=12")
+    seen_b = [r async for r in b.subscribe(SubscribeToTaskRequest(id=task_id))]
+    await asyncio.wait_for(runner, GUARD)
+    expected = [f"chunk {i} from A" for i in range(12)]
+    assert _chunks(seen_a) == expected
+    assert seen_b[0].HasField("task")  # the snapshot first
+    assert _chunks(seen_b) == expected  # snapshot + live: no gap, no duplicate, in order
+    assert _final_state(seen_b) == TaskState.TASK_STATE_COMPLETED
+
+
+async def test_cancel_from_b_stops_the_agent_on_a(clients):
+    a, b = clients
+    task_id, seen_a, runner = await _start(a, "chunks=200")
+    cancelled = await b.cancel_task(CancelTaskRequest(id=task_id))
+    assert cancelled.status.state == TaskState.TASK_STATE_CANCELED
+    await asyncio.wait_for(runner, GUARD)  # A's stream ends
+    assert _final_state(seen_a) == TaskState.TASK_STATE_CANCELED
+    assert len(_chunks(seen_a)) < 200
+    for client in (a, b):
+        task = await client.get_task(GetTaskRequest(id=task_id))
+        assert task.status.state == TaskState.TASK_STATE_CANCELED
+
+
+async def test_get_and_list_agree_across_replicas(clients):
+    a, b = clients
+    ids = []
+    for client in (a, b, a):
+        async for r in client.send_message(_send("chunks=1")):
+            if r.HasField("task"):
+                ids.append(r.task.id)
+    page_a = await a.list_tasks(ListTasksRequest())
+    page_b = await b.list_tasks(ListTasksRequest())
+    assert sorted(t.id for t in page_b.tasks) == sorted(ids)
+    assert [t.id for t in page_a.tasks] == [t.id for t in page_b.tasks]
+    assert page_b.total_size == 3
+    for task_id in ids:
+        ta = await a.get_task(GetTaskRequest(id=task_id))
+        tb = await b.get_task(GetTaskRequest(id=task_id))
+        assert ta == tb
+        assert tb.status.state == TaskState.TASK_STATE_COMPLETED
