@@ -190,8 +190,12 @@ def decode_task(key: str, task_id: str, schema: bytes | None, payload: bytes | N
 
 # -- ListTasks index -------------------------------------------------------------------------
 def _member(has_ts: bool, ts_ns: int, task_id: str) -> bytes:
-    head = b"\x01" + (ts_ns + _TS_OFFSET).to_bytes(16, "big") if has_ts else _NO_TS
-    return head + task_id.encode("utf-8")
+    # Clamping keeps the order against every real task (Timestamp stays within +-2.6e20 ns),
+    # so a crafted page cursor beyond the 128-bit range still names a valid position, and
+    # "surrogatepass" keeps code point order for the lone surrogates a cursor can carry.
+    ts = min(max(ts_ns + _TS_OFFSET, 0), (1 << 128) - 1)
+    head = b"\x01" + ts.to_bytes(16, "big") if has_ts else _NO_TS
+    return head + task_id.encode("utf-8", "surrogatepass")
 
 
 def index_member(task: Task) -> bytes:

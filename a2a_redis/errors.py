@@ -16,6 +16,7 @@ __all__ = [
     "A2ARedisError",
     "ContentionError",
     "CorruptDataError",
+    "PoolExhaustedError",
     "RedisUnavailableError",
     "TaskOwnedElsewhereError",
     "UnsupportedSchemaError",
@@ -35,6 +36,14 @@ class RedisUnavailableError(A2ARedisError):
     """Redis could not be reached, or did not answer in time.
 
     Raised instead of "not found": an outage is never reported as a missing task.
+    """
+
+
+class PoolExhaustedError(A2ARedisError):
+    """The client's connection pool has no free connection (redis-py's ``max_connections``).
+
+    The server is fine: the process has more concurrent operations than connections. Use a
+    ``BlockingConnectionPool`` (``RedisBackend.from_url`` does) or raise ``max_connections``.
     """
 
 
@@ -68,6 +77,8 @@ def redis_errors(operation: str, key: str, *, connection: bool = True) -> Iterat
     """
     try:
         yield
+    except rex.MaxConnectionsError as e:
+        raise PoolExhaustedError(f"{operation}: the connection pool is exhausted", key=key) from e
     except (rex.ConnectionError, rex.TimeoutError) as e:
         if not connection:
             raise

@@ -22,6 +22,7 @@ another component of a key.
 
 from __future__ import annotations
 
+import functools
 import re
 
 __all__ = ["Keys", "encode_id"]
@@ -33,6 +34,12 @@ _PREFIX_RE = re.compile(r"^[A-Za-z0-9._\-:/]{1,64}$")
 
 def encode_id(value: str) -> str:
     """Percent-encode ``value`` for use inside a key (injective; safe for tags and globs)."""
+    if len(value) <= _CACHED_LEN:
+        return _encode_cached(value)
+    return _encode(value)
+
+
+def _encode(value: str) -> str:
     raw = value.encode("utf-8", "surrogatepass")
     if all(b in _SAFE for b in raw):
         return raw.decode("ascii")
@@ -43,6 +50,10 @@ def encode_id(value: str) -> str:
         else:
             out.append("%" + _HEX[b >> 4] + _HEX[b & 15])
     return "".join(out)
+
+
+_CACHED_LEN = 128
+_encode_cached = functools.lru_cache(maxsize=4096)(_encode)
 
 
 class Keys:

@@ -50,6 +50,7 @@ from a2a_redis.codec import (
 from a2a_redis.errors import (
     ContentionError,
     CorruptDataError,
+    PoolExhaustedError,
     RedisUnavailableError,
     TaskOwnedElsewhereError,
     redis_errors,
@@ -183,6 +184,8 @@ class _TaskRecords:
         for attempt in range(1, self.max_attempts + 1):
             try:
                 committed = await self._attempt(key, task, payload, owner, event, decide, write_id)
+            except rex.MaxConnectionsError as e:
+                raise PoolExhaustedError("save: the connection pool is exhausted", key=key) from e
             except (rex.ConnectionError, rex.TimeoutError) as e:
                 if attempt == self.max_attempts:
                     raise RedisUnavailableError(

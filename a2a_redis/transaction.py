@@ -2,8 +2,13 @@
 
 redis-py's ``Pipeline.watch`` executes WATCH and each read as separate round trips, and its
 ``transaction()`` helper retries forever. This helper sends WATCH together with the reads in
-one write, and MULTI, the queued commands and EXEC in a second, on one pooled connection.
-Callers decide, between the two, whether to commit; the retry policy is theirs (bounded).
+one write, and MULTI, the body and EXEC in a second, on one pooled connection. Callers
+decide, between the two, whether to commit; the retry policy is theirs (bounded).
+
+The body of a commit is a list of commands run by one ``EVALSHA`` of :data:`BATCH_SCRIPT`
+inside the MULTI: the server applies them exactly as if queued one by one (EXEC still
+aborts if a watched key changed), but the client packs three commands and reads three
+replies instead of one per command, which is where redis-py spends its time.
 
 The connection is returned to the pool clean: after EXEC (which clears WATCH), after an
 explicit :meth:`WatchedTransaction.unwatch`, or, on any error, disconnected first.
@@ -12,6 +17,7 @@ explicit :meth:`WatchedTransaction.unwatch`, or, on any error, disconnected firs
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 from collections.abc import Sequence
 from types import TracebackType
@@ -22,9 +28,59 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 
-__all__ = ["Command", "WatchedTransaction", "backoff", "execute"]
+__all__ = ["BATCH_SCRIPT", "Command", "WatchedTransaction", "backoff", "execute", "pack"]
 
 Command = tuple[Any, ...]
+
+#: Runs ARGV as a batch of commands: ``argc name arg ... argc name arg ...``.
+BATCH_SCRIPT = b"""local i = 1
+while i <= #ARGV do
+  local argc = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + argc))
+  i = i + argc + 1
+end
+return 1
+"""
+_BATCH_SHA = hashlib.sha1(BATCH_SCRIPT).hexdigest().encode()  # Redis names scripts by SHA-1
+_NOT_KEYS = frozenset({b"PUBLISH", b"SPUBLISH", b"MULTI", b"EXEC"})
+_MULTI_KEY = frozenset({b"UNLINK", b"DEL"})
+
+
+def _arg(value: Any) -> bytes:
+    if type(value) is bytes:
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, int):
+        return b"%d" % value
+    raise TypeError(f"unsupported Redis argument type {type(value).__name__}")
+
+
+def _resp(args: Sequence[bytes]) -> bytes:
+    parts = [b"*%d\r\n" % len(args)]
+    parts += [b"$%d\r\n%b\r\n" % (len(a), a) for a in args]
+    return b"".join(parts)
+
+
+def pack(commands: Sequence[Command | bytes]) -> bytes:
+    """Encode commands in RESP (args: bytes, str or int); pre-packed bytes pass through."""
+    return b"".join(c if isinstance(c, bytes) else _resp([_arg(a) for a in c]) for c in commands)
+
+
+def _batch(commands: Sequence[Command]) -> bytes:
+    """One packed EVALSHA running ``commands``, declaring every key they touch."""
+    keys: dict[bytes, None] = {}
+    argv: list[bytes] = []
+    for command in commands:
+        args = [_arg(a) for a in command]
+        name = args[0] = args[0].upper()
+        if name in _MULTI_KEY:
+            keys.update(dict.fromkeys(args[1:]))
+        elif name not in _NOT_KEYS and len(args) > 1:
+            keys[args[1]] = None
+        argv.append(b"%d" % len(args))
+        argv += args
+    return _resp([b"EVALSHA", _BATCH_SHA, b"%d" % len(keys), *keys, *argv])
 
 
 async def backoff(attempt: int, base: float = 0.001, cap: float = 0.05) -> None:
@@ -83,11 +139,11 @@ class WatchedTransaction:
         finally:
             await self._pool.release(conn)
 
-    async def _roundtrip(self, commands: Sequence[Command]) -> list[Any]:
+    async def _roundtrip(self, commands: Sequence[Command | bytes]) -> list[Any]:
         conn = self._conn
         assert conn is not None, "use WatchedTransaction as an async context manager"
         self._clean = False
-        await conn.send_packed_command(conn.pack_commands(commands))
+        await conn.send_packed_command(pack(commands))
         replies = []
         for _ in commands:
             try:
@@ -108,12 +164,14 @@ class WatchedTransaction:
         self._clean = True
 
     async def commit(self, commands: Sequence[Command]) -> list[Any] | None:
-        """Run ``commands`` in MULTI/EXEC. Returns their replies, or None if a watched key changed.
+        """Apply ``commands`` atomically (one scripted batch in MULTI/EXEC).
 
-        Raises the first error reply: a queueing error (EXECABORT) or a command that failed
-        inside the transaction (for example WRONGTYPE; Redis does not roll the others back).
+        Returns ``[]`` on success, or None if a watched key changed (nothing was written;
+        also when the server had not loaded the batch script yet: it is loaded now, and
+        the caller's retry succeeds). Raises the first error reply, for example WRONGTYPE
+        from a command of the batch (commands before it stay applied, as in Redis).
         """
-        replies = await self._roundtrip([("MULTI",), *commands, ("EXEC",)])
+        replies = await self._roundtrip([("MULTI",), _batch(commands), ("EXEC",)])
         _raise_nested(replies[:-1])
         self._clean = True
         result = replies[-1]
@@ -121,5 +179,8 @@ class WatchedTransaction:
             raise result
         if result is None:
             return None
+        if isinstance(result[0], rex.NoScriptError) or str(result[0]).startswith("NOSCRIPT"):
+            await self._roundtrip([("SCRIPT", "LOAD", BATCH_SCRIPT)])
+            return None
         _raise_nested(result)
-        return list(result)
+        return []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import redis.asyncio as aioredis
 from a2a.server.cluster import TaskVersion
@@ -13,6 +15,7 @@ from a2a_redis.embedded import EmbeddedServer
 from a2a_redis.errors import (
     A2ARedisError,
     CorruptDataError,
+    PoolExhaustedError,
     RedisUnavailableError,
     UnsupportedSchemaError,
 )
@@ -189,3 +192,27 @@ async def test_invalid_state_number_is_stored_and_listed(store: VersionedRedisTa
     await store.save(task, prev_version=MISSING, context=ctx())
     page = await store.list(ListTasksRequest(status=42), ctx())  # type: ignore[arg-type]
     assert [t.id for t in page.tasks] == ["t"]
+
+
+async def test_pool_exhaustion_is_its_own_error_not_an_outage(real_url: str, prefix: str):
+    client = aioredis.Redis.from_url(real_url, max_connections=2)
+    store = VersionedRedisTaskStore(client, prefix=prefix)
+    for i in range(4):
+        await store.save(make_task(f"t{i}"), prev_version=MISSING, context=ctx())
+    results = await asyncio.gather(
+        *(store.get(f"t{i % 4}", ctx()) for i in range(40)), return_exceptions=True
+    )
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert errors, "40 concurrent gets on 2 connections should exhaust the pool"
+    assert all(isinstance(e, PoolExhaustedError) for e in errors)
+    assert not any(isinstance(e, RedisUnavailableError) for e in errors)
+    saves = await asyncio.gather(
+        *(store.save(make_task(f"n{i}"), prev_version=MISSING, context=ctx()) for i in range(40)),
+        return_exceptions=True,
+    )
+    assert {type(r) for r in saves} <= {TaskVersion, PoolExhaustedError}
+    await client.aclose()
+    cleanup = aioredis.Redis.from_url(real_url)
+    async for key in cleanup.scan_iter(match=f"{prefix}:*"):
+        await cleanup.unlink(key)
+    await cleanup.aclose()
