@@ -11,7 +11,13 @@ from a2a_redis.errors import (
 )
 from a2a_redis.event_stream import RedisTaskEventStream
 from a2a_redis.keys import Keys
-from a2a_redis.listener import ListenerClosedError, StreamListener, SubscriberLagError
+from a2a_redis.listener import (
+    ListenerClosedError,
+    OwnerLostError,
+    StreamListener,
+    SubscriberLagError,
+)
+from a2a_redis.queue_manager import RedisQueueManager
 from a2a_redis.streams import StreamRetention
 from a2a_redis.task_store import RedisTaskStore, VersionedRedisTaskStore
 
@@ -21,7 +27,9 @@ __all__ = [
     "CorruptDataError",
     "Keys",
     "ListenerClosedError",
+    "OwnerLostError",
     "PoolExhaustedError",
+    "RedisQueueManager",
     "RedisTaskEventStream",
     "RedisTaskStore",
     "RedisUnavailableError",

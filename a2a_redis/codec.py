@@ -32,7 +32,7 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 from a2a.server.cluster.version import TaskVersion
 from a2a.server.events.event_queue import Event
-from a2a.types.a2a_pb2 import StreamResponse, Task, TaskState
+from a2a.types.a2a_pb2 import Message, StreamResponse, Task, TaskState
 from a2a.utils.proto_utils import to_stream_response
 from a2a.utils.task import ListTasksCursor
 from google.protobuf.message import DecodeError
@@ -40,6 +40,7 @@ from google.protobuf.message import DecodeError
 from a2a_redis.errors import CorruptDataError, UnsupportedSchemaError
 
 __all__ = [
+    "CLOSED",
     "HEAD_FIELDS",
     "SCHEMA_VERSION",
     "TERMINAL_STATES",
@@ -48,9 +49,11 @@ __all__ = [
     "decode_head",
     "decode_locator",
     "decode_task",
+    "encode_closed",
     "encode_event",
     "encode_locator",
     "encode_record",
+    "ends_task_stream",
     "index_member",
     "member_cursor",
     "member_for_cursor",
@@ -107,6 +110,13 @@ def _int(key: str, field: str, raw: bytes | None) -> int:
         return int(raw) if raw is not None else 0
     except ValueError:
         raise CorruptDataError(f"field {field!r} is not an integer", key=key) from None
+
+
+def ends_task_stream(event: Event) -> bool:
+    """Whether ``event`` ends a task's activity (terminal state, or a Message reply)."""
+    if isinstance(event, Message):
+        return True
+    return event.status.state in TERMINAL_STATES if hasattr(event, "status") else False
 
 
 def version_int(version: TaskVersion) -> int:
@@ -267,10 +277,21 @@ def encode_event(version: int, event: Event) -> dict[bytes, bytes]:
     }
 
 
-def decode_event(key: str, fields: dict[bytes, bytes]) -> tuple[int, Event]:
-    """Decode a stream entry into ``(version, event)``."""
+#: Marks, in a task's stream, where an event queue was closed (``RedisQueueManager``).
+CLOSED = b"closed"
+
+
+def encode_closed() -> dict[bytes, bytes]:
+    """The fields of the entry that marks the close of the task's event queue."""
+    return {F_SCHEMA: _SCHEMA, F_VERSION: b"0", b"k": CLOSED}
+
+
+def decode_event(key: str, fields: dict[bytes, bytes]) -> tuple[int, Event | None]:
+    """Decode a stream entry into ``(version, event)``; the event is None for a close mark."""
     _check_schema(key, fields.get(F_SCHEMA))
     version = _int(key, "v", fields.get(F_VERSION))
+    if fields.get(b"k") == CLOSED:
+        return version, None
     payload = fields.get(b"e")
     if payload is None:
         raise CorruptDataError("stream entry has no event", key=key)

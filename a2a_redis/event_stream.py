@@ -20,11 +20,10 @@ from collections.abc import AsyncGenerator
 from typing import cast
 
 from a2a.server.cluster import TaskEventStream, TaskVersion, VersionedEvent
-from a2a.types.a2a_pb2 import Message, TaskState
+from a2a.types.a2a_pb2 import Message
 from redis.asyncio import Redis
 
-from a2a_redis.codec import TERMINAL_STATES, version_int
-from a2a_redis.errors import redis_errors
+from a2a_redis.codec import ends_task_stream, version_int
 from a2a_redis.keys import Keys
 from a2a_redis.listener import (
     Position,
@@ -43,16 +42,11 @@ from a2a_redis.streams import (
     parse_entry_id,
 )
 from a2a_redis.task_store import VersionedRedisTaskStore
-from a2a_redis.transaction import Command, execute
+from a2a_redis.transaction import run_atomically
 
 __all__ = ["RedisTaskEventStream"]
 
 _REVERSE_PAGE = 64
-
-
-def _terminal(event: object) -> bool:
-    state = getattr(getattr(event, "status", None), "state", TaskState.TASK_STATE_UNSPECIFIED)
-    return isinstance(event, Message) or state in TERMINAL_STATES
 
 
 class RedisTaskEventStream(TaskEventStream):
@@ -102,13 +96,6 @@ class RedisTaskEventStream(TaskEventStream):
         if self._owns_listener:
             await self._listener.aclose()
 
-    async def _run(self, key: str, commands: list[Command]) -> None:
-        with redis_errors("publish", key):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                for command in commands:
-                    pipe.execute_command(*command)
-                await execute(pipe)
-
     async def publish(self, task_id: str, event: VersionedEvent) -> None:
         """Append ``event`` unless the store already did; wake every replica's subscribers.
 
@@ -120,13 +107,18 @@ class RedisTaskEventStream(TaskEventStream):
             return
         commands = append_commands(
             self._keys, task_id, version, event.event,
-            terminal=_terminal(event.event), retention=self._retention,
+            terminal=ends_task_stream(event.event), retention=self._retention,
         )  # fmt: skip
-        await self._run(self._keys.events(task_id), commands)
+        await run_atomically(self._redis, "publish", self._keys.events(task_id), commands)
 
     async def destroy(self, task_id: str) -> None:
         """Delete the task's stream; its subscribers on every replica end cleanly."""
-        await self._run(self._keys.events(task_id), destroy_commands(self._keys, task_id))
+        await run_atomically(
+            self._redis,
+            "destroy",
+            self._keys.events(task_id),
+            destroy_commands(self._keys, task_id),
+        )
 
     async def _backlog(self, key: str, after: TaskVersion) -> tuple[list[StreamEntry], Position]:
         """Entries with a version after ``after``, and the position just before them.
@@ -174,39 +166,17 @@ class RedisTaskEventStream(TaskEventStream):
         subscriber of the task), 1+ for the backlog; then none per event (the feed reads).
         """
         key = self._keys.events(task_id)
-        feed = await self._listener.join(task_id)
+        delivered = 0  # highest version of a non-Message event yielded (de-duplication)
+        entries = self._listener.follow(task_id, lambda: self._backlog(key, after))
         try:
-            with redis_errors("subscribe", key):
-                pending, position = await self._backlog(key, after)
-            read_up_to = position
-            delivered = 0  # highest version of a non-Message event yielded (de-duplication)
-            while True:
-                for entry in pending:
-                    if entry.position <= position:
-                        continue
-                    position = entry.position
-                    if not TaskVersion(entry.version).is_after(after):
-                        continue
-                    if entry.version and not isinstance(entry.event, Message):
-                        if entry.version <= delivered:
-                            continue  # a second copy of an event already delivered
-                        delivered = entry.version
-                    yield VersionedEvent(event=entry.event, version=TaskVersion(entry.version))
-                position = max(position, read_up_to)
-                if feed.ended is not None:
-                    raise feed.ended
-                if feed.destroyed:
-                    return
-                changed = feed.changed
-                ring = feed.entries_after(position)
-                if ring is None:  # fell behind the shared ring: catch up from the stream
-                    with redis_errors("subscriber catch-up", key):
-                        pending, read_up_to = await read_entries(
-                            self._redis, key, position, check_trim=True
-                        )
+            async for entry in entries:
+                event = entry.event
+                if event is None or not TaskVersion(entry.version).is_after(after):
                     continue
-                pending = ring
-                if not ring:
-                    await changed.wait()
+                if entry.version and not isinstance(event, Message):
+                    if entry.version <= delivered:
+                        continue  # a second copy of an event already delivered
+                    delivered = entry.version
+                yield VersionedEvent(event=event, version=TaskVersion(entry.version))
         finally:
-            await self._listener.leave(feed)
+            await entries.aclose()

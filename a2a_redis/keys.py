@@ -5,6 +5,7 @@ Layout (``P`` is the prefix, ``T`` an encoded task id, ``O`` an encoded owner)::
     P:{t:T}:task        hash    the task record (see codec.py)
     P:{t:T}:events      stream  the task's event log
     P:{t:T}:wake        channel pub/sub wake-up for live subscribers
+    P:{t:T}:lease       string  which replica has the task's event queue open (TTL)
     P:{o:O}:all         zset    the owner's ListTasks index, all tasks
     P:{o:O}:ctx:C       zset    ... filtered by context id C (encoded)
     P:{o:O}:st:S        zset    ... filtered by state S (an integer)
@@ -85,6 +86,10 @@ class Keys:
     def events(self, task_id: str) -> str:
         """The task's event stream."""
         return self._task_base(task_id) + ":events"
+
+    def lease(self, task_id: str) -> str:
+        """The lease a replica holds while the task's event queue is open there."""
+        return self._task_base(task_id) + ":lease"
 
     def wake(self, task_id: str) -> str:
         """The pub/sub channel that wakes live subscribers of the task."""

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -38,12 +39,13 @@ from a2a_redis.errors import (
     redis_errors,
 )
 from a2a_redis.keys import Keys
-from a2a_redis.streams import DESTROYED, parse_entry_id
+from a2a_redis.streams import DESTROYED, HEARTBEAT, parse_entry_id
 from a2a_redis.transaction import backoff
 
 __all__ = [
     "Feed",
     "ListenerClosedError",
+    "OwnerLostError",
     "Rows",
     "StreamEntry",
     "StreamListener",
@@ -66,13 +68,17 @@ class ListenerClosedError(A2ARedisError):
     """The listener (its backend) was closed while a subscriber was waiting."""
 
 
+class OwnerLostError(A2ARedisError):
+    """Nothing (no entry, no heartbeat) came from a task's queue owner for too long."""
+
+
 @dataclass(frozen=True, slots=True)
 class StreamEntry:
     """One decoded stream entry."""
 
     position: Position
     version: int
-    event: Event
+    event: Event | None  # None: the task's event queue was closed here
 
 
 def format_position(position: Position) -> str:
@@ -138,6 +144,7 @@ class Feed:
         self.last: Position | None = None  # last entry read from Redis; None until ready
         self.covered_from: Position = (0, 0)  # the ring holds every entry after this
         self.changed = asyncio.Event()
+        self.alive_at = asyncio.get_running_loop().time()  # last entry or owner heartbeat
         self.ended: A2ARedisError | None = None
         self.destroyed = False
         self.fetching = False
@@ -158,6 +165,7 @@ class Feed:
             self.ring.append(entry)
         self.last = last
         if entries:
+            self.alive_at = asyncio.get_running_loop().time()
             self.notify()
 
     def notify(self) -> None:
@@ -246,6 +254,64 @@ class StreamListener:
                     await self._pubsub.unsubscribe(feed.channel)
             except (rex.ConnectionError, rex.TimeoutError) as e:
                 logger.debug("unsubscribe of task %s failed: %s", feed.task_id, e)
+
+    async def follow(
+        self,
+        task_id: str,
+        start: Callable[[], Awaitable[tuple[list[StreamEntry], Position]]],
+        *,
+        idle_timeout: float | None = None,
+    ) -> AsyncGenerator[StreamEntry, None]:
+        """Yield a task's stream entries: those ``start`` returns, then every later one.
+
+        The feed is joined before ``start`` runs, so no entry written meanwhile is missed;
+        ``start`` returns its entries and the position just before them. Entries are
+        yielded once each, in stream order (de-duplicated by position), from the shared
+        ring, or from the stream itself when this reader has fallen behind the ring.
+        Never ends by itself, except when the stream is destroyed (it returns); with
+        ``idle_timeout``, raises :class:`OwnerLostError` after that many seconds without
+        an entry or an owner heartbeat.
+        """
+        key = self._keys.events(task_id)
+        feed = await self.join(task_id)
+        loop = asyncio.get_running_loop()
+        try:
+            with redis_errors("read the task's stream", key):
+                pending, position = await start()
+            read_up_to = position
+            while True:
+                for entry in pending:
+                    if entry.position > position:
+                        position = entry.position
+                        yield entry
+                position = max(position, read_up_to)
+                if feed.ended is not None:
+                    raise feed.ended
+                if feed.destroyed:
+                    return
+                changed = feed.changed
+                ring = feed.entries_after(position)
+                if ring is None:  # fell behind the shared ring: catch up from the stream
+                    with redis_errors("catch up with the task's stream", key):
+                        pending, read_up_to = await read_entries(
+                            self._redis, key, position, check_trim=True
+                        )
+                    continue
+                pending = ring
+                if ring:
+                    continue
+                if idle_timeout is None:
+                    await changed.wait()
+                    continue
+                remaining = feed.alive_at + idle_timeout - loop.time()
+                if remaining <= 0:
+                    raise OwnerLostError(
+                        f"no event or heartbeat from the task's owner for {idle_timeout}s", key=key
+                    )
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(changed.wait(), remaining)
+        finally:
+            await self.leave(feed)
 
     async def aclose(self) -> None:
         """Stop the reader, end every waiting subscriber, release the pub/sub connection."""
@@ -398,8 +464,12 @@ class StreamListener:
         feed = self._by_channel.get(channel)
         if feed is None:
             return
-        if message.get("data") == DESTROYED:
+        data = message.get("data")
+        if data == DESTROYED:
             feed.destroyed = True
             feed.notify()
-            return
-        self._wake(feed)
+        elif data == HEARTBEAT:
+            feed.alive_at = asyncio.get_running_loop().time()
+            feed.notify()
+        else:
+            self._wake(feed)

@@ -16,15 +16,17 @@ from dataclasses import dataclass
 
 from a2a.server.events.event_queue import Event
 
-from a2a_redis.codec import encode_event
+from a2a_redis.codec import encode_closed, encode_event
 from a2a_redis.keys import Keys
 from a2a_redis.transaction import Command
 
 __all__ = [
     "DESTROYED",
+    "HEARTBEAT",
     "AppendLedger",
     "StreamRetention",
     "append_commands",
+    "close_commands",
     "destroy_commands",
     "parse_entry_id",
     "retention_commands",
@@ -83,6 +85,21 @@ def append_commands(
 
 #: Wake payload announcing that a task's stream was destroyed: its subscribers end.
 DESTROYED = b"destroyed"
+#: Wake payload by which a queue's owner says it is alive (no entry to read).
+HEARTBEAT = b"hb"
+
+
+def close_commands(keys: Keys, task_id: str, *, retention: StreamRetention) -> list[Command]:
+    """Commands (for a MULTI) that mark the task's event queue closed and wake its taps."""
+    stream = keys.events(task_id)
+    fields: list[bytes] = []
+    for name, value in encode_closed().items():
+        fields += (name, value)
+    return [
+        ("XADD", stream, "MAXLEN", "~", retention.maxlen, "*", *fields),
+        *retention_commands(keys, task_id, terminal=True, retention=retention),
+        ("PUBLISH", keys.wake(task_id), b"0"),
+    ]
 
 
 def destroy_commands(keys: Keys, task_id: str) -> list[Command]:

@@ -28,7 +28,17 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 
-__all__ = ["BATCH_SCRIPT", "Command", "WatchedTransaction", "backoff", "execute", "pack"]
+from a2a_redis.errors import redis_errors
+
+__all__ = [
+    "BATCH_SCRIPT",
+    "Command",
+    "WatchedTransaction",
+    "backoff",
+    "execute",
+    "pack",
+    "run_atomically",
+]
 
 Command = tuple[Any, ...]
 
@@ -103,6 +113,15 @@ async def execute(pipe: Pipeline) -> list[Any]:
     replies: list[Any] = await pipe.execute(raise_on_error=False)
     _raise_nested(replies)
     return replies
+
+
+async def run_atomically(redis: Redis, operation: str, key: str, commands: list[Command]) -> None:
+    """Run ``commands`` in one MULTI/EXEC (one round trip), translating errors."""
+    with redis_errors(operation, key):
+        async with redis.pipeline(transaction=True) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            await execute(pipe)
 
 
 class WatchedTransaction:

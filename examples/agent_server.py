@@ -19,13 +19,17 @@ import uvicorn
 from a2a.helpers.proto_helpers import new_task_from_user_message
 from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.events.event_queue import EventQueue
-from a2a.server.request_handlers import DefaultRequestHandler
+from a2a.server.request_handlers import (
+    DefaultRequestHandler,
+    LegacyRequestHandler,
+    RequestHandler,
+)
 from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
 from a2a.server.tasks.task_updater import TaskUpdater
 from a2a.types import AgentCapabilities, AgentCard, AgentInterface, AgentSkill, Part
 from starlette.applications import Starlette
 
-from a2a_redis import RedisTaskEventStream, VersionedRedisTaskStore
+from a2a_redis import RedisQueueManager, RedisTaskEventStream, VersionedRedisTaskStore
 
 
 class ChunkAgent(AgentExecutor):
@@ -59,8 +63,20 @@ class ChunkAgent(AgentExecutor):
         """Nothing to stop: the handler cancels the producer and records CANCELED."""
 
 
-def build_app(url: str, redis_url: str, prefix: str, name: str, delay: float) -> Starlette:
-    """The replica's Starlette app: the SDK's JSON-RPC routes over a2a-redis."""
+def build_app(
+    url: str,
+    redis_url: str,
+    prefix: str,
+    name: str,
+    delay: float,
+    legacy: bool = False,
+    lease_ttl: float = 10.0,
+) -> Starlette:
+    """The replica's Starlette app: the SDK's JSON-RPC routes over a2a-redis.
+
+    ``legacy`` wires ``LegacyRequestHandler`` with ``RedisTaskStore`` and
+    ``RedisQueueManager`` instead of the V2 handler in cluster mode.
+    """
     card = AgentCard(
         name="a2a-redis example agent",
         description="Streams text chunks; any replica can serve any task.",
@@ -80,16 +96,29 @@ def build_app(url: str, redis_url: str, prefix: str, name: str, delay: float) ->
     client = aioredis.Redis.from_url(redis_url)
     task_store = VersionedRedisTaskStore(client, prefix=prefix)
     event_stream = RedisTaskEventStream(client, task_store=task_store)
-    handler = DefaultRequestHandler(
-        agent_executor=ChunkAgent(name, delay),
-        task_store=task_store,
-        agent_card=card,
-        event_stream=event_stream,
+    queue_manager = RedisQueueManager(
+        client, prefix=prefix, listener=event_stream.listener, lease_ttl=lease_ttl
     )
+    handler: RequestHandler
+    if legacy:
+        handler = LegacyRequestHandler(
+            agent_executor=ChunkAgent(name, delay),
+            task_store=task_store.as_task_store,
+            agent_card=card,
+            queue_manager=queue_manager,
+        )
+    else:
+        handler = DefaultRequestHandler(
+            agent_executor=ChunkAgent(name, delay),
+            task_store=task_store,
+            agent_card=card,
+            event_stream=event_stream,
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]
         yield
+        await queue_manager.aclose()
         await event_stream.aclose()
         await client.aclose()
 
@@ -105,10 +134,14 @@ def main() -> None:
     parser.add_argument("--prefix", default="a2a")
     parser.add_argument("--name", default="replica")
     parser.add_argument("--delay", type=float, default=0.3, help="seconds between chunks")
+    parser.add_argument("--legacy", action="store_true", help="LegacyRequestHandler + queues")
+    parser.add_argument("--lease-ttl", type=float, default=10.0, help="queue lease seconds")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     url = f"http://{args.host}:{args.port}/"
-    app = build_app(url, args.redis_url, args.prefix, args.name, args.delay)
+    app = build_app(
+        url, args.redis_url, args.prefix, args.name, args.delay, args.legacy, args.lease_ttl
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

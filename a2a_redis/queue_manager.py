@@ -1,0 +1,278 @@
+"""``RedisQueueManager``: the SDK's ``QueueManager`` across replicas, for ``LegacyRequestHandler``.
+
+It stands on the same per-task Streams and the same listener as ``RedisTaskEventStream``.
+
+* **The owning replica** (where ``create_or_tap``/``add`` opened the queue and the agent
+  runs) keeps the SDK's in-process ``EventQueueLegacy``, so the local consumers behave
+  exactly as with ``InMemoryQueueManager``. A child queue of ours is attached to it: every
+  event enqueued is also appended, in order, to the task's stream (before ``enqueue_event``
+  returns, so nothing can be dropped by a later ``close(immediate=True)``), and closing the
+  queue appends a close mark. While the queue is open the replica holds a lease in Redis
+  (``keys.lease``), renewed every ``lease_ttl / 3`` together with a pub/sub heartbeat.
+* **Any replica's** ``tap(task_id)`` returns a queue fed from the stream with every event
+  enqueued from then on, exactly once and in order, ending (closed, after it drained) at the
+  close mark. If the owner dies, no heartbeat comes and the tap closes after ``lease_ttl``:
+  taps never hang. ``tap`` returns None when no replica holds the task's lease.
+* ``get`` and ``close`` concern the queues this replica owns; ``TaskQueueExists`` and
+  ``NoTaskQueue`` are raised where ``InMemoryQueueManager`` raises them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import cast
+
+from a2a.server.events.event_queue import DEFAULT_MAX_QUEUE_SIZE, Event, EventQueueLegacy
+from a2a.server.events.queue_manager import NoTaskQueue, QueueManager, TaskQueueExists
+from redis.asyncio import Redis
+
+from a2a_redis.codec import ends_task_stream
+from a2a_redis.errors import A2ARedisError, redis_errors
+from a2a_redis.keys import Keys
+from a2a_redis.listener import OwnerLostError, Position, Rows, StreamEntry, StreamListener
+from a2a_redis.listener import _decode_rows as decode_rows
+from a2a_redis.streams import (
+    HEARTBEAT,
+    StreamRetention,
+    append_commands,
+    close_commands,
+    parse_entry_id,
+)
+from a2a_redis.transaction import run_atomically
+
+__all__ = ["RedisQueueManager"]
+
+logger = logging.getLogger(__name__)
+
+_RELEASE = """if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0"""
+
+
+class _StreamWriter(EventQueueLegacy):
+    """A child of an owner queue that writes each event to the task's stream."""
+
+    def __init__(self, manager: RedisQueueManager, task_id: str) -> None:
+        super().__init__(max_queue_size=1)  # never holds anything itself
+        self._manager = manager
+        self._task_id = task_id
+
+    async def enqueue_event(self, event: Event) -> None:
+        if not self._is_closed:
+            await self._manager._append(self._task_id, event)
+
+    async def close(self, immediate: bool = False) -> None:
+        if self._is_closed:
+            return
+        self._is_closed = True
+        await self._manager._mark_closed(self._task_id)
+
+
+class _RemoteTap(EventQueueLegacy):
+    """A queue on a replica that does not own the task, fed from the task's stream."""
+
+    pump: asyncio.Task[None] | None = None
+
+    async def close(self, immediate: bool = False) -> None:
+        await super().close(immediate)
+        if immediate and self.pump is not None and self.pump is not asyncio.current_task():
+            self.pump.cancel()
+
+
+class RedisQueueManager(QueueManager):
+    """Event queues that any replica can tap, on per-task Redis Streams.
+
+    Args:
+        redis: A ``redis.asyncio.Redis`` (``decode_responses=False``); not owned.
+        prefix: Key namespace (default ``"a2a"``), as for the task store.
+        listener: A shared :class:`StreamListener` (``RedisBackend`` shares one with the
+            event stream); by default the manager makes its own and closes it in
+            :meth:`aclose`.
+        stream_retention: Cap and TTLs of the task streams.
+        lease_ttl: Seconds a queue owner's lease lasts without renewal (default 10): after
+            an owner dies, remote taps end within about this long.
+        tap_max_queue_size: Bound of each remote tap's local buffer (the SDK's default).
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        prefix: str = "a2a",
+        listener: StreamListener | None = None,
+        stream_retention: StreamRetention | None = None,
+        lease_ttl: float = 10.0,
+        tap_max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+    ) -> None:
+        if lease_ttl <= 0:
+            raise ValueError("lease_ttl must be positive seconds")
+        self._redis = redis
+        self._keys = Keys(prefix)
+        self._owns_listener = listener is None
+        self._listener = listener or StreamListener(redis, self._keys)
+        self._retention = stream_retention or StreamRetention()
+        self._lease_ttl = lease_ttl
+        self._tap_size = tap_max_queue_size
+        self._holder = os.urandom(8).hex().encode()
+        self._release = redis.register_script(_RELEASE)
+        self._queues: dict[str, EventQueueLegacy] = {}  # queues this replica owns
+        self._leases: set[str] = set()  # owned queues still open (lease held)
+        self._taps: set[_RemoteTap] = set()
+        self._renewer: asyncio.Task[None] | None = None
+
+    # -- QueueManager ----------------------------------------------------------------------
+    async def add(self, task_id: str, queue: EventQueueLegacy) -> None:
+        """Own ``queue`` for ``task_id``: take the lease and mirror its events to the stream."""
+        if task_id in self._queues:
+            raise TaskQueueExists
+        if not isinstance(getattr(queue, "_children", None), list):
+            raise TypeError("RedisQueueManager.add needs an EventQueueLegacy (or a subclass)")
+        self._queues[task_id] = queue
+        try:
+            await self._take_lease(task_id)
+        except BaseException:
+            self._queues.pop(task_id, None)
+            raise
+        # EventQueueLegacy.tap() can only make a plain child, so ours joins its children.
+        queue._children.append(_StreamWriter(self, task_id))
+
+    async def get(self, task_id: str) -> EventQueueLegacy | None:
+        """The queue this replica owns for ``task_id`` (remote queues are reached by tap)."""
+        return self._queues.get(task_id)
+
+    async def tap(self, task_id: str) -> EventQueueLegacy | None:
+        """A queue receiving every later event of ``task_id``, wherever its queue is open."""
+        local = self._queues.get(task_id)
+        if local is not None:
+            return await local.tap()
+        lease = self._keys.lease(task_id)
+        with redis_errors("tap", lease):
+            if not await self._redis.exists(lease):
+                return None
+        return await self._remote_tap(task_id)
+
+    async def close(self, task_id: str) -> None:
+        """Close this replica's queue for ``task_id``; remote taps end once drained."""
+        queue = self._queues.pop(task_id, None)
+        if queue is None:
+            raise NoTaskQueue
+        await queue.close()
+
+    async def create_or_tap(self, task_id: str) -> EventQueueLegacy:
+        """Tap this replica's queue for ``task_id``, or open (own) a new one."""
+        local = self._queues.get(task_id)
+        if local is not None:
+            return await local.tap()
+        queue = EventQueueLegacy()
+        await self.add(task_id, queue)
+        return queue
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        """Owned queues, leases held, remote taps open."""
+        return {"queues": len(self._queues), "leases": len(self._leases), "taps": len(self._taps)}
+
+    async def aclose(self) -> None:
+        """Release every lease (marking those queues closed) and end the remote taps."""
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        for task_id in list(self._leases):
+            with contextlib.suppress(A2ARedisError):
+                await self._mark_closed(task_id)
+        for queue in list(self._queues.values()):
+            await queue.close(immediate=True)
+        self._queues.clear()
+        for tap in list(self._taps):
+            await tap.close(immediate=True)
+        if self._owns_listener:
+            await self._listener.aclose()
+
+    # -- owner side ------------------------------------------------------------------------
+    async def _take_lease(self, task_id: str) -> None:
+        lease = self._keys.lease(task_id)
+        with redis_errors("take the queue lease", lease):
+            await self._redis.set(lease, self._holder, px=int(self._lease_ttl * 1000))
+        self._leases.add(task_id)
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.ensure_future(self._renew())
+
+    async def _renew(self) -> None:
+        """Renew every held lease and send a heartbeat to its taps, every ``lease_ttl / 3``."""
+        while self._leases:
+            await asyncio.sleep(self._lease_ttl / 3)
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for task_id in self._leases:
+                        pipe.pexpire(self._keys.lease(task_id), int(self._lease_ttl * 1000))
+                        pipe.publish(self._keys.wake(task_id), HEARTBEAT)
+                    await pipe.execute()
+            except Exception as e:  # keep renewing through outages; taps decide on their own
+                logger.warning("lease renewal of %d queues failed: %s", len(self._leases), e)
+
+    async def _append(self, task_id: str, event: Event) -> None:
+        commands = append_commands(
+            self._keys, task_id, 0, event,
+            terminal=ends_task_stream(event), retention=self._retention,
+        )  # fmt: skip
+        await run_atomically(
+            self._redis, "append to the queue", self._keys.events(task_id), commands
+        )
+
+    async def _mark_closed(self, task_id: str) -> None:
+        self._leases.discard(task_id)
+        key = self._keys.events(task_id)
+        await run_atomically(
+            self._redis, "close the queue", key,
+            close_commands(self._keys, task_id, retention=self._retention),
+        )  # fmt: skip
+        with redis_errors("release the queue lease", self._keys.lease(task_id)):
+            await self._release(keys=[self._keys.lease(task_id)], args=[self._holder])
+
+    # -- tap side --------------------------------------------------------------------------
+    async def _remote_tap(self, task_id: str) -> EventQueueLegacy:
+        tap = _RemoteTap(max_queue_size=self._tap_size)
+        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        key = self._keys.events(task_id)
+
+        async def from_the_end() -> tuple[list[StreamEntry], Position]:
+            rows = cast(Rows, await self._redis.xrevrange(key, count=1))
+            if not started.done():
+                started.set_result(None)
+            if not rows:
+                return [], (0, 0)
+            last = decode_rows(key, rows)
+            if last and last[0].event is None:  # already closed: end the tap at once
+                return last, (0, 0)
+            return [], parse_entry_id(rows[0][0])
+
+        tap.pump = asyncio.ensure_future(self._pump(task_id, tap, from_the_end))
+        self._taps.add(tap)
+        tap.pump.add_done_callback(lambda _: self._taps.discard(tap))
+        done, _ = await asyncio.wait({started, tap.pump}, return_when=asyncio.FIRST_COMPLETED)
+        if tap.pump in done and not started.done():
+            tap.pump.result()  # the tap could not start: raise why
+        return tap
+
+    async def _pump(
+        self,
+        task_id: str,
+        tap: _RemoteTap,
+        start: Callable[[], Awaitable[tuple[list[StreamEntry], Position]]],
+    ) -> None:
+        entries = self._listener.follow(task_id, start, idle_timeout=self._lease_ttl)
+        try:
+            async for entry in entries:
+                if entry.event is None:
+                    break
+                await tap.enqueue_event(entry.event)
+        except OwnerLostError:
+            logger.warning("task %s: its queue owner went silent; closing the tap", task_id)
+        finally:
+            await entries.aclose()
+            if not tap.is_closed():
+                await tap.close()
