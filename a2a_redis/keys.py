@@ -6,6 +6,7 @@ Layout (``P`` is the prefix, ``T`` an encoded task id, ``O`` an encoded owner)::
     P:{t:T}:events      stream  the task's event log
     P:{t:T}:wake        channel pub/sub wake-up for live subscribers
     P:{t:T}:lease       string  which replica has the task's event queue open (TTL)
+    P:{t:T}:push        hash    push-notification configs, one field per (owner, config id)
     P:{o:O}:all         zset    the owner's ListTasks index, all tasks
     P:{o:O}:ctx:C       zset    ... filtered by context id C (encoded)
     P:{o:O}:st:S        zset    ... filtered by state S (an integer)
@@ -90,6 +91,10 @@ class Keys:
     def lease(self, task_id: str) -> str:
         """The lease a replica holds while the task's event queue is open there."""
         return self._task_base(task_id) + ":lease"
+
+    def push_configs(self, task_id: str) -> str:
+        """The hash of the task's push-notification configs (field per owner and config id)."""
+        return self._task_base(task_id) + ":push"
 
     def wake(self, task_id: str) -> str:
         """The pub/sub channel that wakes live subscribers of the task."""

@@ -243,7 +243,7 @@ class _TaskRecords:
 
     # -- delete --------------------------------------------------------------------------
     async def remove(self, task_id: str, owner: str) -> None:
-        """Delete the owner's task: record, event stream and index entries (atomically)."""
+        """Delete the owner's task: record, stream, push configs, index entries (atomically)."""
         key = self.keys.task(task_id)
         for attempt in range(1, self.max_attempts + 1):
             with redis_errors("delete task", key):
@@ -254,7 +254,7 @@ class _TaskRecords:
                         await tx.unwatch()
                         return
                     cmds: list[Command] = [
-                        ("UNLINK", key),
+                        ("UNLINK", key, self.keys.push_configs(task_id)),
                         *destroy_commands(self.keys, task_id),
                         *self.index.upkeep(owner, old, None),
                     ]

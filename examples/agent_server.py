@@ -136,13 +136,14 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.3, help="seconds between chunks")
     parser.add_argument("--legacy", action="store_true", help="LegacyRequestHandler + queues")
     parser.add_argument("--lease-ttl", type=float, default=10.0, help="queue lease seconds")
+    parser.add_argument("--log-level", default="warning", help="python logging level")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=args.log_level.upper())
     url = f"http://{args.host}:{args.port}/"
     app = build_app(
         url, args.redis_url, args.prefix, args.name, args.delay, args.legacy, args.lease_ttl
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
 
 
 if __name__ == "__main__":

