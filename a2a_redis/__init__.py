@@ -1,9 +1,11 @@
 """a2a-redis: a Redis task store and event bus for multi-replica A2A agent servers."""
 
+from a2a_redis.backend import RedisBackend
 from a2a_redis.errors import (
     A2ARedisError,
     ContentionError,
     CorruptDataError,
+    DecryptionError,
     PoolExhaustedError,
     RedisUnavailableError,
     TaskOwnedElsewhereError,
@@ -17,6 +19,7 @@ from a2a_redis.listener import (
     StreamListener,
     SubscriberLagError,
 )
+from a2a_redis.push_config_store import RedisPushNotificationConfigStore
 from a2a_redis.queue_manager import RedisQueueManager
 from a2a_redis.streams import StreamRetention
 from a2a_redis.task_store import RedisTaskStore, VersionedRedisTaskStore
@@ -25,10 +28,13 @@ __all__ = [
     "A2ARedisError",
     "ContentionError",
     "CorruptDataError",
+    "DecryptionError",
     "Keys",
     "ListenerClosedError",
     "OwnerLostError",
     "PoolExhaustedError",
+    "RedisBackend",
+    "RedisPushNotificationConfigStore",
     "RedisQueueManager",
     "RedisTaskEventStream",
     "RedisTaskStore",

@@ -16,11 +16,13 @@ __all__ = [
     "A2ARedisError",
     "ContentionError",
     "CorruptDataError",
+    "DecryptionError",
     "PoolExhaustedError",
     "RedisUnavailableError",
     "TaskOwnedElsewhereError",
     "UnsupportedSchemaError",
     "redis_errors",
+    "require_binary_client",
 ]
 
 
@@ -51,6 +53,14 @@ class CorruptDataError(A2ARedisError):
     """Bytes under one of our keys cannot be decoded, or the key holds the wrong type."""
 
 
+class DecryptionError(CorruptDataError):
+    """An encrypted push config could not be decrypted.
+
+    The store's ``encryption_key`` is wrong, the ciphertext was altered in Redis, or the
+    record is encrypted and the store has no key.
+    """
+
+
 class UnsupportedSchemaError(CorruptDataError):
     """A record carries a schema version this release cannot read (written by a newer one)."""
 
@@ -65,6 +75,15 @@ class TaskOwnedElsewhereError(A2ARedisError):
 
 class ContentionError(A2ARedisError):
     """An unconditional write lost its optimistic transaction too many times in a row."""
+
+
+def require_binary_client(redis: object) -> None:
+    """Refuse a client that decodes responses: we store binary protobuf and msgpack."""
+    pool = getattr(redis, "connection_pool", None)
+    if getattr(pool, "connection_kwargs", {}).get("decode_responses"):
+        raise ValueError(
+            "a2a-redis needs a client with decode_responses=False: it stores binary protobuf"
+        )
 
 
 @contextmanager

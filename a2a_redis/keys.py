@@ -6,7 +6,7 @@ Layout (``P`` is the prefix, ``T`` an encoded task id, ``O`` an encoded owner)::
     P:{t:T}:events      stream  the task's event log
     P:{t:T}:wake        channel pub/sub wake-up for live subscribers
     P:{t:T}:lease       string  which replica has the task's event queue open (TTL)
-    P:{t:T}:push        hash    push-notification configs, one field per (owner, config id)
+    P:{t:T}:push        hash    push configs, a field per (owner, config id), and "#seq"
     P:{o:O}:all         zset    the owner's ListTasks index, all tasks
     P:{o:O}:ctx:C       zset    ... filtered by context id C (encoded)
     P:{o:O}:st:S        zset    ... filtered by state S (an integer)

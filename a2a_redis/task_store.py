@@ -54,6 +54,7 @@ from a2a_redis.errors import (
     RedisUnavailableError,
     TaskOwnedElsewhereError,
     redis_errors,
+    require_binary_client,
 )
 from a2a_redis.keys import Keys
 from a2a_redis.streams import (
@@ -76,15 +77,6 @@ Decide = Callable[[RecordHead | None], int]
 DEFAULT_MAX_ATTEMPTS = 8
 
 
-def _check_client(redis: Redis) -> None:
-    kwargs = getattr(redis, "connection_pool", None)
-    kwargs = getattr(kwargs, "connection_kwargs", {})
-    if kwargs.get("decode_responses"):
-        raise ValueError(
-            "a2a-redis needs a client with decode_responses=False: it stores binary protobuf"
-        )
-
-
 class _TaskRecords:
     """The record engine both stores share: read, optimistic write, delete, list."""
 
@@ -98,7 +90,7 @@ class _TaskRecords:
         stream_retention: StreamRetention,
         max_attempts: int,
     ) -> None:
-        _check_client(redis)
+        require_binary_client(redis)
         if terminal_ttl is not None and terminal_ttl <= 0:
             raise ValueError("terminal_ttl must be positive seconds, or None to keep tasks")
         if max_attempts < 1:

@@ -14,22 +14,16 @@ import contextlib
 import logging
 import re
 
-import redis.asyncio as aioredis
 import uvicorn
 from a2a.helpers.proto_helpers import new_task_from_user_message
 from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.events.event_queue import EventQueue
-from a2a.server.request_handlers import (
-    DefaultRequestHandler,
-    LegacyRequestHandler,
-    RequestHandler,
-)
 from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
 from a2a.server.tasks.task_updater import TaskUpdater
 from a2a.types import AgentCapabilities, AgentCard, AgentInterface, AgentSkill, Part
 from starlette.applications import Starlette
 
-from a2a_redis import RedisQueueManager, RedisTaskEventStream, VersionedRedisTaskStore
+from a2a_redis import RedisBackend
 
 
 class ChunkAgent(AgentExecutor):
@@ -74,8 +68,8 @@ def build_app(
 ) -> Starlette:
     """The replica's Starlette app: the SDK's JSON-RPC routes over a2a-redis.
 
-    ``legacy`` wires ``LegacyRequestHandler`` with ``RedisTaskStore`` and
-    ``RedisQueueManager`` instead of the V2 handler in cluster mode.
+    One line wires the handler: the V2 ``DefaultRequestHandler`` in cluster mode, or with
+    ``legacy`` the ``LegacyRequestHandler`` with ``RedisTaskStore`` and ``RedisQueueManager``.
     """
     card = AgentCard(
         name="a2a-redis example agent",
@@ -93,34 +87,13 @@ def build_app(
             )
         ],
     )
-    client = aioredis.Redis.from_url(redis_url)
-    task_store = VersionedRedisTaskStore(client, prefix=prefix)
-    event_stream = RedisTaskEventStream(client, task_store=task_store)
-    queue_manager = RedisQueueManager(
-        client, prefix=prefix, listener=event_stream.listener, lease_ttl=lease_ttl
-    )
-    handler: RequestHandler
-    if legacy:
-        handler = LegacyRequestHandler(
-            agent_executor=ChunkAgent(name, delay),
-            task_store=task_store.as_task_store,
-            agent_card=card,
-            queue_manager=queue_manager,
-        )
-    else:
-        handler = DefaultRequestHandler(
-            agent_executor=ChunkAgent(name, delay),
-            task_store=task_store,
-            agent_card=card,
-            event_stream=event_stream,
-        )
+    backend = RedisBackend.from_url(redis_url, prefix=prefix, lease_ttl=lease_ttl)
+    handler = backend.request_handler(ChunkAgent(name, delay), card, legacy=legacy)  # the line
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]
         yield
-        await queue_manager.aclose()
-        await event_stream.aclose()
-        await client.aclose()
+        await backend.aclose()
 
     routes = create_agent_card_routes(card) + create_jsonrpc_routes(handler, "/")
     return Starlette(routes=routes, lifespan=lifespan)

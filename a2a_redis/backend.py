@@ -1,0 +1,208 @@
+"""``RedisBackend``: one connection pool, every component, and the handler in one line.
+
+    backend = RedisBackend.from_url("redis://localhost:6379/0")
+    handler = backend.request_handler(agent_executor, agent_card)   # V2, cluster mode
+    ...
+    await backend.aclose()
+
+Every component shares the backend's one client (one pool) and one :class:`StreamListener`
+(one pub/sub connection). ``from_url`` creates and owns the pool (a blocking pool: a burst
+of requests waits for a free connection instead of failing); ``RedisBackend(client)``
+uses a client the caller owns and never closes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from types import TracebackType
+from typing import Any
+
+from a2a.server.agent_execution import AgentExecutor
+from a2a.server.owner_resolver import OwnerResolver, resolve_user_scope
+from a2a.server.request_handlers import (
+    DefaultRequestHandler,
+    LegacyRequestHandler,
+    RequestHandler,
+)
+from a2a.types import AgentCard
+from redis import exceptions as rex
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from a2a_redis.errors import redis_errors
+from a2a_redis.event_stream import RedisTaskEventStream
+from a2a_redis.listener import StreamListener
+from a2a_redis.push_config_store import RedisPushNotificationConfigStore
+from a2a_redis.queue_manager import RedisQueueManager
+from a2a_redis.streams import StreamRetention
+from a2a_redis.task_store import RedisTaskStore, VersionedRedisTaskStore
+
+__all__ = ["RedisBackend"]
+
+_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+class RedisBackend:
+    """The task store, event stream, queue manager and push-config store on one Redis.
+
+    Args:
+        redis: A ``redis.asyncio.Redis`` (``decode_responses=False``).
+        prefix: Key namespace shared by every component (default ``"a2a"``).
+        owner_resolver: Maps a call context to its owner (default: the user name).
+        terminal_ttl: Seconds to keep a task after a terminal write; None keeps tasks.
+        stream_retention: Cap and TTLs of the per-task event streams.
+        lease_ttl: Seconds a legacy queue owner's lease lasts without renewal.
+        encryption_key: A Fernet key to encrypt push-notification configs at rest.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        prefix: str = "a2a",
+        owner_resolver: OwnerResolver = resolve_user_scope,
+        terminal_ttl: float | None = None,
+        stream_retention: StreamRetention | None = None,
+        lease_ttl: float = 10.0,
+        encryption_key: bytes | str | None = None,
+    ) -> None:
+        self.redis = redis
+        self._owns_client = False
+        self.task_store = VersionedRedisTaskStore(
+            redis,
+            prefix=prefix,
+            owner_resolver=owner_resolver,
+            terminal_ttl=terminal_ttl,
+            stream_retention=stream_retention,
+        )
+        self.listener = StreamListener(redis, self.task_store.keys)
+        self.event_stream = RedisTaskEventStream(
+            redis, task_store=self.task_store, listener=self.listener
+        )
+        self.queue_manager = RedisQueueManager(
+            redis,
+            prefix=prefix,
+            listener=self.listener,
+            stream_retention=self.task_store.stream_retention,
+            lease_ttl=lease_ttl,
+        )
+        self.push_config_store = RedisPushNotificationConfigStore(
+            redis, prefix=prefix, owner_resolver=owner_resolver, encryption_key=encryption_key
+        )
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        max_connections: int = 64,
+        pool_timeout: float = 10.0,
+        socket_timeout: float = 10.0,
+        socket_connect_timeout: float = 5.0,
+        health_check_interval: float = 30.0,
+        **options: Any,
+    ) -> RedisBackend:
+        """Connect to ``redis://``, ``rediss://`` (TLS) or ``unix://`` (password and db in it).
+
+        The backend owns the pool it creates: ``max_connections`` (default 64) shared by
+        every component, waiting up to ``pool_timeout`` seconds for a free connection
+        (one is held by the pub/sub listener). ``options`` go to :class:`RedisBackend`.
+        Nothing connects until first use; :meth:`ping` checks the server.
+        """
+        if not url.startswith(_SCHEMES):
+            raise ValueError(
+                f"unsupported Redis URL {url.split('://')[0]!r}://: use redis://, rediss:// "
+                "(TLS) or unix://"
+            )
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=pool_timeout,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+            health_check_interval=health_check_interval,
+        )
+        backend = cls(Redis.from_pool(pool), **options)
+        backend._owns_client = True
+        return backend
+
+    @property
+    def plain_task_store(self) -> RedisTaskStore:
+        """The unversioned ``TaskStore`` over the same tasks (for the legacy handler)."""
+        return self.task_store.as_task_store
+
+    def request_handler(
+        self,
+        agent_executor: AgentExecutor,
+        agent_card: AgentCard,
+        *,
+        legacy: bool = False,
+        **handler_kwargs: Any,
+    ) -> RequestHandler:
+        """The SDK request handler wired to this backend.
+
+        By default a ``DefaultRequestHandler`` in cluster mode (versioned store + event
+        stream); with ``legacy=True`` a ``LegacyRequestHandler`` with ``RedisTaskStore`` and
+        ``RedisQueueManager``. Both get the push-config store unless ``handler_kwargs``
+        names another; other ``handler_kwargs`` pass through.
+        """
+        handler_kwargs.setdefault("push_config_store", self.push_config_store)
+        if legacy:
+            return LegacyRequestHandler(
+                agent_executor=agent_executor,
+                task_store=self.plain_task_store,
+                agent_card=agent_card,
+                queue_manager=self.queue_manager,
+                **handler_kwargs,
+            )
+        return DefaultRequestHandler(
+            agent_executor=agent_executor,
+            task_store=self.task_store,
+            agent_card=agent_card,
+            event_stream=self.event_stream,
+            **handler_kwargs,
+        )
+
+    # -- probes --------------------------------------------------------------------------
+    async def ping(self) -> float:
+        """Round-trip time to Redis in milliseconds; ``RedisUnavailableError`` if down."""
+        start = time.perf_counter()
+        with redis_errors("ping", "PING"):
+            await self.redis.ping()
+        return (time.perf_counter() - start) * 1000
+
+    async def health(self) -> dict[str, Any]:
+        """Readiness: Redis reachable and its round trip, listener state, local counts."""
+        report: dict[str, Any] = {"redis": True, "rtt_ms": None, "error": None}
+        try:
+            report["rtt_ms"] = round(await self.ping(), 3)
+        except Exception as e:  # a probe reports, it does not raise
+            report.update(redis=False, error=str(e))
+        report["listener"] = self.listener.stats()
+        report["queues"] = self.queue_manager.stats()
+        report["ok"] = report["redis"] and (
+            report["listener"]["connected"] or not report["listener"]["tasks"]
+        )
+        return report
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Release leases, stop the listener, and close the pool if this backend made it."""
+        try:
+            await self.queue_manager.aclose()
+            await self.listener.aclose()
+        finally:
+            if self._owns_client:
+                with contextlib.suppress(rex.ConnectionError, OSError):
+                    await self.redis.aclose()
+
+    async def __aenter__(self) -> RedisBackend:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

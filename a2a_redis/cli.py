@@ -1,0 +1,595 @@
+"""The ``a2a-redis`` command line: ``doctor``, ``tasks``, ``tasks get``, ``tail`` and ``demo``.
+
+Every command takes ``--url`` (default ``$REDIS_URL``, else ``redis://127.0.0.1:6379/0``) and
+``--prefix`` (default ``a2a``), before or after the command name. Task commands see what the
+store shows one owner (``--owner``, default ``""``: the unauthenticated user).
+
+Exit status: 0 success; 1 error (Redis unreachable, wrong password, task not found, ...),
+with one line on stderr; 2 usage error; 3 ``doctor`` found a problem; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import runpy
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from a2a.server.cluster import TaskVersion
+from a2a.server.context import ServerCallContext
+from a2a.server.events.event_queue import Event
+from a2a.types.a2a_pb2 import (
+    ListTasksRequest,
+    Message,
+    Role,
+    Task,
+    TaskArtifactUpdateEvent,
+    TaskState,
+    TaskStatusUpdateEvent,
+)
+from a2a.utils.errors import A2AError
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+from redis import exceptions as rex
+from redis.asyncio import Redis
+
+from a2a_redis.codec import TERMINAL_STATES, version_int
+from a2a_redis.errors import A2ARedisError
+from a2a_redis.event_stream import RedisTaskEventStream
+from a2a_redis.keys import Keys
+from a2a_redis.task_store import VersionedRedisTaskStore
+
+__all__ = ["main"]
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_PREFIX = "a2a"
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PROBLEM, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+#: ``doctor`` inspects at most this many keys of the namespace (SCAN + MEMORY USAGE).
+KEY_SCAN_CAP = 10_000
+#: The oldest server with every command a2a-redis sends (ZRANGE ... BYLEX REV LIMIT).
+MIN_SERVER_VERSION = (6, 2)
+_PINGS = 5
+_KINDS = ("task", "events", "lease", "push", "index")
+
+_EPILOG = """\
+exit status:
+  0    success (doctor: no problem found)
+  1    error: bad URL, Redis unreachable, wrong password, task not found, ...
+  2    usage error
+  3    doctor found a problem: an evicting maxmemory-policy, a read-only replica,
+       a Sentinel instead of a data server, a server older than 6.2, or memory near maxmemory
+  130  interrupted (Ctrl-C)
+"""
+
+
+class _Fail(Exception):
+    """An expected failure: printed as one line on stderr, exit status ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- helpers -------------------------------------------------------------------------------
+def _redact(url: str) -> str:
+    """``url`` with its password masked."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    except ValueError:
+        return "<unparsable URL>"
+
+
+def _state_name(state: int) -> str:
+    try:
+        return TaskState.Name(state).removeprefix("TASK_STATE_")
+    except ValueError:
+        return str(state)
+
+
+_STATE_NAMES = [v.name for v in TaskState.DESCRIPTOR.values if v.number]
+
+
+def _parse_state(text: str) -> int:
+    name = text.strip().upper().replace("-", "_")
+    if not name.startswith("TASK_STATE_"):
+        name = "TASK_STATE_" + name
+    try:
+        return int(TaskState.Value(name))
+    except ValueError:
+        known = ", ".join(n[11:].lower() for n in _STATE_NAMES)
+        raise argparse.ArgumentTypeError(f"unknown state {text!r} (one of: {known})") from None
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}")
+        return value
+
+    return parse
+
+
+def _timestamp(ts: Timestamp, present: bool) -> str:
+    return ts.ToJsonString() if present else "-"
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+@contextlib.asynccontextmanager
+async def _connect(url: str) -> AsyncIterator[Redis]:
+    """A client of ``url`` that has answered a PING; closed on exit."""
+    client = Redis.from_url(url, socket_connect_timeout=5.0)
+    try:
+        await client.ping()
+        yield client
+    finally:
+        await client.aclose()
+
+
+def _store(client: Redis, args: argparse.Namespace) -> VersionedRedisTaskStore:
+    owner: str = args.owner
+    return VersionedRedisTaskStore(client, prefix=args.prefix, owner_resolver=lambda _c: owner)
+
+
+# -- doctor --------------------------------------------------------------------------------
+@dataclass
+class _Report:
+    problems: list[str] = field(default_factory=list)
+
+    def line(self, label: str, value: str) -> None:
+        print(f"{label:<13}{value}")
+
+    def problem(self, text: str) -> None:
+        self.problems.append(text)
+        print(f"!!! WARNING: {text}")
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    out = []
+    for part in text.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        out.append(int(digits or 0))
+    return tuple(out)
+
+
+async def _config(client: Redis, name: str) -> str | None:
+    """``CONFIG GET name``, or None when CONFIG is renamed, disabled or not permitted."""
+    try:
+        reply: dict[Any, Any] = await client.config_get(name)
+    except rex.ResponseError:
+        return None
+    value = reply.get(name, reply.get(name.encode()))
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def _server(client: Redis, report: _Report) -> bool:
+    """Server, mode, role and latency lines; False if this is no data server (Sentinel)."""
+    server: dict[str, Any] = await client.info("server")
+    if "valkey_version" in server:
+        name = f"Valkey {server['valkey_version']} (Redis-compatible {server['redis_version']})"
+    else:
+        name = f"Redis {server.get('redis_version', '?')}"
+    mode = str(server.get("redis_mode") or server.get("server_mode") or "standalone")
+    if mode == "sentinel":
+        report.line("server", f"{name}, sentinel")
+        report.problem(
+            "this is a Sentinel, not a data server: point --url at the master it monitors"
+        )
+        return False
+    cluster: dict[str, Any] = await client.info("cluster")
+    if cluster.get("cluster_enabled"):
+        mode = "cluster (key counts below cover this node only)"
+    role = (await client.info("replication")).get("role", "?")
+    report.line("server", name)
+    report.line("mode", f"{mode}, role {'replica' if role == 'slave' else role}")
+    if role == "slave":
+        report.problem("this server is a read-only replica: every write will fail")
+    if _version_tuple(str(server.get("redis_version", "0"))) < MIN_SERVER_VERSION:
+        report.problem("a2a-redis needs Redis 6.2 or later (ZRANGE BYLEX REV, XAUTOCLAIM)")
+    times = []
+    for _ in range(_PINGS):
+        start = time.perf_counter()
+        await client.ping()
+        times.append(time.perf_counter() - start)
+    report.line(
+        "round trip", f"{statistics.median(times) * 1000:.3f} ms (median of {_PINGS} PINGs)"
+    )
+    return True
+
+
+async def _memory(client: Redis, report: _Report) -> None:
+    memory: dict[str, Any] = await client.info("memory")
+    policy = str(memory.get("maxmemory_policy") or await _config(client, "maxmemory-policy"))
+    used, limit = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
+    limit_text = "no limit" if limit == 0 else _size(limit)
+    report.line("memory", f"{_size(used)} used, maxmemory {limit_text}")
+    report.line("eviction", f"maxmemory-policy {policy}")
+    if policy != "noeviction":
+        report.problem(
+            f"maxmemory-policy is {policy!r}, not 'noeviction': when memory runs short Redis "
+            "SILENTLY DELETES KEYS, and so tasks and their events. Set maxmemory-policy "
+            "noeviction (writes then fail loudly instead)."
+        )
+    if limit and used >= 0.9 * limit:
+        report.problem(f"memory use is {used * 100 // limit}% of maxmemory")
+
+
+async def _persistence(client: Redis, report: _Report) -> None:
+    info: dict[str, Any] = await client.info("persistence")
+    aof = "on" if info.get("aof_enabled") else "off"
+    fsync = await _config(client, "appendfsync") if aof == "on" else None
+    save = await _config(client, "save")
+    if save is None:
+        rdb = "unknown (CONFIG GET refused)"
+    else:
+        rdb = f"save {save!r}" if save else "off (no save points)"
+    report.line("persistence", f"AOF {aof}{f' (appendfsync {fsync})' if fsync else ''}; RDB {rdb}")
+    if aof == "off" and save == "":
+        print("             note: no persistence: a restart of this server loses every task")
+    for status in ("rdb_last_bgsave_status", "aof_last_write_status"):
+        if info.get(status, "ok") != "ok":
+            report.problem(f"{status} is {info[status]!r}: persistence is failing")
+
+
+def _kind(prefix: str, key: bytes | str) -> str:
+    text = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+    rest = text[len(prefix) + 1 :]
+    if rest.startswith("{o:"):
+        return "index"
+    if rest.startswith("{t:"):
+        end = rest.find("}:")
+        suffix = rest[end + 2 :] if end >= 0 else ""
+        return suffix if suffix in _KINDS else "other"
+    return "other"
+
+
+async def _our_keys(client: Redis, keys: Keys, report: _Report) -> None:
+    counts = dict.fromkeys(_KINDS, 0)
+    sizes = dict.fromkeys(_KINDS, 0)
+    memory_known, total, cursor = True, 0, 0
+    while True:
+        cursor, batch = await client.scan(cursor, match=keys.scan_pattern(), count=1000)
+        batch = batch[: KEY_SCAN_CAP - total]
+        total += len(batch)
+        async with client.pipeline(transaction=False) as pipe:
+            for key in batch:
+                pipe.memory_usage(key)
+            usages = await pipe.execute(raise_on_error=False) if batch else []
+        for key, usage in zip(batch, usages, strict=True):
+            kind = _kind(keys.prefix, key)
+            counts[kind] = counts.get(kind, 0) + 1
+            if isinstance(usage, int):
+                sizes[kind] = sizes.get(kind, 0) + usage
+            elif isinstance(usage, Exception):
+                memory_known = False
+        if cursor == 0 or total >= KEY_SCAN_CAP:
+            break
+    capped = cursor != 0
+    memory = _size(sum(sizes.values())) if memory_known else "unknown (MEMORY USAGE refused)"
+    count = f"the first {total:,} (more exist; counting stops there)" if capped else f"{total:,}"
+    report.line("our keys", f"{count} under {keys.prefix + ':'!r}, {memory}")
+    for kind, n in counts.items():
+        if n or kind in _KINDS:
+            size = f"{_size(sizes.get(kind, 0)):>12}" if memory_known else ""
+            print(f"  {kind:<11}{n:>8,} {size}")
+
+
+async def _doctor(args: argparse.Namespace) -> int:
+    report = _Report()
+    async with _connect(args.url) as client:
+        report.line("url", _redact(args.url))
+        if await _server(client, report):
+            await _memory(client, report)
+            await _persistence(client, report)
+            await _our_keys(client, Keys(args.prefix), report)
+    if report.problems:
+        print(f"{len(report.problems)} problem(s) found")
+        return EXIT_PROBLEM
+    print("healthy: no problem found")
+    return EXIT_OK
+
+
+# -- tasks ---------------------------------------------------------------------------------
+async def _tasks(args: argparse.Namespace) -> int:
+    request = ListTasksRequest(page_size=args.page_size)
+    if args.context:
+        request.context_id = args.context
+    if args.status:
+        request.status = args.status
+    if args.page_token:
+        request.page_token = args.page_token
+    async with _connect(args.url) as client:
+        page = await _store(client, args).list(request, ServerCallContext())
+    if page.tasks:
+        print(f"{'TASK':<36}  {'STATE':<14}  {'UPDATED':<30}  CONTEXT")
+    for task in page.tasks:
+        updated = _timestamp(task.status.timestamp, task.status.HasField("timestamp"))
+        state = _state_name(task.status.state)
+        print(f"{task.id:<36}  {state:<14}  {updated:<30}  {task.context_id}")
+    print(f"{len(page.tasks)} shown, {page.total_size} in total for owner {args.owner!r}")
+    if page.next_page_token:
+        print(f"next page: --page-token {page.next_page_token}")
+    return EXIT_OK
+
+
+def _parts_summary(parts: Any, size: int) -> str:
+    return f"{len(parts)} part(s), {_size(size)}"
+
+
+async def _task_get(args: argparse.Namespace) -> int:
+    async with _connect(args.url) as client:
+        stored = await _store(client, args).get(args.task_id, ServerCallContext())
+    if stored is None:
+        raise _Fail(f"task {args.task_id!r} not found for owner {args.owner!r}")
+    task, version = stored.task, version_int(stored.version)
+    if args.json:
+        body = json_format.MessageToDict(task)
+        print(json.dumps({"version": version, "task": body}, indent=2, sort_keys=True))
+        return EXIT_OK
+    status = task.status
+    print(f"task         {task.id}")
+    print(f"version      {version}")
+    print(f"state        {_state_name(status.state)}")
+    print(f"updated      {_timestamp(status.timestamp, status.HasField('timestamp'))}")
+    print(f"context      {task.context_id}")
+    if status.HasField("message"):
+        msg = status.message
+        print(f"status msg   {_parts_summary(msg.parts, msg.ByteSize())}")
+    print(f"history      {len(task.history)} message(s)")
+    print(f"artifacts    {len(task.artifacts)}")
+    for artifact in task.artifacts:
+        name = f" {artifact.name!r}" if artifact.name else ""
+        print(
+            f"  {artifact.artifact_id}{name}: {_parts_summary(artifact.parts, artifact.ByteSize())}"
+        )
+    metadata = json_format.MessageToDict(task.metadata) if task.HasField("metadata") else {}
+    print(f"metadata     {json.dumps(metadata, sort_keys=True) if metadata else '-'}")
+    return EXIT_OK
+
+
+# -- tail ----------------------------------------------------------------------------------
+def _describe_event(version: int, event: Event) -> str:
+    """One line for an event: kinds, states, ids and sizes; never message or artifact text."""
+    if isinstance(event, TaskStatusUpdateEvent):
+        kind, detail = "status-update", _state_name(event.status.state)
+        if event.status.HasField("message"):
+            msg = event.status.message
+            detail += f" (message: {_parts_summary(msg.parts, msg.ByteSize())})"
+    elif isinstance(event, TaskArtifactUpdateEvent):
+        art = event.artifact
+        kind = "artifact-update"
+        detail = f"artifact {art.artifact_id}: {_parts_summary(art.parts, art.ByteSize())}"
+        detail += " append" * event.append + " last-chunk" * event.last_chunk
+    elif isinstance(event, Task):
+        kind = "task"
+        detail = (
+            f"{_state_name(event.status.state)}, {len(event.artifacts)} artifact(s), "
+            f"{len(event.history)} message(s) in history"
+        )
+    elif isinstance(event, Message):
+        role = Role.Name(event.role).removeprefix("ROLE_").lower()
+        kind = "message"
+        detail = f"{event.message_id} from {role}: {_parts_summary(event.parts, event.ByteSize())}"
+    else:  # pragma: no cover - the SDK's Event union has no other member
+        kind, detail = type(event).__name__, ""
+    return f"v{version:<5} {kind:<16} {detail}"
+
+
+def _is_final(event: Event) -> bool:
+    if isinstance(event, (Task, TaskStatusUpdateEvent)):
+        return event.status.state in TERMINAL_STATES
+    return False
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    async with _connect(args.url) as client:
+        stored = await _store(client, args).get(args.task_id, ServerCallContext())
+        if stored is None:
+            raise _Fail(f"task {args.task_id!r} not found for owner {args.owner!r}")
+        state = _state_name(stored.task.status.state)
+        current = version_int(stored.version)
+        if args.from_version is None:
+            after = stored.version
+            if args.until_final and stored.task.status.state in TERMINAL_STATES:
+                print(f"task {args.task_id} is already final ({state}) at version {current}")
+                return EXIT_OK
+        else:
+            after = TaskVersion(max(args.from_version - 1, 0))
+        start = "new events" if args.from_version is None else f"from version {args.from_version}"
+        print(
+            f"task {args.task_id}: {state} at version {current}; following {start} (Ctrl-C stops)",
+            file=sys.stderr,
+            flush=True,
+        )
+        stream = RedisTaskEventStream(client, prefix=args.prefix)
+        try:
+            async with contextlib.aclosing(stream.subscribe(args.task_id, after=after)) as events:
+                async for item in events:
+                    print(_describe_event(version_int(item.version), item.event), flush=True)
+                    if args.until_final and _is_final(item.event):
+                        return EXIT_OK
+        finally:
+            await stream.aclose()
+    print("the task's event stream was deleted", file=sys.stderr)
+    return EXIT_OK
+
+
+# -- demo ----------------------------------------------------------------------------------
+def _demo(args: argparse.Namespace) -> int:
+    candidates = [
+        Path(__file__).resolve().parent.parent / "examples" / "demo.py",
+        Path.cwd() / "examples" / "demo.py",
+    ]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise _Fail(
+            "the demo is not installed: it is examples/demo.py in the a2a-redis source tree "
+            "(run this from a checkout, or install it editable)"
+        )
+    if args.given_url:
+        os.environ["REDIS_URL"] = args.given_url
+    try:
+        namespace = runpy.run_path(str(path), run_name="a2a_redis_demo")
+    except ImportError as e:
+        raise _Fail(
+            f"the demo needs the server extra ({e}): pip install 'a2a-redis[server]'"
+        ) from e
+    try:
+        namespace["main"]()
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            raise _Fail(f"demo: {e.code}") from e
+        return int(e.code or 0)
+    return EXIT_OK
+
+
+# -- parser and entry point ----------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    # SUPPRESS: an option given before the command is not reset by the subcommand's default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url",
+        default=argparse.SUPPRESS,
+        help=f"Redis URL (default: $REDIS_URL, else {DEFAULT_URL})",
+    )
+    common.add_argument(
+        "--prefix", default=argparse.SUPPRESS, help=f"key prefix (default: {DEFAULT_PREFIX})"
+    )
+    owner = argparse.ArgumentParser(add_help=False)
+    owner.add_argument(
+        "--owner", default=argparse.SUPPRESS, help='task owner (default: "", unauthenticated)'
+    )
+    fmt = argparse.RawDescriptionHelpFormatter
+    root = argparse.ArgumentParser(
+        prog="a2a-redis",
+        description="Inspect an a2a-redis deployment.",
+        epilog=_EPILOG,
+        formatter_class=fmt,
+        parents=[common],
+    )
+    sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser(
+        "doctor",
+        parents=[common],
+        help="check the server: version, mode, latency, eviction, persistence, our keys",
+        description=(
+            "Check the server for a2a-redis. Exit status 0 when healthy, 3 when a problem was "
+            "found (a maxmemory-policy other than noeviction, a read-only replica, a Sentinel "
+            "instead of a data server, a server older than 6.2, memory near maxmemory, failing "
+            f"persistence), 1 on errors. Key counts cover at most {KEY_SCAN_CAP:,} keys."
+        ),
+    )
+    tasks = sub.add_parser(
+        "tasks", parents=[common, owner], help="list an owner's tasks, newest first (or: get)"
+    )
+    tasks.add_argument("--context", default="", help="only tasks of this context id")
+    tasks.add_argument("--status", type=_parse_state, default=0, help="only tasks in this state")
+    tasks.add_argument("--page-size", type=_int_at_least(1), default=50, help="default 50")
+    tasks.add_argument("--page-token", default="", help="continue a listing")
+    tasks_sub = tasks.add_subparsers(dest="tasks_command", metavar="get")
+    get = tasks_sub.add_parser("get", parents=[common, owner], help="show one task")
+    get.add_argument("task_id")
+    get.add_argument("--json", action="store_true", help="print {version, task} as JSON")
+    tail = sub.add_parser(
+        "tail",
+        parents=[common, owner],
+        help="follow a task's events (kinds, states, ids, sizes; never text)",
+    )
+    tail.add_argument("task_id")
+    tail.add_argument(
+        "--from-version",
+        type=_int_at_least(0),
+        default=None,
+        help="replay retained events from this version on, then follow (default: new only)",
+    )
+    tail.add_argument("--until-final", action="store_true", help="stop after a terminal state")
+    demo = sub.add_parser("demo", help="run the two-replica demo (embedded server by default)")
+    demo.add_argument(
+        "--url",
+        default=argparse.SUPPRESS,
+        help="use this Redis (default: $REDIS_URL, else embedded)",
+    )
+    return root
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
+    "doctor": _doctor,
+    "tasks": _tasks,
+    "get": _task_get,
+    "tail": _tail,
+}
+
+
+def _describe_error(error: BaseException, url: str) -> str:
+    where = _redact(url)
+    if isinstance(error, rex.AuthenticationError) or str(error).startswith("NOAUTH"):
+        try:
+            has_password = urlsplit(url).password is not None
+        except ValueError:
+            has_password = False
+        if not has_password:
+            return (
+                f"{where}: the server requires a password; "
+                "give it in the URL (redis://:PASSWORD@host:port/db)"
+            )
+        return f"{where}: authentication failed: {error}"
+    if isinstance(error, (rex.ConnectionError, rex.TimeoutError)):
+        return f"cannot reach Redis at {where}: {error}"
+    if isinstance(error, rex.ResponseError) and str(error).startswith("MOVED"):
+        return f"{where} is a cluster node and the key lives on another node: {error}"
+    if isinstance(error, rex.RedisError):
+        return f"Redis error from {where}: {error}"
+    return str(error)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``a2a-redis`` command line; return the exit status (see ``--help``)."""
+    args = _parser().parse_args(argv)
+    args.given_url = getattr(args, "url", None)
+    args.url = args.given_url or os.environ.get("REDIS_URL") or DEFAULT_URL
+    args.prefix = getattr(args, "prefix", DEFAULT_PREFIX)
+    args.owner = getattr(args, "owner", "")
+    try:
+        if args.command == "demo":
+            return _demo(args)
+        command = "get" if getattr(args, "tasks_command", None) == "get" else args.command
+        result: int = asyncio.run(_COMMANDS[command](args))
+        return result
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except _Fail as e:
+        print(f"a2a-redis: {e}", file=sys.stderr)
+        return e.code
+    except (rex.RedisError, A2ARedisError, A2AError, ValueError) as e:
+        print(f"a2a-redis: {_describe_error(e, args.url)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""``RedisPushNotificationConfigStore``: the SDK's ``PushNotificationConfigStore`` on Redis.
+
+Storage: one hash per task (``keys.push_configs``, in the task's cluster hash tag), with
+one field per (owner, config id) and one counter field::
+
+    O:I   one config     O = encode_id(owner), I = encode_id(config id); encode_id escapes
+                         ":", so no two (owner, config id) pairs share a field
+    #seq  write counter  decimal integer; "#" never occurs in an encoded id
+
+Each config field holds a msgpack array ``[schema, seq, owner, sealed, payload]``:
+
+* ``schema`` -- :data:`SCHEMA_VERSION` (a newer one raises ``UnsupportedSchemaError``);
+* ``seq`` -- the hash's write counter at this config's last ``set_info``, assigned by the
+  server inside the write, so configs list in the order they were last set;
+* ``owner`` -- the owner's UTF-8 bytes (also encoded in the field name);
+* ``sealed`` -- False: ``payload`` is the ``TaskPushNotificationConfig`` protobuf bytes;
+  True: ``payload`` is a Fernet token whose plaintext is the msgpack array
+  ``[owner, config protobuf bytes]``.
+
+With an ``encryption_key`` the WHOLE config is encrypted (url, token, authentication and
+its credentials). The owner and config id stay readable, in the field name and envelope:
+they are identifiers, not secrets, and Redis needs them to scope reads and deletes without
+the key. Fernet authenticates the ciphertext, and the owner inside it, the task id and the
+config id inside the protobuf are checked against where the record lies, so a ciphertext
+copied to another owner's field or another task is refused as corrupt rather than served.
+
+Reading with and without a key (compare the SDK's ``DatabasePushNotificationConfigStore``):
+
+* a sealed record and a wrong key, or a ciphertext altered in Redis: :class:`DecryptionError`
+  naming the key (the SQL store falls back to parsing the bytes as plaintext; there is
+  no such fallback here: the envelope says which it is, so a wrong key is never masked);
+* a sealed record and no key configured: :class:`DecryptionError`;
+* a plaintext record and a key configured: read as is (as the SQL store does), so that
+  encryption can be switched on over existing data; the next ``set_info`` of that config
+  stores it encrypted.
+
+Retention: push configs belong to their task and, like tasks, have no TTL by default;
+deleting the task should delete the hash too. ``ttl`` (seconds) sets one on the whole
+hash, renewed by every ``set_info``. The hash is removed when its last config is deleted.
+
+Order: ``get_info`` lists the caller's configs in the order they were last set (setting an
+existing id moves it last), exactly as the SDK's ``InMemoryPushNotificationConfigStore``.
+``get_info_for_dispatch`` lists every owner's configs in that same last-set order (the
+in-memory store groups them by owner first).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, cast
+
+import msgpack  # type: ignore[import-untyped,unused-ignore]
+from a2a.server.context import ServerCallContext
+from a2a.server.owner_resolver import OwnerResolver, resolve_user_scope
+from a2a.server.tasks.push_notification_config_store import (
+    PushNotificationConfigStore,
+    normalize_push_notification_config,
+)
+from a2a.types.a2a_pb2 import TaskPushNotificationConfig
+from google.protobuf.message import DecodeError
+from redis import exceptions as rex
+from redis.asyncio import Redis
+
+from a2a_redis.errors import (
+    CorruptDataError,
+    DecryptionError,
+    UnsupportedSchemaError,
+    redis_errors,
+    require_binary_client,
+)
+from a2a_redis.keys import Keys, encode_id
+
+if TYPE_CHECKING:
+    from cryptography.fernet import Fernet
+
+__all__ = ["SCHEMA_VERSION", "DecryptionError", "RedisPushNotificationConfigStore"]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_SEQ = b"#seq"
+_CORRUPT = "A2A_CORRUPT"
+
+# KEYS[1] the hash; ARGV: field, envelope head, envelope tail, TTL in ms ("0": none).
+# The envelope is head .. (seq as a msgpack uint64: 0xcf and 8 big-endian bytes) .. tail.
+_SET = b"""local key = KEYS[1]
+local n = tonumber(redis.call('HGET', key, '#seq') or '0')
+if not n or n < 0 or n ~= math.floor(n) then
+  return redis.error_reply('A2A_CORRUPT the write counter is not an integer')
+end
+n = n + 1
+local b = {}
+local x = n
+for i = 8, 1, -1 do
+  b[i] = string.char(x % 256)
+  x = math.floor(x / 256)
+end
+redis.call('HSET', key, '#seq', string.format('%d', n), ARGV[1],
+  ARGV[2] .. '\\207' .. table.concat(b) .. ARGV[3])
+if ARGV[4] ~= '0' then redis.call('PEXPIRE', key, ARGV[4]) end
+return n
+"""
+
+# KEYS[1] the hash; ARGV: "one" and a field, or "owner" and the owner's field prefix.
+# Returns how many configs were deleted; removes the hash when only the counter is left.
+_DELETE = b"""local key = KEYS[1]
+local n = 0
+if ARGV[1] == 'one' then
+  n = redis.call('HDEL', key, ARGV[2])
+else
+  local p = ARGV[2]
+  local doomed = {}
+  for _, f in ipairs(redis.call('HKEYS', key)) do
+    if string.sub(f, 1, #p) == p then doomed[#doomed + 1] = f end
+  end
+  for i = 1, #doomed, 1000 do
+    n = n + redis.call('HDEL', key, unpack(doomed, i, math.min(i + 999, #doomed)))
+  end
+end
+if n > 0 and redis.call('HLEN', key) == 1 and redis.call('HEXISTS', key, '#seq') == 1 then
+  redis.call('DEL', key)
+end
+return n
+"""
+
+
+def _raw(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _field(owner: str, config_id: str) -> bytes:
+    return _raw(_owner_prefix(owner) + encode_id(config_id))
+
+
+def _owner_prefix(owner: str) -> str:
+    return encode_id(owner) + ":"
+
+
+class RedisPushNotificationConfigStore(PushNotificationConfigStore):
+    """Push-notification configs on Redis, scoped to their owner, optionally encrypted.
+
+    See the module docstring for the storage format, encryption, order and retention.
+
+    Args:
+        redis: A ``redis.asyncio.Redis`` with ``decode_responses=False``. The store does not
+            own it and never closes it.
+        prefix: Key namespace (default ``"a2a"``), shared with the task store.
+        owner_resolver: Maps a call context to its owner (default: the user name).
+        encryption_key: A Fernet key (URL-safe base64 of 32 bytes, as for the SDK's SQL
+            store); when given, every config is stored encrypted. Needs ``cryptography``
+            (the ``encryption`` extra). None (the default) stores protobuf bytes in clear.
+        ttl: Seconds to keep a task's configs after its last ``set_info``; None (the
+            default) keeps them until deleted, like the task they belong to.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        prefix: str = "a2a",
+        owner_resolver: OwnerResolver = resolve_user_scope,
+        encryption_key: bytes | str | None = None,
+        ttl: float | None = None,
+    ) -> None:
+        require_binary_client(redis)
+        if ttl is not None and not ttl > 0:
+            raise ValueError("ttl must be positive seconds, or None to keep configs")
+        self.redis = redis
+        self.keys = Keys(prefix)
+        self.owner_resolver = owner_resolver
+        self._ttl_ms = b"0" if ttl is None else b"%d" % max(1, round(ttl * 1000))
+        self._fernet: Fernet | None = None
+        if encryption_key is not None:
+            try:
+                from cryptography.fernet import Fernet
+            except ImportError as e:  # pragma: no cover - depends on the installation
+                raise ImportError(
+                    "encrypted push configs need the 'cryptography' package: "
+                    "pip install 'a2a-redis[encryption]'"
+                ) from e
+            key = encryption_key.encode() if isinstance(encryption_key, str) else encryption_key
+            self._fernet = Fernet(key)  # ValueError for a malformed key
+        self._set = redis.register_script(_SET)
+        self._delete = redis.register_script(_DELETE)
+
+    # -- PushNotificationConfigStore ---------------------------------------------------------
+    async def set_info(
+        self,
+        task_id: str,
+        notification_config: TaskPushNotificationConfig,
+        context: ServerCallContext,
+    ) -> TaskPushNotificationConfig:
+        """Store a normalized copy for the caller (replacing their config of that id).
+
+        The argument is not mutated; the normalized copy (task id set, an empty id
+        defaulted to the task id) is returned. One round trip (EVALSHA: counter, HSET and,
+        with a ``ttl``, PEXPIRE, atomically); the first call on a server that has not
+        loaded the script yet adds two (NOSCRIPT, SCRIPT LOAD).
+        """
+        owner = self.owner_resolver(context)
+        config = normalize_push_notification_config(task_id, notification_config)
+        owner_raw = _raw(owner)
+        data = config.SerializeToString()
+        if self._fernet is not None:
+            payload = self._fernet.encrypt(msgpack.packb([owner_raw, data]))
+        else:
+            payload = data
+        head = b"\x95" + msgpack.packb(SCHEMA_VERSION)
+        tail = b"".join(msgpack.packb(v) for v in (owner_raw, self._fernet is not None, payload))
+        key = self.keys.push_configs(task_id)
+        try:
+            with redis_errors("set push config", key):
+                await self._set(
+                    keys=[key], args=[_field(owner, config.id), head, tail, self._ttl_ms]
+                )
+        except rex.ResponseError as e:
+            if str(e).startswith(_CORRUPT):
+                raise CorruptDataError(f"set push config: {str(e)[12:]}", key=key) from e
+            raise
+        logger.debug(
+            "push config %s of task %s saved for owner %s (%s)",
+            config.id,
+            task_id,
+            owner,
+            "encrypted" if self._fernet is not None else "clear",
+        )
+        return config
+
+    async def get_info(
+        self, task_id: str, context: ServerCallContext
+    ) -> list[TaskPushNotificationConfig]:
+        """The caller's configs for the task, in the order they were last set.
+
+        One round trip (HGETALL). Another owner's undecodable record does not affect it.
+        """
+        return await self._read(task_id, _raw(_owner_prefix(self.owner_resolver(context))))
+
+    async def get_info_for_dispatch(self, task_id: str) -> list[TaskPushNotificationConfig]:
+        """Every owner's configs for the task, in the order they were last set.
+
+        One round trip (HGETALL). Any undecodable record raises (nothing is dropped
+        silently): :class:`~a2a_redis.errors.CorruptDataError` or :class:`DecryptionError`.
+        """
+        return await self._read(task_id, b"")
+
+    async def delete_info(
+        self,
+        task_id: str,
+        context: ServerCallContext,
+        config_id: str | None = None,
+    ) -> None:
+        """Delete the caller's config ``config_id``, or all of the caller's configs.
+
+        Other owners' configs are untouched; deleting what does not exist is a no-op.
+        One round trip (EVALSHA: HDEL, or HKEYS and HDEL of the caller's fields).
+        """
+        owner = self.owner_resolver(context)
+        key = self.keys.push_configs(task_id)
+        if config_id is None:
+            args = [b"owner", _raw(_owner_prefix(owner))]
+        else:
+            args = [b"one", _field(owner, config_id)]
+        with redis_errors("delete push config", key):
+            deleted = await self._delete(keys=[key], args=args)
+        logger.debug(
+            "deleted %s push config(s) (%s) of task %s for owner %s",
+            deleted,
+            "all" if config_id is None else config_id,
+            task_id,
+            owner,
+        )
+
+    # -- decoding ----------------------------------------------------------------------------
+    async def _read(self, task_id: str, field_prefix: bytes) -> list[TaskPushNotificationConfig]:
+        key = self.keys.push_configs(task_id)
+        with redis_errors("get push configs", key):
+            rows = cast("dict[bytes, bytes]", await self.redis.hgetall(key))
+        found: list[tuple[int, TaskPushNotificationConfig]] = []
+        for field, value in rows.items():
+            if field == _SEQ or not field.startswith(field_prefix):
+                continue
+            found.append(self._decode(key, task_id, field, value))
+        found.sort(key=lambda item: item[0])
+        return [config for _, config in found]
+
+    def _decode(
+        self, key: str, task_id: str, field: bytes, value: bytes
+    ) -> tuple[int, TaskPushNotificationConfig]:
+        """Decode one field into ``(seq, config)``, checking it against where it lies."""
+        owner_part, sep, id_part = field.partition(b":")
+        if not sep:
+            raise CorruptDataError(f"push config field {field!r} is malformed", key=key)
+        try:
+            envelope: Any = msgpack.unpackb(value)
+        except (ValueError, TypeError, msgpack.UnpackException) as e:
+            raise CorruptDataError(f"push config {field!r} is not an envelope: {e}", key=key) from e
+        if not isinstance(envelope, list) or not envelope:
+            raise CorruptDataError(f"push config {field!r} is not an envelope", key=key)
+        schema = envelope[0]
+        if isinstance(schema, int) and schema > SCHEMA_VERSION:
+            raise UnsupportedSchemaError(
+                f"push config has schema version {schema}, this release reads "
+                f"{SCHEMA_VERSION}: upgrade a2a-redis",
+                key=key,
+            )
+        if schema != SCHEMA_VERSION or len(envelope) != 5:
+            raise CorruptDataError(f"push config {field!r} has no valid schema", key=key)
+        _, seq, owner_raw, sealed, payload = envelope
+        if not (
+            isinstance(seq, int)
+            and isinstance(owner_raw, bytes)
+            and isinstance(sealed, bool)
+            and isinstance(payload, bytes)
+        ):
+            raise CorruptDataError(f"push config {field!r} has malformed fields", key=key)
+        owner = owner_raw.decode("utf-8", "surrogatepass")
+        if _raw(encode_id(owner)) != owner_part:
+            raise CorruptDataError(f"push config {field!r} names another owner", key=key)
+        data = self._open(key, field, owner_raw, payload) if sealed else payload
+        try:
+            config = TaskPushNotificationConfig.FromString(data)
+        except (DecodeError, RuntimeWarning) as e:
+            raise CorruptDataError(f"push config {field!r} is not a valid config", key=key) from e
+        if config.task_id != task_id or _raw(encode_id(config.id)) != id_part:
+            raise CorruptDataError(
+                f"push config {field!r} belongs to another task or config id", key=key
+            )
+        return seq, config
+
+    def _open(self, key: str, field: bytes, owner_raw: bytes, token: bytes) -> bytes:
+        """Decrypt a sealed payload and check the owner sealed inside it."""
+        if self._fernet is None:
+            raise DecryptionError(
+                f"push config {field!r} is encrypted and this store has no encryption_key",
+                key=key,
+            )
+        from cryptography.fernet import InvalidToken
+
+        try:
+            plain = self._fernet.decrypt(token)
+        except InvalidToken as e:
+            raise DecryptionError(
+                f"cannot decrypt push config {field!r}: wrong encryption_key, "
+                "or the ciphertext was altered",
+                key=key,
+            ) from e
+        try:
+            inner_owner, data = msgpack.unpackb(plain)
+        except (ValueError, TypeError, msgpack.UnpackException) as e:
+            raise CorruptDataError(f"push config {field!r}: bad sealed content", key=key) from e
+        if inner_owner != owner_raw or not isinstance(data, bytes):
+            raise CorruptDataError(f"push config {field!r} was sealed for another owner", key=key)
+        return data
