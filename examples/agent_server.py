@@ -110,9 +110,12 @@ def main() -> None:
     parser.add_argument("--legacy", action="store_true", help="LegacyRequestHandler + queues")
     parser.add_argument("--lease-ttl", type=float, default=10.0, help="queue lease seconds")
     parser.add_argument("--log-level", default="warning", help="python logging level")
+    parser.add_argument(
+        "--public-url", default="", help="URL the agent card advertises (e.g. the load balancer)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=args.log_level.upper())
-    url = f"http://{args.host}:{args.port}/"
+    url = args.public_url or f"http://{args.host}:{args.port}/"
     app = build_app(
         url, args.redis_url, args.prefix, args.name, args.delay, args.legacy, args.lease_ttl
     )
