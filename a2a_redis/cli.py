@@ -66,8 +66,9 @@ exit status:
   0    success (doctor: no problem found)
   1    error: bad URL, Redis unreachable, wrong password, task not found, ...
   2    usage error
-  3    doctor found a problem: an evicting maxmemory-policy, a read-only replica,
-       a Sentinel instead of a data server, a server older than 6.2, or memory near maxmemory
+  3    doctor found a problem: a maxmemory-policy other than noeviction, a read-only
+       replica, a Sentinel instead of a data server, a server older than 6.2, memory
+       use near maxmemory, or failing persistence
   130  interrupted (Ctrl-C)
 """
 
@@ -271,9 +272,10 @@ def _kind(prefix: str, key: bytes | str) -> str:
 async def _our_keys(client: Redis, keys: Keys, report: _Report) -> None:
     counts = dict.fromkeys(_KINDS, 0)
     sizes = dict.fromkeys(_KINDS, 0)
-    memory_known, total, cursor = True, 0, 0
+    memory_known, capped, total, cursor = True, False, 0, 0
     while True:
         cursor, batch = await client.scan(cursor, match=keys.scan_pattern(), count=1000)
+        capped = len(batch) > KEY_SCAN_CAP - total
         batch = batch[: KEY_SCAN_CAP - total]
         total += len(batch)
         async with client.pipeline(transaction=False) as pipe:
@@ -289,9 +291,11 @@ async def _our_keys(client: Redis, keys: Keys, report: _Report) -> None:
                 memory_known = False
         if cursor == 0 or total >= KEY_SCAN_CAP:
             break
-    capped = cursor != 0
+    capped = capped or (cursor != 0 and total >= KEY_SCAN_CAP)
     memory = _size(sum(sizes.values())) if memory_known else "unknown (MEMORY USAGE refused)"
-    count = f"the first {total:,} (more exist; counting stops there)" if capped else f"{total:,}"
+    count = (
+        f"the first {total:,} (counting stops there; more may exist)" if capped else f"{total:,}"
+    )
     report.line("our keys", f"{count} under {keys.prefix + ':'!r}, {memory}")
     for kind, n in counts.items():
         if n or kind in _KINDS:
@@ -496,12 +500,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "doctor",
         parents=[common],
+        formatter_class=fmt,
+        epilog=_EPILOG,
         help="check the server: version, mode, latency, eviction, persistence, our keys",
         description=(
-            "Check the server for a2a-redis. Exit status 0 when healthy, 3 when a problem was "
-            "found (a maxmemory-policy other than noeviction, a read-only replica, a Sentinel "
-            "instead of a data server, a server older than 6.2, memory near maxmemory, failing "
-            f"persistence), 1 on errors. Key counts cover at most {KEY_SCAN_CAP:,} keys."
+            "Check the server for a2a-redis: version, mode, round trip, eviction policy,\n"
+            "persistence, and our keys (count, memory, kinds; at most "
+            f"{KEY_SCAN_CAP:,} keys are inspected).\n"
+            "Exit status 0 when healthy, 3 when a problem was found, 1 on errors."
         ),
     )
     tasks = sub.add_parser(

@@ -170,13 +170,15 @@ class RedisTaskEventStream(TaskEventStream):
         entries = self._listener.follow(task_id, lambda: self._backlog(key, after))
         try:
             async for entry in entries:
-                event = entry.event
-                if event is None or not TaskVersion(entry.version).is_after(after):
+                event, version = entry.event, entry.version
+                del entry  # an idle subscriber must not pin the last event (nor below)
+                if event is None or not TaskVersion(version).is_after(after):
                     continue
-                if entry.version and not isinstance(event, Message):
-                    if entry.version <= delivered:
+                if version and not isinstance(event, Message):
+                    if version <= delivered:
                         continue  # a second copy of an event already delivered
-                    delivered = entry.version
-                yield VersionedEvent(event=event, version=TaskVersion(entry.version))
+                    delivered = version
+                yield VersionedEvent(event=event, version=TaskVersion(version))
+                del event
         finally:
             await entries.aclose()

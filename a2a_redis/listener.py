@@ -55,7 +55,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FETCH_BATCH = 512
+FETCH_BATCH = 512  # entries per XRANGE
+FETCH_FEEDS = 256  # XRANGEs per fetch pipeline
 Position = tuple[int, int]
 Rows = list[tuple[bytes, dict[bytes, bytes]]]
 
@@ -147,7 +148,6 @@ class Feed:
         self.alive_at = asyncio.get_running_loop().time()  # last entry or owner heartbeat
         self.ended: A2ARedisError | None = None
         self.destroyed = False
-        self.fetching = False
         self.dirty = False
         self.ready: asyncio.Future[None] | None = None
 
@@ -155,7 +155,13 @@ class Feed:
         """Ring entries after ``position``; None if the ring no longer covers it."""
         if position < self.covered_from:
             return None
-        return [e for e in self.ring if e.position > position]
+        newer = []
+        for entry in reversed(self.ring):  # newest first: cost is the number of new entries
+            if entry.position <= position:
+                break
+            newer.append(entry)
+        newer.reverse()
+        return newer
 
     def extend(self, entries: list[StreamEntry], last: Position) -> None:
         """Append fetched entries (read up to ``last``) and wake the subscribers."""
@@ -205,7 +211,9 @@ class StreamListener:
         self._confirms: dict[bytes, asyncio.Future[None]] = {}
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._due: dict[str, Feed] = {}  # feeds with entries to fetch, in wake order
+        self._fetch_due = asyncio.Event()
+        self._fetcher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._closed = False
         self.connected = False
@@ -284,6 +292,7 @@ class StreamListener:
                     if entry.position > position:
                         position = entry.position
                         yield entry
+                entry = pending = None  # type: ignore[assignment]  # pin nothing while idle
                 position = max(position, read_up_to)
                 if feed.ended is not None:
                     raise feed.ended
@@ -320,7 +329,7 @@ class StreamListener:
         for feed in list(self._feeds.values()):
             feed.ended = error
             feed.notify()
-        tasks = [t for t in (self._reader, *self._tasks) if t is not None]
+        tasks = [t for t in (self._reader, self._fetcher) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -361,42 +370,56 @@ class StreamListener:
             self._wake(feed)
 
     def _wake(self, feed: Feed) -> None:
-        if feed.last is None or feed.fetching:
-            feed.dirty = True
+        """Queue a fetch of the feed's new entries (one fetcher serves every feed)."""
+        if feed.last is None:
+            feed.dirty = True  # _start fetches once the feed's position is known
             return
-        feed.fetching = True
-        self._spawn(self._fetch(feed))
+        self._due[feed.task_id] = feed
+        self._fetch_due.set()
+        if self._fetcher is None or self._fetcher.done():
+            self._fetcher = asyncio.ensure_future(self._fetch_loop())
 
-    async def _fetch(self, feed: Feed) -> None:
+    async def _fetch_loop(self) -> None:
+        """Read new entries for every woken feed: one pipeline of XRANGEs per round trip.
+
+        So a replica uses one connection for live delivery however many tasks are busy,
+        and woken tasks share round trips. A failed read is retried, with capped backoff,
+        for as long as the listener is open: a subscriber waits, it is never forgotten.
+        """
         attempt = 0
-        try:
-            while feed.last is not None and self._feeds.get(feed.task_id) is feed:
-                feed.dirty = False
-                try:
-                    entries, last = await read_entries(self._redis, feed.key, feed.last)
-                except (rex.ConnectionError, rex.TimeoutError) as e:
-                    attempt += 1
-                    if attempt > 5:
-                        logger.warning("fetch of task %s failed: %s", feed.task_id, e)
-                        feed.dirty = True
-                        return
-                    await backoff(attempt, base=0.02, cap=1.0)
-                    continue
-                except SubscriberLagError as e:
-                    feed.ended = e
+        while not self._closed:
+            if not self._due:
+                self._fetch_due.clear()
+                await self._fetch_due.wait()
+                continue
+            batch = [self._due.pop(task_id) for task_id in list(self._due)[:FETCH_FEEDS]]
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for feed in batch:
+                        assert feed.last is not None
+                        start = "(" + format_position(feed.last)
+                        pipe.xrange(feed.key, min=start, max="+", count=FETCH_BATCH)
+                    replies = await pipe.execute(raise_on_error=False)
+            except (rex.ConnectionError, rex.TimeoutError) as e:
+                for feed in batch:
+                    self._due.setdefault(feed.task_id, feed)
+                attempt += 1
+                if attempt == 1:
+                    logger.warning("fetching %d tasks' events failed: %s; retrying", len(batch), e)
+                await backoff(attempt, base=0.02, cap=1.0)
+                continue
+            attempt = 0
+            for feed, rows in zip(batch, replies, strict=True):
+                if self._feeds.get(feed.task_id) is not feed:
+                    continue  # its last subscriber left meanwhile
+                if isinstance(rows, Exception):
+                    feed.ended = CorruptDataError(f"cannot read the stream: {rows}", key=feed.key)
                     feed.notify()
-                    return
-                attempt = 0
-                feed.extend(entries, last)
-                if not feed.dirty and len(entries) < FETCH_BATCH:
-                    break
-        finally:
-            feed.fetching = False
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+                    continue
+                if rows:
+                    feed.extend(_decode_rows(feed.key, rows), parse_entry_id(rows[-1][0]))
+                if len(rows) == FETCH_BATCH:
+                    self._due[feed.task_id] = feed  # more to read
 
     # -- reader --------------------------------------------------------------------------
     def _ensure_reader(self) -> None:

@@ -1,0 +1,15 @@
+"""The benchmarks ``python -m benchmarks`` knows, in the order it runs them.
+
+To add one (event stream latency, queue manager, ...): write a module exposing a
+``BENCHMARK = Benchmark(name, description, run)`` and append it here.
+"""
+
+from __future__ import annotations
+
+from benchmarks import event_stream, task_store
+from benchmarks.common import Benchmark
+
+BENCHMARKS: list[Benchmark] = [
+    task_store.BENCHMARK,
+    event_stream.BENCHMARK,
+]
