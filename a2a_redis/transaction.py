@@ -79,6 +79,12 @@ def pack(commands: Sequence[Command | bytes]) -> bytes:
 
 def _batch(commands: Sequence[Command]) -> bytes:
     """One packed EVALSHA running ``commands``, declaring every key they touch."""
+    keys, argv = _batch_args(commands)
+    return _resp([b"EVALSHA", _BATCH_SHA, b"%d" % len(keys), *keys, *argv])
+
+
+def _batch_args(commands: Sequence[Command]) -> tuple[list[bytes], list[bytes]]:
+    """KEYS and ARGV of :data:`BATCH_SCRIPT` running ``commands``."""
     keys: dict[bytes, None] = {}
     argv: list[bytes] = []
     for command in commands:
@@ -90,7 +96,7 @@ def _batch(commands: Sequence[Command]) -> bytes:
             keys[args[1]] = None
         argv.append(b"%d" % len(args))
         argv += args
-    return _resp([b"EVALSHA", _BATCH_SHA, b"%d" % len(keys), *keys, *argv])
+    return list(keys), argv
 
 
 async def backoff(attempt: int, base: float = 0.001, cap: float = 0.05) -> None:
@@ -116,12 +122,14 @@ async def execute(pipe: Pipeline) -> list[Any]:
 
 
 async def run_atomically(redis: Redis, operation: str, key: str, commands: list[Command]) -> None:
-    """Run ``commands`` in one MULTI/EXEC (one round trip), translating errors."""
+    """Run ``commands`` atomically as one scripted batch: one command, one round trip.
+
+    A script runs atomically by itself; without a WATCH there is no need for MULTI. The
+    script is loaded on the first NOSCRIPT reply (redis-py's ``Script`` does that).
+    """
+    keys, argv = _batch_args(commands)
     with redis_errors(operation, key):
-        async with redis.pipeline(transaction=True) as pipe:
-            for command in commands:
-                pipe.execute_command(*command)
-            await execute(pipe)
+        await redis.register_script(BATCH_SCRIPT)(keys=keys, args=argv)
 
 
 class WatchedTransaction:
