@@ -119,19 +119,32 @@ async def read_entries(
 
 
 async def _check_not_trimmed(redis: Redis, key: str, after: Position) -> None:
+    """Raise :class:`SubscriberLagError` if entries after ``after`` may have been trimmed.
+
+    ``after`` (0, 0) asks whether anything was ever trimmed. Otherwise ``after`` is the
+    position of an entry this reader has seen: if the stream now starts beyond it, that
+    entry was trimmed (``MAXLEN``), and so may have been its successors. This errs on the
+    side of telling: a reader is never left to skip events silently. (``XINFO STREAM``'s
+    ``max-deleted-entry-id`` does not help: trimming does not move it, only XDEL does.)
+    """
     try:
         info: dict[Any, Any] = await redis.xinfo_stream(key)
     except rex.ResponseError:
         return  # no such stream (expired or destroyed): nothing was trimmed after us
-    deleted = info.get("max-deleted-entry-id") or info.get(b"max-deleted-entry-id")
-    if deleted is not None:
-        raw = deleted if isinstance(deleted, bytes) else str(deleted).encode()
-        if parse_entry_id(raw) > after:
-            raise SubscriberLagError(
-                f"events after {format_position(after)} were trimmed (MAXLEN) before this "
-                "subscriber read them",
-                key=key,
-            )
+    first = info.get("first-entry")
+    if first is None:
+        return
+    if after == (0, 0):
+        added, length = info.get("entries-added"), info.get("length")
+        lost = added is not None and length is not None and int(added) > int(length)
+    else:
+        lost = parse_entry_id(first[0]) > after
+    if lost:
+        raise SubscriberLagError(
+            f"events after {format_position(after)} were trimmed (MAXLEN) before this "
+            "reader could read them",
+            key=key,
+        )
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:

@@ -59,16 +59,21 @@ class _StreamWriter(EventQueueLegacy):
         super().__init__(max_queue_size=1)  # never holds anything itself
         self._manager = manager
         self._task_id = task_id
+        # The consumer may close the queue (at the final event) while that event's append
+        # is still in flight: the close mark must wait for it, or taps would end early.
+        self._order = asyncio.Lock()
 
     async def enqueue_event(self, event: Event) -> None:
-        if not self._is_closed:
-            await self._manager._append(self._task_id, event)
+        async with self._order:
+            if not self._is_closed:
+                await self._manager._append(self._task_id, event)
 
     async def close(self, immediate: bool = False) -> None:
-        if self._is_closed:
-            return
-        self._is_closed = True
-        await self._manager._mark_closed(self._task_id)
+        async with self._order:
+            if self._is_closed:
+                return
+            self._is_closed = True
+            await self._manager._mark_closed(self._task_id)
 
 
 class _RemoteTap(EventQueueLegacy):

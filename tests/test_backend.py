@@ -146,7 +146,7 @@ async def test_url_forms_password_db_and_unix_socket(prefix: str):
             await backend.ping()
             assert backend.redis.connection_pool.connection_class is UnixDomainSocketConnection
         async with RedisBackend.from_url(f"redis://127.0.0.1:{server.port}") as backend:
-            with pytest.raises(Exception, match="(?i)auth|NOAUTH"):
+            with pytest.raises(Exception, match=r"(?i)auth|NOAUTH"):
                 await backend.ping()
     tls = RedisBackend.from_url("rediss://127.0.0.1:6380/0")  # not connected until used
     assert tls.redis.connection_pool.connection_class is SSLConnection
@@ -154,7 +154,7 @@ async def test_url_forms_password_db_and_unix_socket(prefix: str):
 
 
 def test_unsupported_url_scheme_is_a_clear_error():
-    with pytest.raises(ValueError, match="redis://, rediss:// .* or unix://"):
+    with pytest.raises(ValueError, match=r"redis://, rediss:// .* or unix://"):
         RedisBackend.from_url("http://localhost:6379")
 
 

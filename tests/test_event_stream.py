@@ -226,3 +226,38 @@ async def test_pubsub_connection_killed_mid_stream_loses_nothing(real_redis, rea
     finally:
         await a.close()
         await b.close()
+
+
+async def test_subscriber_behind_a_trimmed_stream_gets_subscriber_lag_error(
+    real_redis: aioredis.Redis, prefix: str
+):
+    """Trimmed (MAXLEN) past its position, a slow subscriber fails loudly, never skips."""
+    from a2a_redis.listener import SubscriberLagError
+
+    store = VersionedRedisTaskStore(
+        real_redis, prefix=prefix, stream_retention=StreamRetention(maxlen=10)
+    )
+    listener = StreamListener(real_redis, store.keys, ring_size=4)
+    stream = RedisTaskEventStream(real_redis, task_store=store, listener=listener)
+    task = make_task("t")
+    version = await store.save(task, event=task, prev_version=MISSING, context=ctx())
+    gen = stream.subscribe("t", after=MISSING)
+    first = await asyncio.wait_for(gen.__anext__(), GUARD)  # then it stops reading
+    assert first.version == version
+    task.status.state = S.TASK_STATE_WORKING
+    for _ in range(1_000):  # far more than maxlen: whole stream nodes are trimmed
+        version = await store.save(
+            task, event=status_event_for(task), prev_version=version, context=ctx()
+        )
+    with pytest.raises(SubscriberLagError, match="trimmed"):
+        for _ in range(1_000):
+            await asyncio.wait_for(gen.__anext__(), GUARD)
+    await gen.aclose()
+    await stream.aclose()
+    await listener.aclose()
+
+
+def status_event_for(task) -> TaskStatusUpdateEvent:
+    event = TaskStatusUpdateEvent(task_id=task.id, context_id=task.context_id)
+    event.status.state = task.status.state
+    return event

@@ -30,6 +30,7 @@ from a2a.types import (
     SubscribeToTaskRequest,
     TaskState,
 )
+from a2a.utils.errors import A2AError
 
 ROOT = Path(__file__).resolve().parents[1]
 GUARD = 30  # seconds: a hang guard only
@@ -177,3 +178,46 @@ async def test_get_and_list_agree_across_replicas(clients):
         tb = await b.get_task(GetTaskRequest(id=task_id))
         assert ta == tb
         assert tb.status.state == TaskState.TASK_STATE_COMPLETED
+
+
+async def test_input_required_follow_up_on_b_completes_the_task(clients):
+    a, b = clients
+    first = [r async for r in a.send_message(_send("input please"))]
+    assert _final_state(first) == TaskState.TASK_STATE_INPUT_REQUIRED
+    task = next(r.task for r in first if r.HasField("task"))
+    task_id = task.id
+    follow_up = _send("answer chunks=2")
+    follow_up.message.task_id = task_id
+    follow_up.message.context_id = task.context_id
+    second = [r async for r in b.send_message(follow_up)]
+    assert _final_state(second) == TaskState.TASK_STATE_COMPLETED
+    assert _chunks(second)[-2:] == ["chunk 0 from B", "chunk 1 from B"]
+    task = await a.get_task(GetTaskRequest(id=task_id))
+    assert task.status.state == TaskState.TASK_STATE_COMPLETED
+
+
+async def test_failure_on_a_shows_as_failed_on_b(clients):
+    a, b = clients
+    seen: list[StreamResponse] = []
+    with pytest.raises(A2AError, match="asked to fail"):  # A's stream reports the error
+        async for response in a.send_message(_send("please fail")):
+            seen.append(response)
+    task_id = next(r.task.id for r in seen if r.HasField("task"))
+    task = await b.get_task(GetTaskRequest(id=task_id))
+    assert task.status.state == TaskState.TASK_STATE_FAILED
+
+
+async def test_fifty_concurrent_tasks_each_followed_on_the_other_replica(clients):
+    a, b = clients
+
+    async def one(origin: Client, other: Client) -> None:
+        task_id, seen, runner = await _start(origin, "chunks=4")
+        followed = [r async for r in other.subscribe(SubscribeToTaskRequest(id=task_id))]
+        await asyncio.wait_for(runner, GUARD)
+        expected = _chunks(seen)
+        assert len(expected) == 4
+        assert _chunks(followed) == expected  # snapshot + live: complete, in order, once
+        assert _final_state(followed) == TaskState.TASK_STATE_COMPLETED
+
+    pairs = [(a, b) if i % 2 else (b, a) for i in range(50)]
+    await asyncio.wait_for(asyncio.gather(*(one(o, t) for o, t in pairs)), 120)
