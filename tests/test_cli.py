@@ -32,7 +32,7 @@ from a2a.types.a2a_pb2 import (
     TaskStatusUpdateEvent,
 )
 
-from a2a_redis import cli
+from a2a_redis import doctor
 from a2a_redis.cli import main
 from a2a_redis.embedded import EmbeddedServer
 from a2a_redis.keys import Keys
@@ -150,7 +150,7 @@ def test_doctor_caps_the_key_scan(
 ) -> None:
     _seed_lifecycle(url, prefix, "t-1")
     _seed_lifecycle(url, prefix, "t-2")
-    monkeypatch.setattr(cli, "KEY_SCAN_CAP", 3)
+    monkeypatch.setattr(doctor, "KEY_SCAN_CAP", 3)
     assert main(["doctor", "--url", url, "--prefix", prefix]) == 0
     out = capsys.readouterr().out
     assert "the first 3 (counting stops there; more may exist)" in out

@@ -1,0 +1,192 @@
+"""``a2a-redis doctor``: how a server looks to a2a-redis, and what is wrong with it.
+
+Server name and version, mode and role, round trip, memory and ``maxmemory-policy`` (a
+loud warning unless ``noeviction``: eviction silently deletes tasks), persistence, and our
+keys under a prefix (count, memory, by kind). Used by :mod:`a2a_redis.cli`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis import exceptions as rex
+from redis.asyncio import Redis
+
+from a2a_redis.keys import Keys
+
+__all__ = ["KEY_SCAN_CAP", "Report", "check", "size"]
+
+KEY_SCAN_CAP = 10_000
+MIN_SERVER_VERSION = (6, 2)
+_PINGS = 5
+_KINDS = ("task", "events", "lease", "push", "index")
+
+
+def size(n: int) -> str:
+    """A byte count for people."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+@dataclass
+class Report:
+    """The doctor's printout, and the problems it found."""
+
+    problems: list[str] = field(default_factory=list)
+
+    def line(self, label: str, value: str) -> None:
+        """Print one labelled line."""
+        print(f"{label:<13}{value}")
+
+    def problem(self, text: str) -> None:
+        """Print a loud warning and remember it."""
+        self.problems.append(text)
+        print(f"!!! WARNING: {text}")
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    out = []
+    for part in text.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        out.append(int(digits or 0))
+    return tuple(out)
+
+
+async def _config(client: Redis, name: str) -> str | None:
+    """``CONFIG GET name``, or None when CONFIG is renamed, disabled or not permitted."""
+    try:
+        reply: dict[Any, Any] = await client.config_get(name)
+    except rex.ResponseError:
+        return None
+    value = reply.get(name, reply.get(name.encode()))
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def _server(client: Redis, report: Report) -> bool:
+    """Server, mode, role and latency lines; False if this is no data server (Sentinel)."""
+    server: dict[str, Any] = await client.info("server")
+    if "valkey_version" in server:
+        name = f"Valkey {server['valkey_version']} (Redis-compatible {server['redis_version']})"
+    else:
+        name = f"Redis {server.get('redis_version', '?')}"
+    mode = str(server.get("redis_mode") or server.get("server_mode") or "standalone")
+    if mode == "sentinel":
+        report.line("server", f"{name}, sentinel")
+        report.problem(
+            "this is a Sentinel, not a data server: point --url at the master it monitors"
+        )
+        return False
+    cluster: dict[str, Any] = await client.info("cluster")
+    if cluster.get("cluster_enabled"):
+        mode = "cluster (key counts below cover this node only)"
+    role = (await client.info("replication")).get("role", "?")
+    report.line("server", name)
+    report.line("mode", f"{mode}, role {'replica' if role == 'slave' else role}")
+    if role == "slave":
+        report.problem("this server is a read-only replica: every write will fail")
+    if _version_tuple(str(server.get("redis_version", "0"))) < MIN_SERVER_VERSION:
+        report.problem("a2a-redis needs Redis 6.2 or later (ZRANGE BYLEX REV, XAUTOCLAIM)")
+    times = []
+    for _ in range(_PINGS):
+        start = time.perf_counter()
+        await client.ping()
+        times.append(time.perf_counter() - start)
+    report.line(
+        "round trip", f"{statistics.median(times) * 1000:.3f} ms (median of {_PINGS} PINGs)"
+    )
+    return True
+
+
+async def _memory(client: Redis, report: Report) -> None:
+    memory: dict[str, Any] = await client.info("memory")
+    policy = str(memory.get("maxmemory_policy") or await _config(client, "maxmemory-policy"))
+    used, limit = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
+    limit_text = "no limit" if limit == 0 else size(limit)
+    report.line("memory", f"{size(used)} used, maxmemory {limit_text}")
+    report.line("eviction", f"maxmemory-policy {policy}")
+    if policy != "noeviction":
+        report.problem(
+            f"maxmemory-policy is {policy!r}, not 'noeviction': when memory runs short Redis "
+            "SILENTLY DELETES KEYS, and so tasks and their events. Set maxmemory-policy "
+            "noeviction (writes then fail loudly instead)."
+        )
+    if limit and used >= 0.9 * limit:
+        report.problem(f"memory use is {used * 100 // limit}% of maxmemory")
+
+
+async def _persistence(client: Redis, report: Report) -> None:
+    info: dict[str, Any] = await client.info("persistence")
+    aof = "on" if info.get("aof_enabled") else "off"
+    fsync = await _config(client, "appendfsync") if aof == "on" else None
+    save = await _config(client, "save")
+    if save is None:
+        rdb = "unknown (CONFIG GET refused)"
+    else:
+        rdb = f"save {save!r}" if save else "off (no save points)"
+    report.line("persistence", f"AOF {aof}{f' (appendfsync {fsync})' if fsync else ''}; RDB {rdb}")
+    if aof == "off" and save == "":
+        print("             note: no persistence: a restart of this server loses every task")
+    for status in ("rdb_last_bgsave_status", "aof_last_write_status"):
+        if info.get(status, "ok") != "ok":
+            report.problem(f"{status} is {info[status]!r}: persistence is failing")
+
+
+def _kind(prefix: str, key: bytes | str) -> str:
+    text = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+    rest = text[len(prefix) + 1 :]
+    if rest.startswith("{o:"):
+        return "index"
+    if rest.startswith("{t:"):
+        end = rest.find("}:")
+        suffix = rest[end + 2 :] if end >= 0 else ""
+        return suffix if suffix in _KINDS else "other"
+    return "other"
+
+
+async def _our_keys(client: Redis, keys: Keys, report: Report) -> None:
+    counts = dict.fromkeys(_KINDS, 0)
+    sizes = dict.fromkeys(_KINDS, 0)
+    memory_known, capped, total, cursor = True, False, 0, 0
+    while True:
+        cursor, batch = await client.scan(cursor, match=keys.scan_pattern(), count=1000)
+        capped = len(batch) > KEY_SCAN_CAP - total
+        batch = batch[: KEY_SCAN_CAP - total]
+        total += len(batch)
+        async with client.pipeline(transaction=False) as pipe:
+            for key in batch:
+                pipe.memory_usage(key)
+            usages = await pipe.execute(raise_on_error=False) if batch else []
+        for key, usage in zip(batch, usages, strict=True):
+            kind = _kind(keys.prefix, key)
+            counts[kind] = counts.get(kind, 0) + 1
+            if isinstance(usage, int):
+                sizes[kind] = sizes.get(kind, 0) + usage
+            elif isinstance(usage, Exception):
+                memory_known = False
+        if cursor == 0 or total >= KEY_SCAN_CAP:
+            break
+    capped = capped or (cursor != 0 and total >= KEY_SCAN_CAP)
+    memory = size(sum(sizes.values())) if memory_known else "unknown (MEMORY USAGE refused)"
+    count = (
+        f"the first {total:,} (counting stops there; more may exist)" if capped else f"{total:,}"
+    )
+    report.line("our keys", f"{count} under {keys.prefix + ':'!r}, {memory}")
+    for kind, n in counts.items():
+        if n or kind in _KINDS:
+            shown = f"{size(sizes.get(kind, 0)):>12}" if memory_known else ""
+            print(f"  {kind:<11}{n:>8,} {shown}")
+
+
+async def check(client: Redis, keys: Keys, report: Report) -> None:
+    """Print every section of the report for ``client``, noting problems in ``report``."""
+    if await _server(client, report):
+        await _memory(client, report)
+        await _persistence(client, report)
+        await _our_keys(client, keys, report)
