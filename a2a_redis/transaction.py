@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import random
+import sys
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
 
+from redis import __version__ as redis_version
 from redis import exceptions as rex
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -52,6 +55,9 @@ end
 return 1
 """
 _BATCH_SHA = hashlib.sha1(BATCH_SCRIPT).hexdigest().encode()  # Redis names scripts by SHA-1
+# redis-py 8 reads without its own per-reply timeout when given math.inf; Python 3.11 has
+# asyncio.timeout. With both, a round trip pays one timeout instead of one per reply.
+_ONE_TIMEOUT = sys.version_info >= (3, 11) and int(redis_version.split(".")[0]) >= 8
 _NOT_KEYS = frozenset({b"PUBLISH", b"SPUBLISH", b"MULTI", b"EXEC"})
 _MULTI_KEY = frozenset({b"UNLINK", b"DEL"})
 
@@ -88,7 +94,9 @@ def _batch_args(commands: Sequence[Command]) -> tuple[list[bytes], list[bytes]]:
     keys: dict[bytes, None] = {}
     argv: list[bytes] = []
     for command in commands:
-        args = [_arg(a) for a in command]
+        args = [
+            a if type(a) is bytes else a.encode() if type(a) is str else _arg(a) for a in command
+        ]
         name = args[0] = args[0].upper()
         if name in _MULTI_KEY:
             keys.update(dict.fromkeys(args[1:]))
@@ -171,10 +179,21 @@ class WatchedTransaction:
         assert conn is not None, "use WatchedTransaction as an async context manager"
         self._clean = False
         await conn.send_packed_command(pack(commands))
-        replies = []
-        for _ in commands:
+        if _ONE_TIMEOUT:  # one timeout for the whole round trip, not one per reply
             try:
-                replies.append(await conn.read_response())
+                async with asyncio.timeout(getattr(conn, "socket_timeout", None)):
+                    return await self._read(conn, len(commands), math.inf)
+            except TimeoutError as e:
+                where = f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')}"
+                raise rex.TimeoutError(f"Timeout reading from {where}") from e
+        return await self._read(conn, len(commands), None)  # pragma: no cover - older stacks
+
+    @staticmethod
+    async def _read(conn: AbstractConnection, count: int, timeout: float | None) -> list[Any]:
+        replies: list[Any] = []
+        for _ in range(count):
+            try:
+                replies.append(await conn.read_response(timeout=timeout))
             except rex.ResponseError as e:
                 replies.append(e)
         return replies
