@@ -189,8 +189,10 @@ class RedisBackend:
     async def aclose(self) -> None:
         """Release leases, stop the listener, and close the pool if this backend made it."""
         try:
-            await self.queue_manager.aclose()
-            await self.listener.aclose()
+            try:
+                await self.queue_manager.aclose()
+            finally:
+                await self.listener.aclose()
         finally:
             if self._owns_client:
                 with contextlib.suppress(rex.ConnectionError, OSError):

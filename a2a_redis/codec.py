@@ -281,9 +281,9 @@ def encode_event(version: int, event: Event) -> dict[bytes, bytes]:
 CLOSED = b"closed"
 
 
-def encode_closed() -> dict[bytes, bytes]:
-    """The fields of the entry that marks the close of the task's event queue."""
-    return {F_SCHEMA: _SCHEMA, F_VERSION: b"0", b"k": CLOSED}
+def encode_closed(token: bytes) -> dict[bytes, bytes]:
+    """The fields of the entry marking the close of the queue opened with lease ``token``."""
+    return {F_SCHEMA: _SCHEMA, F_VERSION: b"0", b"k": CLOSED, b"o": token}
 
 
 def decode_event(key: str, fields: dict[bytes, bytes]) -> tuple[int, Event | None]:

@@ -21,6 +21,7 @@ __all__ = [
     "RedisUnavailableError",
     "TaskOwnedElsewhereError",
     "UnsupportedSchemaError",
+    "raise_if_pool_exhausted",
     "redis_errors",
     "require_binary_client",
 ]
@@ -77,6 +78,19 @@ class ContentionError(A2ARedisError):
     """An unconditional write lost its optimistic transaction too many times in a row."""
 
 
+def raise_if_pool_exhausted(error: Exception, operation: str = "", key: str | None = None) -> None:
+    """Raise :class:`PoolExhaustedError` if ``error`` is the pool's, not the server's.
+
+    redis-py raises ``MaxConnectionsError`` from a plain pool, and from a
+    ``BlockingConnectionPool`` that waited ``timeout`` seconds a ``ConnectionError`` whose
+    text is "No connection available." (its only signal of this condition).
+    """
+    if isinstance(error, rex.MaxConnectionsError) or str(error) == "No connection available.":
+        raise PoolExhaustedError(
+            f"{operation or 'Redis call'}: the connection pool is exhausted", key=key
+        ) from error
+
+
 def require_binary_client(redis: object) -> None:
     """Refuse a client that decodes responses: we store binary protobuf and msgpack."""
     pool = getattr(redis, "connection_pool", None)
@@ -96,9 +110,8 @@ def redis_errors(operation: str, key: str, *, connection: bool = True) -> Iterat
     """
     try:
         yield
-    except rex.MaxConnectionsError as e:
-        raise PoolExhaustedError(f"{operation}: the connection pool is exhausted", key=key) from e
     except (rex.ConnectionError, rex.TimeoutError) as e:
+        raise_if_pool_exhausted(e, operation, key)
         if not connection:
             raise
         raise RedisUnavailableError(f"Redis unavailable during {operation}: {e}", key=key) from e

@@ -325,10 +325,7 @@ class StreamListener:
                 changed = feed.changed
                 ring = feed.entries_after(position)
                 if ring is None:  # fell behind the shared ring: catch up from the stream
-                    with redis_errors("catch up with the task's stream", key):
-                        pending, read_up_to = await read_entries(
-                            self._redis, key, position, check_trim=True
-                        )
+                    pending, read_up_to = await self._catch_up(key, position)
                     continue
                 pending = ring
                 if ring:
@@ -344,6 +341,21 @@ class StreamListener:
                 await _wait(changed, remaining)
         finally:
             await self.leave(feed)
+
+    async def _catch_up(self, key: str, position: Position) -> tuple[list[StreamEntry], Position]:
+        """Read entries after ``position`` for a reader behind the ring; wait out outages."""
+        attempt = 0
+        while True:
+            try:
+                with redis_errors("catch up with the task's stream", key, connection=False):
+                    return await read_entries(self._redis, key, position, check_trim=True)
+            except (rex.ConnectionError, rex.TimeoutError) as e:
+                if self._closed:
+                    raise ListenerClosedError("the listener was closed", key=key) from e
+                attempt += 1
+                if attempt == 1:
+                    logger.warning("catch-up read failed: %s; retrying", e)
+                await backoff(attempt, base=0.02, cap=2.0)
 
     async def aclose(self) -> None:
         """Stop the reader, end every waiting subscriber, release the pub/sub connection."""

@@ -30,7 +30,7 @@ from a2a.server.events.event_queue import DEFAULT_MAX_QUEUE_SIZE, Event, EventQu
 from a2a.server.events.queue_manager import NoTaskQueue, QueueManager, TaskQueueExists
 from redis.asyncio import Redis
 
-from a2a_redis.codec import ends_task_stream
+from a2a_redis.codec import CLOSED, ends_task_stream
 from a2a_redis.errors import A2ARedisError, redis_errors
 from a2a_redis.keys import Keys
 from a2a_redis.listener import OwnerLostError, Position, Rows, StreamEntry, StreamListener
@@ -49,6 +49,14 @@ __all__ = ["RedisQueueManager"]
 logger = logging.getLogger(__name__)
 
 _RELEASE = """if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0"""
+# Renew the lease, or take it again if it expired (an outage longer than lease_ttl); leave
+# it alone if another replica has taken the task's queue since.
+_RENEW = """local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] or not held then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
 return 0"""
 
 
@@ -82,7 +90,17 @@ class _RemoteTap(EventQueueLegacy):
     pump: asyncio.Task[None] | None = None
 
     async def close(self, immediate: bool = False) -> None:
-        await super().close(immediate)
+        """Close without waiting for the consumer to drain: it may be gone for good.
+
+        The consumer still dequeues what is buffered, then gets ``QueueShutDown``.
+        """
+        async with self._lock:
+            if self._is_closed and not immediate:
+                return
+            self._is_closed = True
+        self.queue.shutdown(immediate)
+        for child in self._children:
+            await child.close(immediate)
         if immediate and self.pump is not None and self.pump is not asyncio.current_task():
             self.pump.cancel()
 
@@ -121,10 +139,10 @@ class RedisQueueManager(QueueManager):
         self._retention = stream_retention or StreamRetention()
         self._lease_ttl = lease_ttl
         self._tap_size = tap_max_queue_size
-        self._holder = os.urandom(8).hex().encode()
         self._release = redis.register_script(_RELEASE)
+        self._renew_script = redis.register_script(_RENEW)
         self._queues: dict[str, EventQueueLegacy] = {}  # queues this replica owns
-        self._leases: set[str] = set()  # owned queues still open (lease held)
+        self._leases: dict[str, bytes] = {}  # owned queues still open -> their lease token
         self._taps: set[_RemoteTap] = set()
         self._renewer: asyncio.Task[None] | None = None
 
@@ -136,13 +154,16 @@ class RedisQueueManager(QueueManager):
         if not isinstance(getattr(queue, "_children", None), list):
             raise TypeError("RedisQueueManager.add needs an EventQueueLegacy (or a subclass)")
         self._queues[task_id] = queue
+        # EventQueueLegacy.tap() can only make a plain child, so ours joins its children,
+        # first, so that local taps made meanwhile come after it.
+        writer = _StreamWriter(self, task_id)
+        queue._children.insert(0, writer)
         try:
             await self._take_lease(task_id)
         except BaseException:
             self._queues.pop(task_id, None)
+            queue._children.remove(writer)
             raise
-        # EventQueueLegacy.tap() can only make a plain child, so ours joins its children.
-        queue._children.append(_StreamWriter(self, task_id))
 
     async def get(self, task_id: str) -> EventQueueLegacy | None:
         """The queue this replica owns for ``task_id`` (remote queues are reached by tap)."""
@@ -155,9 +176,10 @@ class RedisQueueManager(QueueManager):
             return await local.tap()
         lease = self._keys.lease(task_id)
         with redis_errors("tap", lease):
-            if not await self._redis.exists(lease):
-                return None
-        return await self._remote_tap(task_id)
+            token = await self._redis.get(lease)
+        if token is None:
+            return None
+        return await self._remote_tap(task_id, cast(bytes, token))
 
     async def close(self, task_id: str) -> None:
         """Close this replica's queue for ``task_id``; remote taps end once drained."""
@@ -186,34 +208,44 @@ class RedisQueueManager(QueueManager):
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
-        for task_id in list(self._leases):
-            with contextlib.suppress(A2ARedisError):
-                await self._mark_closed(task_id)
-        for queue in list(self._queues.values()):
-            await queue.close(immediate=True)
-        self._queues.clear()
-        for tap in list(self._taps):
-            await tap.close(immediate=True)
-        if self._owns_listener:
-            await self._listener.aclose()
+        try:
+            for task_id in list(self._leases):
+                with contextlib.suppress(A2ARedisError):
+                    await self._mark_closed(task_id)
+            for queue in list(self._queues.values()):
+                with contextlib.suppress(A2ARedisError):
+                    await queue.close(immediate=True)
+            self._queues.clear()
+            for tap in list(self._taps):
+                await tap.close(immediate=True)
+        finally:
+            if self._owns_listener:
+                await self._listener.aclose()
 
     # -- owner side ------------------------------------------------------------------------
     async def _take_lease(self, task_id: str) -> None:
         lease = self._keys.lease(task_id)
+        token = os.urandom(8).hex().encode()  # names this opening of the queue
         with redis_errors("take the queue lease", lease):
-            await self._redis.set(lease, self._holder, px=int(self._lease_ttl * 1000))
-        self._leases.add(task_id)
+            await self._redis.set(lease, token, px=int(self._lease_ttl * 1000))
+        self._leases[task_id] = token
         if self._renewer is None or self._renewer.done():
             self._renewer = asyncio.ensure_future(self._renew())
 
     async def _renew(self) -> None:
-        """Renew every held lease and send a heartbeat to its taps, every ``lease_ttl / 3``."""
+        """Renew every held lease and send a heartbeat to its taps, every ``lease_ttl / 3``.
+
+        A lease that expired meanwhile (Redis unreachable for longer than ``lease_ttl``) is
+        taken again, unless another replica holds the task's queue now.
+        """
+        ttl_ms = int(self._lease_ttl * 1000)
         while self._leases:
             await asyncio.sleep(self._lease_ttl / 3)
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for task_id in self._leases:
-                        pipe.pexpire(self._keys.lease(task_id), int(self._lease_ttl * 1000))
+                    for task_id, token in self._leases.items():
+                        lease = self._keys.lease(task_id)
+                        await self._renew_script(keys=[lease], args=[token, ttl_ms], client=pipe)
                         pipe.publish(self._keys.wake(task_id), HEARTBEAT)
                     await pipe.execute()
             except Exception as e:  # keep renewing through outages; taps decide on their own
@@ -229,17 +261,20 @@ class RedisQueueManager(QueueManager):
         )
 
     async def _mark_closed(self, task_id: str) -> None:
-        self._leases.discard(task_id)
+        """Append the close mark (naming this opening's token) and release the lease; once."""
+        token = self._leases.pop(task_id, None)
+        if token is None:
+            return
         key = self._keys.events(task_id)
         await run_atomically(
             self._redis, "close the queue", key,
-            close_commands(self._keys, task_id, retention=self._retention),
+            close_commands(self._keys, task_id, token=token, retention=self._retention),
         )  # fmt: skip
         with redis_errors("release the queue lease", self._keys.lease(task_id)):
-            await self._release(keys=[self._keys.lease(task_id)], args=[self._holder])
+            await self._release(keys=[self._keys.lease(task_id)], args=[token])
 
     # -- tap side --------------------------------------------------------------------------
-    async def _remote_tap(self, task_id: str) -> EventQueueLegacy:
+    async def _remote_tap(self, task_id: str, token: bytes) -> EventQueueLegacy:
         tap = _RemoteTap(max_queue_size=self._tap_size)
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         key = self._keys.events(task_id)
@@ -250,10 +285,10 @@ class RedisQueueManager(QueueManager):
                 started.set_result(None)
             if not rows:
                 return [], (0, 0)
-            last = decode_rows(key, rows)
-            if last and last[0].event is None:  # already closed: end the tap at once
-                return last, (0, 0)
-            return [], parse_entry_id(rows[0][0])
+            entry_id, fields = rows[0]
+            if fields.get(b"k") == CLOSED and fields.get(b"o") == token:
+                return decode_rows(key, rows), (0, 0)  # closed since we read the lease: end
+            return [], parse_entry_id(entry_id)  # (an older opening's close mark is history)
 
         tap.pump = asyncio.ensure_future(self._pump(task_id, tap, from_the_end))
         self._taps.add(tap)
@@ -274,10 +309,15 @@ class RedisQueueManager(QueueManager):
             async for entry in entries:
                 if entry.event is None:
                     break
-                await tap.enqueue_event(entry.event)
+                try:  # a consumer that stops reading for lease_ttl is gone: let go
+                    await asyncio.wait_for(tap.enqueue_event(entry.event), self._lease_ttl)
+                except asyncio.TimeoutError:
+                    logger.warning("task %s: a remote tap stopped reading; closing it", task_id)
+                    break
         except OwnerLostError:
             logger.warning("task %s: its queue owner went silent; closing the tap", task_id)
+        except A2ARedisError as e:
+            logger.warning("task %s: the remote tap failed: %s; closing it", task_id, e)
         finally:
             await entries.aclose()
-            if not tap.is_closed():
-                await tap.close()
+            await tap.close()

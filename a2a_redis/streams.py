@@ -89,11 +89,16 @@ DESTROYED = b"destroyed"
 HEARTBEAT = b"hb"
 
 
-def close_commands(keys: Keys, task_id: str, *, retention: StreamRetention) -> list[Command]:
-    """Commands (for a MULTI) that mark the task's event queue closed and wake its taps."""
+def close_commands(
+    keys: Keys, task_id: str, *, token: bytes, retention: StreamRetention
+) -> list[Command]:
+    """Commands (for a MULTI) that mark the task's event queue closed and wake its taps.
+
+    ``token`` names the opening of the queue being closed (its lease token).
+    """
     stream = keys.events(task_id)
     fields: list[bytes] = []
-    for name, value in encode_closed().items():
+    for name, value in encode_closed(token).items():
         fields += (name, value)
     return [
         ("XADD", stream, "MAXLEN", "~", retention.maxlen, "*", *fields),

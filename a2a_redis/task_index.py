@@ -39,7 +39,7 @@ from a2a_redis.codec import (
     member_task_id,
     member_timestamp_floor,
 )
-from a2a_redis.errors import redis_errors
+from a2a_redis.errors import CorruptDataError, redis_errors
 from a2a_redis.keys import Keys
 from a2a_redis.transaction import Command, execute
 
@@ -112,8 +112,12 @@ class TaskIndex:
         expiring = self._keys.expiring(owner)
         located = []
         for raw in due:
-            ctx, state, member = decode_locator(expiring, raw)
-            located.append((raw, ctx, state, member, member_task_id(expiring, member)))
+            try:
+                ctx, state, member = decode_locator(expiring, raw)
+                located.append((raw, ctx, state, member, member_task_id(expiring, member)))
+            except CorruptDataError as e:  # drop it: one bad entry must not block the owner
+                logger.warning("dropping an undecodable expiry entry: %s", e)
+                await self._redis.zrem(expiring, raw)
         if not located:
             return 0
         async with self._redis.pipeline(transaction=False) as pipe:

@@ -48,11 +48,12 @@ from a2a_redis.codec import (
     index_member,
 )
 from a2a_redis.errors import (
+    A2ARedisError,
     ContentionError,
     CorruptDataError,
-    PoolExhaustedError,
     RedisUnavailableError,
     TaskOwnedElsewhereError,
+    raise_if_pool_exhausted,
     redis_errors,
     require_binary_client,
 )
@@ -144,10 +145,11 @@ class _TaskRecords:
         for name, value in record.items():
             fields += (name, value)
         cmds: list[Command] = [("HSET", key, *fields)]
+        push = self.keys.push_configs(task.id)  # the task's push configs share its lifetime
         if expires_at:
-            cmds.append(("PEXPIREAT", key, expires_at))
+            cmds += [("PEXPIREAT", key, expires_at), ("PEXPIREAT", push, expires_at)]
         elif old is not None and old.expires_at:
-            cmds.append(("PERSIST", key))
+            cmds += [("PERSIST", key), ("PERSIST", push)]
         cmds += self.index.upkeep(owner, old, task, member, expires_at)
         if event is not None:
             cmds += append_commands(
@@ -176,9 +178,8 @@ class _TaskRecords:
         for attempt in range(1, self.max_attempts + 1):
             try:
                 committed = await self._attempt(key, task, payload, owner, event, decide, write_id)
-            except rex.MaxConnectionsError as e:
-                raise PoolExhaustedError("save: the connection pool is exhausted", key=key) from e
             except (rex.ConnectionError, rex.TimeoutError) as e:
+                raise_if_pool_exhausted(e, "save", key)
                 if attempt == self.max_attempts:
                     raise RedisUnavailableError(
                         f"Redis unavailable during save: {e}", key=key
@@ -189,8 +190,11 @@ class _TaskRecords:
                     version, expires_at = committed
                     if event is not None:
                         self.ledger.record(task.id, version)
-                    if expires_at:
-                        await self.index.purge_expired(owner)
+                    if expires_at:  # best effort: the save has committed whatever happens here
+                        try:
+                            await self.index.purge_expired(owner)
+                        except A2ARedisError as e:
+                            logger.warning("purge of expired index entries failed: %s", e)
                     return version
                 logger.debug("save of task %s lost a race (attempt %d)", task.id, attempt)
             await backoff(attempt)

@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 
-from a2a_redis.errors import redis_errors
+from a2a_redis.errors import raise_if_pool_exhausted, redis_errors
 
 __all__ = [
     "BATCH_SCRIPT",
@@ -156,7 +156,11 @@ class WatchedTransaction:
         self._clean = True
 
     async def __aenter__(self) -> WatchedTransaction:
-        self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        except rex.ConnectionError as e:
+            raise_if_pool_exhausted(e)
+            raise
         return self
 
     async def __aexit__(
@@ -169,7 +173,7 @@ class WatchedTransaction:
         if conn is None:
             return
         try:
-            if exc is not None or not self._clean:
+            if not self._clean:  # mid-transaction or mid-reply: the connection is unusable
                 await conn.disconnect()
         finally:
             await self._pool.release(conn)

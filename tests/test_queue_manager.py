@@ -229,3 +229,47 @@ async def test_fifty_tasks_each_with_a_remote_tap(managers):
 async def test_add_refuses_a_queue_it_cannot_mirror(managers):
     with pytest.raises(TypeError, match="EventQueueLegacy"):
         await managers().add("t", object())  # type: ignore[arg-type]
+
+
+# -- regressions found in review -------------------------------------------------------------
+async def test_a_reopened_queue_is_tapped_past_the_previous_close_mark(managers):
+    a, b = managers(), managers()
+    first = await a.create_or_tap("t")
+    await close_draining(a, "t", first)  # run 1 ends: a close mark now ends the stream
+    second = await a.create_or_tap("t")  # a follow-up reopens the queue
+    tap = await b.tap("t")
+    assert tap is not None
+    await second.enqueue_event(status(1))
+    got, _ = await asyncio.gather(drain(tap), close_draining(a, "t", second))
+    assert [e.metadata["n"] for e in got] == ["1"]
+
+
+async def test_an_abandoned_remote_tap_does_not_leak(managers):
+    a, b = managers(lease_ttl=0.5), managers(lease_ttl=0.5)
+    queue = await a.create_or_tap("t")
+    tap = await b.tap("t")
+    assert tap is not None  # ... and nobody ever reads it
+    for n in range(5):
+        await queue.enqueue_event(status(n))
+    await close_draining(a, "t", queue)
+    for _ in range(200):  # bounded wait for the pump to let go
+        if b.stats()["taps"] == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert b.stats()["taps"] == 0
+    assert tap.is_closed()
+
+
+async def test_a_lease_lost_in_an_outage_is_taken_again(managers, redis, prefix):
+    from a2a_redis.keys import Keys
+
+    a, b = managers(lease_ttl=0.3), managers(lease_ttl=0.3)
+    await a.create_or_tap("t")
+    await redis.delete(Keys(prefix).lease("t"))  # as if it expired while Redis was away
+    for _ in range(100):
+        if await b.tap("t") is not None:
+            break
+        await asyncio.sleep(0.02)
+    tap = await b.tap("t")
+    assert tap is not None
+    await tap.close(immediate=True)

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 import redis.asyncio as aioredis
-from a2a.server.cluster import TaskVersion
+from a2a.server.cluster import ConcurrentTaskModificationError, TaskVersion
 from a2a.types.a2a_pb2 import ListTasksRequest, TaskState
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -216,3 +216,53 @@ async def test_pool_exhaustion_is_its_own_error_not_an_outage(real_url: str, pre
     async for key in cleanup.scan_iter(match=f"{prefix}:*"):
         await cleanup.unlink(key)
     await cleanup.aclose()
+
+
+async def test_conflicts_keep_their_pooled_connection(real_url: str, prefix: str):
+    client = aioredis.Redis.from_url(real_url)
+    store = VersionedRedisTaskStore(client, prefix=prefix)
+    await store.save(make_task("t"), prev_version=MISSING, context=ctx())
+    before = await client.client_id()  # one connection in the pool: its server-side id
+    for _ in range(20):
+        with pytest.raises(ConcurrentTaskModificationError):
+            await store.save(make_task("t"), prev_version=MISSING, context=ctx())
+    assert await client.client_id() == before  # the same connection: none was discarded
+    await client.aclose()
+
+
+async def test_a_blocking_pool_that_runs_dry_is_pool_exhaustion(real_url: str, prefix: str):
+    pool = aioredis.BlockingConnectionPool.from_url(real_url, max_connections=1, timeout=0.05)
+    client = aioredis.Redis.from_pool(pool)
+    store = VersionedRedisTaskStore(client, prefix=prefix, max_attempts=2)
+    held = await pool.get_connection()  # another request holds the only connection
+    for call in (
+        store.save(make_task("t"), prev_version=MISSING, context=ctx()),
+        store.get("t", ctx()),
+        store.list(ListTasksRequest(), ctx()),
+    ):
+        with pytest.raises(PoolExhaustedError):
+            await call
+    await pool.release(held)
+    assert await store.get("t", ctx()) is None  # and all is well once it is back
+    await client.aclose()
+    cleanup = aioredis.Redis.from_url(real_url)
+    async for key in cleanup.scan_iter(match=f"{prefix}:*"):
+        await cleanup.unlink(key)
+    await cleanup.aclose()
+
+
+async def test_a_bad_expiry_entry_neither_fails_a_save_nor_blocks_the_owner(
+    redis: aioredis.Redis, prefix: str
+):
+    store = VersionedRedisTaskStore(redis, prefix=prefix, terminal_ttl=60)
+    await redis.zadd(store.keys.expiring("alice"), {b"\xc1garbage": 1})  # due, undecodable
+    v = await store.save(make_task("t"), prev_version=MISSING, context=ctx())
+    done = make_task("t", state=TaskState.TASK_STATE_COMPLETED)
+    assert await store.save(done, prev_version=v, context=ctx()) == TaskVersion(2)
+    assert (await store.list(ListTasksRequest(), ctx())).total_size == 1
+    assert await redis.zscore(store.keys.expiring("alice"), b"\xc1garbage") is None
+    assert await redis.pttl(store.keys.push_configs("t")) in (-2, -1)  # none stored yet
+    await redis.hset(store.keys.push_configs("t"), b"x", b"y")
+    done.status.timestamp.FromNanoseconds(5)
+    await store.save(done, prev_version=TaskVersion(2), context=ctx())
+    assert 0 < await redis.pttl(store.keys.push_configs("t")) <= 60_000  # expires with its task
