@@ -40,7 +40,7 @@ from a2a_redis.errors import (
     redis_errors,
 )
 from a2a_redis.keys import Keys
-from a2a_redis.streams import DESTROYED, HEARTBEAT, parse_entry_id
+from a2a_redis.streams import DESTROYED, HEARTBEAT, parse_entry_id, unpack_wake
 from a2a_redis.transaction import backoff
 
 __all__ = [
@@ -236,6 +236,7 @@ class StreamListener:
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
         self._due: dict[str, Feed] = {}  # feeds with entries to fetch, in wake order
+        self._in_flight: set[str] = set()  # feeds whose fetch is on the wire
         self._fetch_due = asyncio.Event()
         self._fetcher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -428,6 +429,7 @@ class StreamListener:
                 await self._fetch_due.wait()
                 continue
             batch = [self._due.pop(task_id) for task_id in list(self._due)[:FETCH_FEEDS]]
+            self._in_flight = {feed.task_id for feed in batch}
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for feed in batch:
@@ -436,6 +438,7 @@ class StreamListener:
                         pipe.xrange(feed.key, min=start, max="+", count=FETCH_BATCH)
                     replies = await pipe.execute(raise_on_error=False)
             except (rex.ConnectionError, rex.TimeoutError) as e:
+                self._in_flight = set()
                 for feed in batch:
                     self._due.setdefault(feed.task_id, feed)
                 attempt += 1
@@ -455,6 +458,7 @@ class StreamListener:
                     feed.extend(_decode_rows(feed.key, rows), parse_entry_id(rows[-1][0]))
                 if len(rows) == FETCH_BATCH:
                     self._due[feed.task_id] = feed  # more to read
+            self._in_flight = set()
 
     # -- reader --------------------------------------------------------------------------
     def _ensure_reader(self) -> None:
@@ -529,5 +533,24 @@ class StreamListener:
         elif data == HEARTBEAT:
             feed.alive_at = asyncio.get_running_loop().time()
             feed.notify()
-        else:
+        elif not (isinstance(data, bytes) and self._take_carried(feed, data)):
             self._wake(feed)
+
+    def _take_carried(self, feed: Feed, data: bytes) -> bool:
+        """Deliver the entry a wake-up carries, without an XRANGE, when that is safe.
+
+        Every append publishes its entry in the same script as the XADD, and pub/sub
+        delivers in order, so the carried entry is the next one after ``feed.last`` unless
+        a fetch for this feed is pending or in flight (then the fetch must go first, and
+        this wake-up joins it). False means: fetch instead.
+        """
+        if feed.last is None or feed.task_id in self._due or feed.task_id in self._in_flight:
+            return False
+        carried = unpack_wake(data)
+        if carried is None:
+            return False
+        entry_id, fields = carried
+        position = parse_entry_id(entry_id)
+        if position > feed.last:
+            feed.extend(_decode_rows(feed.key, [(entry_id, fields)]), position)
+        return True

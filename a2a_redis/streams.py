@@ -14,11 +14,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import msgpack  # type: ignore[import-untyped,unused-ignore]
 from a2a.server.events.event_queue import Event
 
 from a2a_redis.codec import encode_closed, encode_event
 from a2a_redis.keys import Keys
-from a2a_redis.transaction import Command
+from a2a_redis.transaction import WITH_ENTRY_ID, Command
 
 __all__ = [
     "DESTROYED",
@@ -28,8 +29,10 @@ __all__ = [
     "append_commands",
     "close_commands",
     "destroy_commands",
+    "pack_fields",
     "parse_entry_id",
     "retention_commands",
+    "unpack_wake",
 ]
 
 
@@ -79,7 +82,7 @@ def append_commands(
     return [
         ("XADD", stream, "MAXLEN", "~", retention.maxlen, "*", *fields),
         *retention_commands(keys, task_id, terminal=terminal, retention=retention),
-        ("PUBLISH", keys.wake(task_id), b"%d" % version),
+        ("PUBLISH", keys.wake(task_id), WITH_ENTRY_ID + pack_fields(fields)),
     ]
 
 
@@ -103,13 +106,33 @@ def close_commands(
     return [
         ("XADD", stream, "MAXLEN", "~", retention.maxlen, "*", *fields),
         *retention_commands(keys, task_id, terminal=True, retention=retention),
-        ("PUBLISH", keys.wake(task_id), b"0"),
+        ("PUBLISH", keys.wake(task_id), WITH_ENTRY_ID + pack_fields(fields)),
     ]
 
 
 def destroy_commands(keys: Keys, task_id: str) -> list[Command]:
     """Commands (for a MULTI) that delete the task's stream and end its live subscribers."""
     return [("UNLINK", keys.events(task_id)), ("PUBLISH", keys.wake(task_id), DESTROYED)]
+
+
+def pack_fields(fields: list[bytes]) -> bytes:
+    """A stream entry's fields (name, value, ...) as the msgpack map a wake-up carries."""
+    packed: bytes = msgpack.packb(dict(zip(fields[::2], fields[1::2], strict=True)))
+    return packed
+
+
+def unpack_wake(data: bytes) -> tuple[bytes, dict[bytes, bytes]] | None:
+    """``(entry id, fields)`` from a wake-up that carries its entry, else None."""
+    entry_id, sep, packed = data.partition(b"\n")
+    if not sep or not entry_id[:1].isdigit():
+        return None
+    try:
+        fields = msgpack.unpackb(packed)
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return None
+    if not isinstance(fields, dict):
+        return None
+    return entry_id, fields
 
 
 class AppendLedger:

@@ -35,6 +35,7 @@ from a2a_redis.errors import raise_if_pool_exhausted, redis_errors
 
 __all__ = [
     "BATCH_SCRIPT",
+    "WITH_ENTRY_ID",
     "Command",
     "WatchedTransaction",
     "backoff",
@@ -45,15 +46,25 @@ __all__ = [
 
 Command = tuple[Any, ...]
 
-#: Runs ARGV as a batch of commands: ``argc name arg ... argc name arg ...``.
+#: Runs ARGV as a batch of commands: ``argc name arg ... argc name arg ...``. A PUBLISH
+#: whose message starts with :data:`WITH_ENTRY_ID` publishes the id of the batch's last
+#: XADD, a newline, and the rest of the message: a wake-up that carries its entry.
 BATCH_SCRIPT = b"""local i = 1
+local added = ''
 while i <= #ARGV do
   local argc = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + argc))
+  local name = ARGV[i + 1]
+  if name == 'PUBLISH' and string.sub(ARGV[i + 3], 1, 3) == '$E:' then
+    redis.call('PUBLISH', ARGV[i + 2], added .. '\\n' .. string.sub(ARGV[i + 3], 4))
+  else
+    local reply = redis.call(unpack(ARGV, i + 1, i + argc))
+    if name == 'XADD' then added = reply end
+  end
   i = i + argc + 1
 end
 return 1
 """
+WITH_ENTRY_ID = b"$E:"
 _BATCH_SHA = hashlib.sha1(BATCH_SCRIPT).hexdigest().encode()  # Redis names scripts by SHA-1
 # redis-py 8 reads without its own per-reply timeout when given math.inf; Python 3.11 has
 # asyncio.timeout. With both, a round trip pays one timeout instead of one per reply.
@@ -230,7 +241,7 @@ class WatchedTransaction:
         if result is None:
             return None
         if isinstance(result[0], rex.NoScriptError) or str(result[0]).startswith("NOSCRIPT"):
-            await self._roundtrip([("SCRIPT", "LOAD", BATCH_SCRIPT)])
+            _raise_nested(await self._roundtrip([("SCRIPT", "LOAD", BATCH_SCRIPT)]))
             return None
         _raise_nested(result)
         return []
