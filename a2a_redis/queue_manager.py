@@ -181,6 +181,11 @@ class RedisQueueManager(QueueManager):
             return None
         return await self._remote_tap(task_id, cast(bytes, token))
 
+    def _owner_ttl(self, token: bytes) -> float:
+        """The owner's lease_ttl, from its lease token (ours if the token is foreign)."""
+        _, _, ttl_ms = token.rpartition(b":")
+        return int(ttl_ms) / 1000 if ttl_ms.isdigit() and int(ttl_ms) > 0 else self._lease_ttl
+
     async def close(self, task_id: str) -> None:
         """Close this replica's queue for ``task_id``; remote taps end once drained."""
         queue = self._queues.pop(task_id, None)
@@ -225,7 +230,8 @@ class RedisQueueManager(QueueManager):
     # -- owner side ------------------------------------------------------------------------
     async def _take_lease(self, task_id: str) -> None:
         lease = self._keys.lease(task_id)
-        token = os.urandom(8).hex().encode()  # names this opening of the queue
+        # Names this opening of the queue, and tells taps how long the owner's lease lasts.
+        token = b"%s:%d" % (os.urandom(8).hex().encode(), int(self._lease_ttl * 1000))
         with redis_errors("take the queue lease", lease):
             await self._redis.set(lease, token, px=int(self._lease_ttl * 1000))
         self._leases[task_id] = token
@@ -290,7 +296,8 @@ class RedisQueueManager(QueueManager):
                 return decode_rows(key, rows), (0, 0)  # closed since we read the lease: end
             return [], parse_entry_id(entry_id)  # (an older opening's close mark is history)
 
-        tap.pump = asyncio.ensure_future(self._pump(task_id, tap, from_the_end))
+        idle = self._owner_ttl(token)
+        tap.pump = asyncio.ensure_future(self._pump(task_id, tap, from_the_end, idle))
         self._taps.add(tap)
         tap.pump.add_done_callback(lambda _: self._taps.discard(tap))
         done, _ = await asyncio.wait({started, tap.pump}, return_when=asyncio.FIRST_COMPLETED)
@@ -303,14 +310,16 @@ class RedisQueueManager(QueueManager):
         task_id: str,
         tap: _RemoteTap,
         start: Callable[[], Awaitable[tuple[list[StreamEntry], Position]]],
+        idle: float,
     ) -> None:
-        entries = self._listener.follow(task_id, start, idle_timeout=self._lease_ttl)
+        """Feed ``tap`` until the close mark, or ``idle`` (the owner's lease) of silence."""
+        entries = self._listener.follow(task_id, start, idle_timeout=idle)
         try:
             async for entry in entries:
                 if entry.event is None:
                     break
                 try:  # a consumer that stops reading for lease_ttl is gone: let go
-                    await asyncio.wait_for(tap.enqueue_event(entry.event), self._lease_ttl)
+                    await asyncio.wait_for(tap.enqueue_event(entry.event), idle)
                 except asyncio.TimeoutError:
                     logger.warning("task %s: a remote tap stopped reading; closing it", task_id)
                     break

@@ -273,3 +273,13 @@ async def test_a_lease_lost_in_an_outage_is_taken_again(managers, redis, prefix)
     tap = await b.tap("t")
     assert tap is not None
     await tap.close(immediate=True)
+
+
+async def test_a_tap_waits_as_long_as_the_owners_lease_not_its_own(managers):
+    a, b = managers(lease_ttl=0.4), managers(lease_ttl=60)  # B's own setting is long
+    await a.create_or_tap("t")
+    tap = await b.tap("t")
+    assert tap is not None
+    assert a._renewer is not None
+    a._renewer.cancel()  # the owner dies: B must give up after A's 0.4 s lease, not 60 s
+    assert await drain(tap) == []
