@@ -14,12 +14,6 @@ B's tap is open (B's queue manager records it), so "no gap" is a property of our
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
@@ -27,7 +21,6 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
 from a2a.client import Client, ClientCallContext, create_client
@@ -56,7 +49,7 @@ from a2a.types import (
 
 from a2a_redis.queue_manager import RedisQueueManager
 from a2a_redis.task_store import VersionedRedisTaskStore
-from tests.helpers import ctx
+from tests.helpers import ReplicaProcess, ctx
 
 S = TaskState
 GUARD = 30.0  # seconds: a hang guard only, never an asserted bound
@@ -497,57 +490,15 @@ LEASE_TTL_ARGS = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Replica:
-    """``examples/agent_server.py --legacy`` in its own process."""
-
-    def __init__(self, name: str, redis_url: str, prefix: str, delay: float) -> None:
-        self.name = name
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "examples" / "agent_server.py"), "--legacy",
-             "--port", str(self.port), "--redis-url", redis_url, "--prefix", prefix,
-             "--name", name, "--delay", str(delay), *LEASE_TTL_ARGS],
-            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + GUARD
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"replica {self.name} exited"
-            try:
-                if httpx.get(self.url + "/.well-known/agent-card.json", timeout=1).is_success:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"replica {self.name} did not start")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(GUARD)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture
-def replicas(real_url: str, real_redis: object, prefix: str) -> Iterator[tuple[Replica, Replica]]:
+def replicas(
+    real_url: str, real_redis: object, prefix: str
+) -> Iterator[tuple[ReplicaProcess, ReplicaProcess]]:
     # 0.3 s between chunks: B subscribes right after A's client saw a chunk, far from the
     # next one, so the SDK's snapshot-then-tap window (module docstring) holds no event.
-    pair = (Replica("A", real_url, prefix, 0.3), Replica("B", real_url, prefix, 0.3))
+    pair = tuple(
+        ReplicaProcess(n, real_url, prefix, 0.3, "--legacy", *LEASE_TTL_ARGS) for n in "AB"
+    )
     try:
         for r in pair:
             r.wait_ready()
@@ -558,7 +509,9 @@ def replicas(real_url: str, real_redis: object, prefix: str) -> Iterator[tuple[R
 
 
 @pytest.fixture
-async def clients(replicas: tuple[Replica, Replica]) -> AsyncIterator[tuple[Client, Client]]:
+async def clients(
+    replicas: tuple[ReplicaProcess, ReplicaProcess],
+) -> AsyncIterator[tuple[Client, Client]]:
     a, b = replicas
     ca, cb = await create_client(a.url), await create_client(b.url)
     yield ca, cb

@@ -6,16 +6,10 @@ The replicas are ``examples/agent_server.py``; the driver is ``a2a.client``.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from a2a.client import Client, create_client
 from a2a.types import (
@@ -32,51 +26,20 @@ from a2a.types import (
 )
 from a2a.utils.errors import A2AError
 
+from tests.helpers import ReplicaProcess
+
 ROOT = Path(__file__).resolve().parents[1]
 GUARD = 30  # seconds: a hang guard only
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Replica:
-    def __init__(self, name: str, redis_url: str, prefix: str, delay: float) -> None:
-        self.name = name
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "examples" / "agent_server.py"), "--port", str(self.port),
-             "--redis-url", redis_url, "--prefix", prefix, "--name", name, "--delay", str(delay)],
-            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )  # fmt: skip
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + GUARD
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"replica {self.name} exited"
-            try:
-                if httpx.get(self.url + "/.well-known/agent-card.json", timeout=1).is_success:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"replica {self.name} did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture
-def replicas(real_url: str, real_redis: object, prefix: str) -> Iterator[tuple[Replica, Replica]]:
-    pair = (Replica("A", real_url, prefix, 0.15), Replica("B", real_url, prefix, 0.15))
+def replicas(
+    real_url: str, real_redis: object, prefix: str
+) -> Iterator[tuple[ReplicaProcess, ReplicaProcess]]:
+    pair = (
+        ReplicaProcess("A", real_url, prefix, 0.15),
+        ReplicaProcess("B", real_url, prefix, 0.15),
+    )
     try:
         for r in pair:
             r.wait_ready()
@@ -87,7 +50,9 @@ def replicas(real_url: str, real_redis: object, prefix: str) -> Iterator[tuple[R
 
 
 @pytest.fixture
-async def clients(replicas: tuple[Replica, Replica]) -> AsyncIterator[tuple[Client, Client]]:
+async def clients(
+    replicas: tuple[ReplicaProcess, ReplicaProcess],
+) -> AsyncIterator[tuple[Client, Client]]:
     a, b = replicas
     ca, cb = await create_client(a.url), await create_client(b.url)
     yield ca, cb
