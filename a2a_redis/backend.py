@@ -28,6 +28,8 @@ from a2a.server.request_handlers import (
 from a2a.types import AgentCard
 from redis import exceptions as rex
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 
 from a2a_redis.errors import redis_errors
 from a2a_redis.event_stream import RedisTaskEventStream
@@ -100,6 +102,7 @@ class RedisBackend:
         socket_timeout: float = 10.0,
         socket_connect_timeout: float = 5.0,
         health_check_interval: float = 30.0,
+        retries: int = 3,
         **options: Any,
     ) -> RedisBackend:
         """Connect to ``redis://``, ``rediss://`` (TLS) or ``unix://`` (password and db in it).
@@ -107,7 +110,9 @@ class RedisBackend:
         The backend owns the pool it creates: ``max_connections`` (default 64) shared by
         every component, waiting up to ``pool_timeout`` seconds for a free connection
         (one is held by the pub/sub listener). ``options`` go to :class:`RedisBackend`.
-        Nothing connects until first use; :meth:`ping` checks the server.
+        A command that meets a closed connection is retried ``retries`` times (default 3)
+        with a short jittered backoff. Nothing connects until first use; :meth:`ping` checks
+        the server.
         """
         if not url.startswith(_SCHEMES):
             raise ValueError(
@@ -121,6 +126,11 @@ class RedisBackend:
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_connect_timeout,
             health_check_interval=health_check_interval,
+            # A pooled connection the server closed while idle (its `timeout`, a proxy, a
+            # restart) is reopened and the command re-sent, as redis-py's own Redis(...)
+            # does by default; a pool built from a URL would otherwise get no retry at all.
+            # (Task-store writes use their own transaction and write id, not this.)
+            retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.5), retries),
         )
         backend = cls(Redis.from_pool(pool), **options)
         backend._owns_client = True

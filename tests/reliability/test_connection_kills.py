@@ -1,0 +1,112 @@
+"""Connections killed mid-stream (CLIENT KILL, private server): retries without duplicates."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import redis.asyncio as aioredis
+from a2a.server.cluster import (
+    ConcurrentTaskModificationError,
+    StoredTask,
+    TaskVersion,
+    VersionedEvent,
+)
+from a2a.types.a2a_pb2 import Task, TaskState, TaskStatusUpdateEvent
+
+from a2a_redis import RedisBackend, RedisUnavailableError
+from a2a_redis.codec import decode_event
+from a2a_redis.embedded import EmbeddedServer
+from tests.helpers import ctx, make_task
+
+GUARD = 60  # seconds: a hang guard only
+
+
+async def reload(backend: RedisBackend) -> StoredTask:
+    """The stored task, retried through killed connections."""
+    while True:
+        try:
+            stored = await backend.task_store.get("t", ctx())
+            assert stored is not None
+            return stored
+        except RedisUnavailableError:
+            await asyncio.sleep(0.01)
+
+
+async def write_until_in(
+    backend: RedisBackend, task: Task, version: TaskVersion, n: int
+) -> TaskVersion:
+    """Save event n (as the SDK's caller would, until it is in) and publish it."""
+    event = TaskStatusUpdateEvent(task_id="t", context_id="ctx")
+    event.metadata["n"] = str(n)
+    event.status.state = TaskState.TASK_STATE_WORKING
+    while True:
+        try:
+            version = await backend.task_store.save(
+                task, event=event, prev_version=version, context=ctx()
+            )
+            break
+        except RedisUnavailableError:
+            pass
+        except ConcurrentTaskModificationError:
+            # an attempt whose reply was lost had committed: reload, check it is ours
+            stored = await reload(backend)
+            version = stored.version
+            if stored.task.metadata.get("n") == str(n):
+                break
+        await asyncio.sleep(0.01)
+    task.metadata["n"] = str(n)
+    with contextlib.suppress(RedisUnavailableError):
+        await backend.event_stream.publish("t", VersionedEvent(event, version))
+    return version
+
+
+async def test_killed_connections_neither_lose_nor_duplicate_events(prefix: str):
+    with EmbeddedServer() as server:
+        a = RedisBackend.from_url(server.url, prefix=prefix)
+        b = RedisBackend.from_url(server.url, prefix=prefix)
+        admin = aioredis.Redis.from_url(server.url)
+        try:
+            task = make_task("t", state=TaskState.TASK_STATE_WORKING)
+            version = await a.task_store.save(
+                task, event=task, prev_version=TaskVersion.MISSING, context=ctx()
+            )
+            received: list[int] = []
+            writes = 150
+
+            async def follow() -> None:
+                async for item in b.event_stream.subscribe("t", after=version):
+                    received.append(int(item.event.metadata["n"]))
+                    if received[-1] == writes - 1:
+                        return
+
+            follower = asyncio.create_task(follow())
+            while b.listener.stats()["subscribers"] == 0:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+
+            async def killer() -> None:
+                for i in range(40):
+                    kind = "pubsub" if i % 3 == 0 else "normal"
+                    with contextlib.suppress(Exception):
+                        await admin.execute_command("CLIENT", "KILL", "TYPE", kind, "SKIPME", "yes")
+                    await asyncio.sleep(0.02)
+
+            kills = asyncio.create_task(killer())
+            for n in range(writes):
+                version = await write_until_in(a, task, version, n)
+            await kills
+            await asyncio.wait_for(follower, GUARD)
+
+            assert received == list(range(writes))  # every event once, in order
+            key = a.task_store.keys.events("t")
+            log = [decode_event(key, f) for _, f in await admin.xrange(key)]
+            versions = [v for v, _ in log]
+            assert versions == list(range(1, writes + 2))  # one entry per accepted write
+            stored = await a.task_store.get("t", ctx())
+            assert stored is not None
+            assert stored.version == TaskVersion(writes + 1)
+        finally:
+            await a.aclose()
+            await b.aclose()
+            await admin.aclose()
