@@ -13,6 +13,7 @@ so the suite can share a server with anything else.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
@@ -141,9 +142,22 @@ async def redis(
 
 
 @pytest.fixture
-def real_url(request: pytest.FixtureRequest, real_backend: str, embedded: _Embedded) -> str:
-    """The URL of a real server (parametrized over the real servers)."""
-    return _url_for(real_backend, request.config.stash[_SERVERS], embedded)
+def real_url(
+    request: pytest.FixtureRequest, real_backend: str, embedded: _Embedded, prefix: str
+) -> Iterator[str]:
+    """The URL of a real server (parametrized over the real servers); the test's prefix is
+    deleted from it afterwards, whatever clients the test made."""
+    url = _url_for(real_backend, request.config.stash[_SERVERS], embedded)
+    yield url
+
+    async def cleanup() -> None:
+        client = aioredis.Redis.from_url(url)
+        try:
+            await _cleanup(client, prefix)
+        finally:
+            await client.aclose()
+
+    asyncio.run(cleanup())
 
 
 @pytest.fixture
