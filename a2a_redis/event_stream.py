@@ -30,8 +30,8 @@ from a2a_redis.listener import (
     Rows,
     StreamEntry,
     StreamListener,
-    _check_not_trimmed,
-    _decode_rows,
+    check_not_trimmed,
+    decode_rows,
     read_entries,
 )
 from a2a_redis.streams import (
@@ -144,7 +144,7 @@ class RedisTaskEventStream(TaskEventStream):
                 Rows, await self._redis.xrevrange(key, max=high, min="-", count=_REVERSE_PAGE)
             )
             for row in rows:
-                decoded = _decode_rows(key, [row])
+                decoded = decode_rows(key, [row])
                 if decoded and not TaskVersion(decoded[0].version).is_after(after):
                     found.reverse()
                     return found, parse_entry_id(row[0])
@@ -154,7 +154,7 @@ class RedisTaskEventStream(TaskEventStream):
             high = "(" + rows[-1][0].decode()
         found.reverse()
         if found and found[0].version > version_int(after) + 1:
-            await _check_not_trimmed(self._redis, key, (0, 0))
+            await check_not_trimmed(self._redis, key, (0, 0))
         return found, (0, 0)
 
     async def subscribe(

@@ -51,6 +51,8 @@ __all__ = [
     "StreamEntry",
     "StreamListener",
     "SubscriberLagError",
+    "check_not_trimmed",
+    "decode_rows",
     "read_entries",
 ]
 
@@ -88,7 +90,7 @@ def format_position(position: Position) -> str:
     return f"{position[0]}-{position[1]}"
 
 
-def _decode_rows(key: str, rows: Rows) -> list[StreamEntry]:
+def decode_rows(key: str, rows: Rows) -> list[StreamEntry]:
     """Decode XRANGE rows; a corrupt entry is logged and skipped (its position still counts)."""
     out = []
     for entry_id, fields in rows:
@@ -113,12 +115,12 @@ async def read_entries(
         Rows, await redis.xrange(key, min="(" + format_position(after), max="+", count=FETCH_BATCH)
     )
     if check_trim and after != (0, 0):
-        await _check_not_trimmed(redis, key, after)
+        await check_not_trimmed(redis, key, after)
     last = parse_entry_id(rows[-1][0]) if rows else after
-    return _decode_rows(key, rows), last
+    return decode_rows(key, rows), last
 
 
-async def _check_not_trimmed(redis: Redis, key: str, after: Position) -> None:
+async def check_not_trimmed(redis: Redis, key: str, after: Position) -> None:
     """Raise :class:`SubscriberLagError` if entries after ``after`` may have been trimmed.
 
     ``after`` (0, 0) asks whether anything was ever trimmed. Otherwise ``after`` is the
@@ -455,7 +457,7 @@ class StreamListener:
                     feed.notify()
                     continue
                 if rows:
-                    feed.extend(_decode_rows(feed.key, rows), parse_entry_id(rows[-1][0]))
+                    feed.extend(decode_rows(feed.key, rows), parse_entry_id(rows[-1][0]))
                 if len(rows) == FETCH_BATCH:
                     self._due[feed.task_id] = feed  # more to read
             self._in_flight = set()
@@ -552,5 +554,5 @@ class StreamListener:
         entry_id, fields = carried
         position = parse_entry_id(entry_id)
         if position > feed.last:
-            feed.extend(_decode_rows(feed.key, [(entry_id, fields)]), position)
+            feed.extend(decode_rows(feed.key, [(entry_id, fields)]), position)
         return True

@@ -33,8 +33,14 @@ from redis.asyncio import Redis
 from a2a_redis.codec import CLOSED, ends_task_stream
 from a2a_redis.errors import A2ARedisError, redis_errors
 from a2a_redis.keys import Keys
-from a2a_redis.listener import OwnerLostError, Position, Rows, StreamEntry, StreamListener
-from a2a_redis.listener import _decode_rows as decode_rows
+from a2a_redis.listener import (
+    OwnerLostError,
+    Position,
+    Rows,
+    StreamEntry,
+    StreamListener,
+    decode_rows,
+)
 from a2a_redis.streams import (
     HEARTBEAT,
     StreamRetention,
