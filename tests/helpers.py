@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import aclosing
 from pathlib import Path
+from typing import Any
 
 import httpx
 from a2a.auth.user import User
+from a2a.client import Client, create_client
 from a2a.server.context import ServerCallContext
+from a2a.server.events.event_queue import Event
+from a2a.types import (
+    AgentCapabilities,
+    AgentCard,
+    AgentInterface,
+    AgentSkill,
+    Message,
+    Part,
+    Role,
+    SendMessageRequest,
+    StreamResponse,
+)
 from a2a.types.a2a_pb2 import Task, TaskState, TaskStatus
 
 
@@ -99,3 +118,159 @@ class ReplicaProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+@contextlib.contextmanager
+def replica_pair(
+    redis_url: str, prefix: str, delay: float, *extra: str
+) -> Iterator[tuple[ReplicaProcess, ReplicaProcess]]:
+    """Replicas "A" and "B" on one Redis, ready; stopped afterwards."""
+    pair = (
+        ReplicaProcess("A", redis_url, prefix, delay, *extra),
+        ReplicaProcess("B", redis_url, prefix, delay, *extra),
+    )
+    try:
+        for replica in pair:
+            replica.wait_ready()
+        yield pair
+    finally:
+        for replica in pair:
+            replica.stop()
+
+
+@contextlib.asynccontextmanager
+async def client_pair(a: ReplicaProcess, b: ReplicaProcess) -> AsyncIterator[tuple[Client, Client]]:
+    """The official a2a client of each replica; closed afterwards."""
+    ca, cb = await create_client(a.url), await create_client(b.url)
+    try:
+        yield ca, cb
+    finally:
+        await ca.close()
+        await cb.close()
+
+
+def agent_card() -> AgentCard:
+    """A spec-complete card for in-process handlers."""
+    return AgentCard(
+        name="paced",
+        description="An agent whose pace the test sets.",
+        version="1.0.0",
+        capabilities=AgentCapabilities(streaming=True, push_notifications=False),
+        default_input_modes=["text"],
+        default_output_modes=["text"],
+        skills=[
+            AgentSkill(id="paced", name="paced", description="paced", tags=["test"], examples=["x"])
+        ],
+        supported_interfaces=[
+            AgentInterface(
+                protocol_binding="JSONRPC", protocol_version="1.0", url="http://test/a2a"
+            )
+        ],
+    )
+
+
+def send_request(text: str) -> SendMessageRequest:
+    """A user message with ``text``."""
+    return SendMessageRequest(
+        message=Message(role=Role.ROLE_USER, message_id=uuid.uuid4().hex, parts=[Part(text=text)])
+    )
+
+
+def chunks(responses: list[StreamResponse]) -> list[str]:
+    """Every artifact text in a client stream: the snapshot's, then each update's."""
+    out = []
+    for r in responses:
+        if r.HasField("task"):
+            out += [p.text for a in r.task.artifacts for p in a.parts]
+        elif r.HasField("artifact_update"):
+            out += [p.text for p in r.artifact_update.artifact.parts]
+    return out
+
+
+def final_state(responses: list[StreamResponse]) -> int:
+    """The last task state a client stream reported."""
+    for r in reversed(responses):
+        if r.HasField("status_update"):
+            return r.status_update.status.state
+        if r.HasField("task"):
+            return r.task.status.state
+    raise AssertionError("no state in the stream")
+
+
+async def drain_stream(
+    stream: AsyncIterator[StreamResponse], seen: list[StreamResponse], first_chunk: Any
+) -> None:
+    """Keep every response; resolve ``first_chunk`` (with the task id) at the first chunk."""
+    async for response in stream:
+        seen.append(response)
+        if response.HasField("artifact_update") and not first_chunk.done():
+            first_chunk.set_result(response.artifact_update.task_id)
+
+
+async def start_stream(
+    client: Client, text: str, guard: float = 30
+) -> tuple[str, list[StreamResponse], asyncio.Task[None]]:
+    """Start a streaming send; return its task id once the first chunk has streamed."""
+    seen: list[StreamResponse] = []
+    first_chunk = asyncio.get_running_loop().create_future()
+    runner = asyncio.create_task(
+        drain_stream(client.send_message(send_request(text)), seen, first_chunk)
+    )
+    try:
+        task_id = await asyncio.wait_for(asyncio.shield(first_chunk), guard)
+    except BaseException:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        raise
+    return task_id, seen, runner
+
+
+class Tap:
+    """Drives one handler stream in a task, keeping a copy of every event (and the error).
+
+    Copies: the SDK's TaskManager goes on mutating the Task it emitted.
+    """
+
+    guard = 30.0  # seconds: a hang guard only
+
+    def __init__(self, events: AsyncGenerator[Event, None]) -> None:
+        self.events: list[Event] = []
+        self.error: BaseException | None = None
+        self._changed = asyncio.Event()
+        self.task = asyncio.create_task(self._run(events))
+
+    async def _run(self, events: AsyncGenerator[Event, None]) -> None:
+        try:
+            async with aclosing(events) as it:
+                async for event in it:
+                    kept = type(event)()
+                    kept.CopyFrom(event)
+                    self.events.append(kept)
+                    self._changed.set()
+        except Exception as e:
+            self.error = e
+        finally:
+            self._changed.set()
+
+    async def until(self, n: int) -> list[Event]:
+        """Wait until at least ``n`` events arrived (fails if the stream ended first)."""
+
+        async def wait() -> None:
+            while len(self.events) < n and not self.task.done():
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(wait(), self.guard)
+        assert len(self.events) >= n, (self.events, self.error)
+        return self.events
+
+    async def finish(self) -> list[Event]:
+        """Wait for the stream to end; its events."""
+        await asyncio.wait_for(asyncio.shield(self.task), self.guard)
+        return self.events
+
+    async def close(self) -> None:
+        """Stop following the stream."""
+        if not self.task.done():
+            self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)

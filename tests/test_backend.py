@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import tempfile
-import uuid
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,8 @@ from a2a.server.events.event_queue import EventQueue
 from a2a.server.request_handlers import DefaultRequestHandler, LegacyRequestHandler
 from a2a.server.tasks.task_updater import TaskUpdater
 from a2a.types import (
-    AgentCapabilities,
-    AgentCard,
-    AgentInterface,
-    AgentSkill,
     GetTaskRequest,
-    Message,
     Part,
-    Role,
-    SendMessageRequest,
     TaskState,
 )
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
@@ -37,20 +29,9 @@ from a2a_redis import (
     VersionedRedisTaskStore,
 )
 from a2a_redis.embedded import EmbeddedServer
-from tests.helpers import ctx
+from tests.helpers import agent_card, ctx, send_request
 
-CARD = AgentCard(
-    name="test",
-    description="test agent",
-    version="1",
-    capabilities=AgentCapabilities(streaming=True),
-    default_input_modes=["text"],
-    default_output_modes=["text"],
-    supported_interfaces=[
-        AgentInterface(protocol_binding="JSONRPC", protocol_version="1.0", url="http://x/")
-    ],
-    skills=[AgentSkill(id="s", name="s", description="s", tags=["t"])],
-)
+CARD = agent_card()
 
 
 class DoneAgent(AgentExecutor):
@@ -63,12 +44,6 @@ class DoneAgent(AgentExecutor):
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
         """Nothing to stop."""
-
-
-def send() -> SendMessageRequest:
-    return SendMessageRequest(
-        message=Message(role=Role.ROLE_USER, message_id=str(uuid.uuid4()), parts=[Part(text="hi")])
-    )
 
 
 async def test_components_share_one_client_and_one_listener(real_url: str, prefix: str):
@@ -93,7 +68,7 @@ async def test_one_line_handler_v2_and_legacy(real_url: str, prefix: str):
         for legacy, kind in ((False, DefaultRequestHandler), (True, LegacyRequestHandler)):
             handler = backend.request_handler(DoneAgent(), CARD, legacy=legacy)
             assert isinstance(handler, kind)
-            task = await handler.on_message_send(send(), ctx())
+            task = await handler.on_message_send(send_request("hi"), ctx())
             assert task.status.state == TaskState.TASK_STATE_COMPLETED  # type: ignore[union-attr]
             stored = await backend.task_store.get(task.id, ctx())  # type: ignore[union-attr]
             assert stored is not None

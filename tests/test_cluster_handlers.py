@@ -27,10 +27,6 @@ from a2a.server.events.event_queue_v2 import EventQueue
 from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.server.tasks.task_updater import TaskUpdater
 from a2a.types.a2a_pb2 import (
-    AgentCapabilities,
-    AgentCard,
-    AgentInterface,
-    AgentSkill,
     CancelTaskRequest,
     GetTaskRequest,
     ListTasksRequest,
@@ -47,7 +43,7 @@ from a2a.types.a2a_pb2 import (
 
 from a2a_redis.event_stream import RedisTaskEventStream
 from a2a_redis.task_store import VersionedRedisTaskStore
-from tests.helpers import ctx
+from tests.helpers import Tap, agent_card, ctx
 
 S = TaskState
 GUARD = 30.0  # seconds: a hang guard only, never an asserted bound
@@ -155,67 +151,6 @@ class RecordingStream(RedisTaskEventStream):
             async for versioned in subscription:
                 self.received[task_id].append(versioned)
                 yield versioned
-
-
-class Tap:
-    """Drives one handler stream in a task, keeping every event (and the error, if any)."""
-
-    def __init__(self, events: AsyncGenerator[Event, None]) -> None:
-        self.events: list[Event] = []
-        self.error: BaseException | None = None
-        self._changed = asyncio.Event()
-        self.task = asyncio.create_task(self._run(events))
-
-    async def _run(self, events: AsyncGenerator[Event, None]) -> None:
-        try:
-            async with aclosing(events) as it:
-                async for event in it:
-                    self.events.append(event)
-                    self._changed.set()
-        except Exception as e:
-            self.error = e
-        finally:
-            self._changed.set()
-
-    async def until(self, n: int) -> list[Event]:
-        """Wait until at least ``n`` events arrived (fails if the stream ended first)."""
-
-        async def wait() -> None:
-            while len(self.events) < n and not self.task.done():
-                self._changed.clear()
-                await self._changed.wait()
-
-        await asyncio.wait_for(wait(), GUARD)
-        assert len(self.events) >= n, (self.events, self.error)
-        return self.events
-
-    async def finish(self) -> list[Event]:
-        await asyncio.wait_for(asyncio.shield(self.task), GUARD)
-        return self.events
-
-    async def close(self) -> None:
-        if not self.task.done():
-            self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-
-
-def agent_card() -> AgentCard:
-    return AgentCard(
-        name="paced",
-        description="An agent whose pace the test sets.",
-        version="1.0.0",
-        capabilities=AgentCapabilities(streaming=True, push_notifications=False),
-        default_input_modes=["text"],
-        default_output_modes=["text"],
-        skills=[
-            AgentSkill(id="paced", name="paced", description="paced", tags=["test"], examples=["x"])
-        ],
-        supported_interfaces=[
-            AgentInterface(
-                protocol_binding="JSONRPC", protocol_version="1.0", url="http://test/a2a"
-            )
-        ],
-    )
 
 
 def user_message(key: str, *, context_id: str = "", task_id: str = "") -> Message:

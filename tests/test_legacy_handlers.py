@@ -17,28 +17,21 @@ import asyncio
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from a2a.client import Client, ClientCallContext, create_client
+from a2a.client import Client, ClientCallContext
 from a2a.helpers.proto_helpers import get_message_text, new_task_from_user_message
 from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.events.event_queue import Event, EventQueue, EventQueueLegacy
 from a2a.server.request_handlers import LegacyRequestHandler
 from a2a.server.tasks.task_updater import TaskUpdater
 from a2a.types import (
-    AgentCapabilities,
-    AgentCard,
-    AgentInterface,
-    AgentSkill,
     GetTaskRequest,
     Message,
     Part,
-    Role,
-    SendMessageRequest,
     StreamResponse,
     SubscribeToTaskRequest,
     Task,
@@ -49,7 +42,19 @@ from a2a.types import (
 
 from a2a_redis.queue_manager import RedisQueueManager
 from a2a_redis.task_store import VersionedRedisTaskStore
-from tests.helpers import ReplicaProcess, ctx
+from tests.helpers import (
+    ReplicaProcess,
+    Tap,
+    agent_card,
+    chunks,
+    client_pair,
+    ctx,
+    drain_stream,
+    final_state,
+    replica_pair,
+    send_request,
+    start_stream,
+)
 
 S = TaskState
 GUARD = 30.0  # seconds: a hang guard only, never an asserted bound
@@ -141,75 +146,13 @@ class TrackingQueueManager(RedisQueueManager):
         await asyncio.wait_for(self.tapped[task_id].wait(), GUARD)
 
 
-class Stream:
-    """Drives one handler stream in a task, keeping every event (and the error, if any)."""
-
-    def __init__(self, events: AsyncGenerator[Event, None]) -> None:
-        self.events: list[Event] = []
-        self.error: BaseException | None = None
-        self._changed = asyncio.Event()
-        self.task = asyncio.create_task(self._run(events))
-
-    async def _run(self, events: AsyncGenerator[Event, None]) -> None:
-        try:
-            async with aclosing(events) as it:
-                async for event in it:
-                    # A copy: the SDK's TaskManager goes on mutating the Task it emitted.
-                    kept = type(event)()
-                    kept.CopyFrom(event)
-                    self.events.append(kept)
-                    self._changed.set()
-        except Exception as e:
-            self.error = e
-        finally:
-            self._changed.set()
-
-    async def until(self, n: int) -> list[Event]:
-        """Wait until at least ``n`` events arrived (fails if the stream ended first)."""
-
-        async def wait() -> None:
-            while len(self.events) < n and not self.task.done():
-                self._changed.clear()
-                await self._changed.wait()
-
-        await asyncio.wait_for(wait(), GUARD)
-        assert len(self.events) >= n, (self.events, self.error)
-        return self.events
+class Stream(Tap):
+    """A handler stream that must end without error."""
 
     async def finish(self) -> list[Event]:
-        await asyncio.wait_for(asyncio.shield(self.task), GUARD)
+        events = await super().finish()
         assert self.error is None, self.error
-        return self.events
-
-    async def close(self) -> None:
-        if not self.task.done():
-            self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-
-
-def agent_card() -> AgentCard:
-    return AgentCard(
-        name="paced",
-        description="An agent whose pace the test sets.",
-        version="1.0.0",
-        capabilities=AgentCapabilities(streaming=True, push_notifications=False),
-        default_input_modes=["text"],
-        default_output_modes=["text"],
-        skills=[
-            AgentSkill(id="paced", name="paced", description="paced", tags=["test"], examples=["x"])
-        ],
-        supported_interfaces=[
-            AgentInterface(
-                protocol_binding="JSONRPC", protocol_version="1.0", url="http://test/a2a"
-            )
-        ],
-    )
-
-
-def send_request(text: str) -> SendMessageRequest:
-    return SendMessageRequest(
-        message=Message(role=Role.ROLE_USER, message_id=uuid.uuid4().hex, parts=[Part(text=text)])
-    )
+        return events
 
 
 class LegacyReplica:
@@ -496,70 +439,16 @@ def replicas(
 ) -> Iterator[tuple[ReplicaProcess, ReplicaProcess]]:
     # 0.3 s between chunks: B subscribes right after A's client saw a chunk, far from the
     # next one, so the SDK's snapshot-then-tap window (module docstring) holds no event.
-    pair = tuple(
-        ReplicaProcess(n, real_url, prefix, 0.3, "--legacy", *LEASE_TTL_ARGS) for n in "AB"
-    )
-    try:
-        for r in pair:
-            r.wait_ready()
+    with replica_pair(real_url, prefix, 0.3, "--legacy", *LEASE_TTL_ARGS) as pair:
         yield pair
-    finally:
-        for r in pair:
-            r.stop()
 
 
 @pytest.fixture
 async def clients(
     replicas: tuple[ReplicaProcess, ReplicaProcess],
 ) -> AsyncIterator[tuple[Client, Client]]:
-    a, b = replicas
-    ca, cb = await create_client(a.url), await create_client(b.url)
-    yield ca, cb
-    await ca.close()
-    await cb.close()
-
-
-def _chunks(responses: list[StreamResponse]) -> list[str]:
-    out = []
-    for r in responses:
-        if r.HasField("task"):
-            out += [p.text for a in r.task.artifacts for p in a.parts]
-        elif r.HasField("artifact_update"):
-            out += [p.text for p in r.artifact_update.artifact.parts]
-    return out
-
-
-def _final_state(responses: list[StreamResponse]) -> int:
-    for r in reversed(responses):
-        if r.HasField("status_update"):
-            return r.status_update.status.state
-        if r.HasField("task"):
-            return r.task.status.state
-    raise AssertionError("no state in the stream")
-
-
-async def _drain(
-    stream: AsyncIterator[StreamResponse], seen: list[StreamResponse], first_chunk: asyncio.Future
-) -> None:
-    """Keep every response; resolve ``first_chunk`` (with the task id) at the first chunk."""
-    async for response in stream:
-        seen.append(response)
-        if response.HasField("artifact_update") and not first_chunk.done():
-            first_chunk.set_result(response.artifact_update.task_id)
-
-
-async def _start(client: Client, text: str) -> tuple[str, list[StreamResponse], asyncio.Task]:
-    """Start a streaming send; return its task id once A has streamed its first chunk."""
-    seen: list[StreamResponse] = []
-    first_chunk = asyncio.get_running_loop().create_future()
-    runner = asyncio.create_task(_drain(client.send_message(send_request(text)), seen, first_chunk))
-    try:
-        task_id = await asyncio.wait_for(asyncio.shield(first_chunk), GUARD)
-    except BaseException:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        raise
-    return task_id, seen, runner
+    async with client_pair(*replicas) as pair:
+        yield pair
 
 
 async def _subscribe(client: Client, task_id: str) -> tuple[list[StreamResponse], asyncio.Task]:
@@ -570,7 +459,7 @@ async def _subscribe(client: Client, task_id: str) -> tuple[list[StreamResponse]
     # B waits for a dead owner's heartbeat, and the stream must end from the server's side.
     quiet = ClientCallContext(timeout=OWNER_LOST_GUARD)
     stream = client.subscribe(SubscribeToTaskRequest(id=task_id), context=quiet)
-    runner = asyncio.create_task(_drain(stream, seen, live_chunk))
+    runner = asyncio.create_task(drain_stream(stream, seen, live_chunk))
     try:
         await asyncio.wait_for(asyncio.shield(live_chunk), GUARD)
     except BaseException:
@@ -582,7 +471,7 @@ async def _subscribe(client: Client, task_id: str) -> tuple[list[StreamResponse]
 
 async def test_processes_resubscribe_on_b_mid_stream_gets_every_later_event(clients):
     a, b = clients
-    task_id, seen_a, runner = await _start(a, "chunks=10")
+    task_id, seen_a, runner = await start_stream(a, "chunks=10")
     subscription = b.subscribe(SubscribeToTaskRequest(id=task_id))
 
     async def collect() -> list[StreamResponse]:
@@ -592,13 +481,13 @@ async def test_processes_resubscribe_on_b_mid_stream_gets_every_later_event(clie
     await asyncio.wait_for(runner, GUARD)
 
     expected = [chunk("A", i) for i in range(10)]
-    assert _chunks(seen_a) == expected
-    assert _final_state(seen_a) == S.TASK_STATE_COMPLETED
+    assert chunks(seen_a) == expected
+    assert final_state(seen_a) == S.TASK_STATE_COMPLETED
     assert seen_b[0].HasField("task")  # the stored task first
     assert seen_b[0].task.status.state == S.TASK_STATE_WORKING
-    assert 1 <= len(_chunks(seen_b[:1])) < 10  # subscribed mid-stream
-    assert _chunks(seen_b) == expected  # snapshot + later chunks: no gap, no duplicate
-    assert _final_state(seen_b) == S.TASK_STATE_COMPLETED
+    assert 1 <= len(chunks(seen_b[:1])) < 10  # subscribed mid-stream
+    assert chunks(seen_b) == expected  # snapshot + later chunks: no gap, no duplicate
+    assert final_state(seen_b) == S.TASK_STATE_COMPLETED
     for client in (a, b):
         task = await client.get_task(GetTaskRequest(id=task_id))
         assert task.status.state == S.TASK_STATE_COMPLETED
@@ -607,7 +496,7 @@ async def test_processes_resubscribe_on_b_mid_stream_gets_every_later_event(clie
 async def test_processes_owner_killed_ends_the_resubscription_on_b(replicas, clients):
     replica_a, _ = replicas
     a, b = clients
-    task_id, _, runner_a = await _start(a, "chunks=200")
+    task_id, _, runner_a = await start_stream(a, "chunks=200")
     seen_b, runner_b = await _subscribe(b, task_id)
 
     replica_a.kill()
@@ -615,8 +504,8 @@ async def test_processes_owner_killed_ends_the_resubscription_on_b(replicas, cli
     # B's stream ends, cleanly: no heartbeat from A, so B's tap closes after about a lease.
     await asyncio.wait_for(runner_b, OWNER_LOST_GUARD)
 
-    got = _chunks(seen_b)
+    got = chunks(seen_b)
     assert seen_b[0].HasField("task")
     assert 2 <= len(got) < 200
     assert got == [chunk("A", i) for i in range(len(got))]  # in order, no gap, no duplicate
-    assert _final_state(seen_b) == S.TASK_STATE_WORKING  # nobody finished the task
+    assert final_state(seen_b) == S.TASK_STATE_WORKING  # nobody finished the task
