@@ -32,7 +32,7 @@ from a2a.types import (
     SendMessageRequest,
     StreamResponse,
 )
-from a2a.types.a2a_pb2 import Task, TaskState, TaskStatus
+from a2a.types.a2a_pb2 import Task, TaskState, TaskStatus, TaskStatusUpdateEvent
 
 
 class NamedUser(User):
@@ -274,3 +274,17 @@ class Tap:
         if not self.task.done():
             self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
+
+
+def state_of(event: Event) -> int | None:
+    """The task state an event carries, if any."""
+    if isinstance(event, Task | TaskStatusUpdateEvent):
+        return event.status.state
+    return None
+
+
+def task_id_of(events: list[Event]) -> str:
+    """The task id of a handler stream, which starts with the Task."""
+    first = events[0]
+    assert isinstance(first, Task), first
+    return first.id

@@ -43,7 +43,7 @@ from a2a.types.a2a_pb2 import (
 
 from a2a_redis.event_stream import RedisTaskEventStream
 from a2a_redis.task_store import VersionedRedisTaskStore
-from tests.helpers import Tap, agent_card, ctx
+from tests.helpers import Tap, agent_card, ctx, state_of, task_id_of
 
 S = TaskState
 GUARD = 30.0  # seconds: a hang guard only, never an asserted bound
@@ -233,18 +233,6 @@ async def cluster(real_url: str, real_redis: aioredis.Redis, prefix: str) -> Asy
 
 
 # --- helpers for assertions -------------------------------------------------------------
-
-
-def state_of(event: Event) -> int | None:
-    if isinstance(event, Task | TaskStatusUpdateEvent):
-        return event.status.state
-    return None
-
-
-def task_id_of(events: list[Event]) -> str:
-    first = events[0]
-    assert isinstance(first, Task), first
-    return first.id
 
 
 def check_remote_subscription(origin: Replica, remote: Replica, task_id: str) -> None:

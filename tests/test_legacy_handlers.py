@@ -54,6 +54,8 @@ from tests.helpers import (
     replica_pair,
     send_request,
     start_stream,
+    state_of,
+    task_id_of,
 )
 
 S = TaskState
@@ -249,18 +251,6 @@ async def cluster(real_url: str, real_redis: aioredis.Redis, prefix: str) -> Asy
 
 
 # --- helpers for assertions -------------------------------------------------------------
-
-
-def state_of(event: Event) -> int | None:
-    if isinstance(event, Task | TaskStatusUpdateEvent):
-        return event.status.state
-    return None
-
-
-def task_id_of(events: list[Event]) -> str:
-    first = events[0]
-    assert isinstance(first, Task), first
-    return first.id
 
 
 def chunks_of(events: list[Event]) -> list[str]:
