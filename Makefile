@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all install lint test bench demo clean
+.PHONY: all install lint test soak bench demo clean
 
 all: lint test
 
@@ -23,6 +23,9 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+soak: $(STAMP)
+	$(BIN)/pytest -q -m soak --timeout 1800 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
