@@ -21,10 +21,9 @@ from typing import cast
 
 from a2a.server.cluster import TaskEventStream, TaskVersion, VersionedEvent
 from a2a.types.a2a_pb2 import Message
-from redis.asyncio import Redis
 
+from a2a_redis.cluster import Client, keys_for
 from a2a_redis.codec import ends_task_stream, version_int
-from a2a_redis.keys import Keys
 from a2a_redis.listener import (
     Position,
     Rows,
@@ -65,7 +64,7 @@ class RedisTaskEventStream(TaskEventStream):
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         *,
         prefix: str = "a2a",
         task_store: VersionedRedisTaskStore | None = None,
@@ -79,7 +78,7 @@ class RedisTaskEventStream(TaskEventStream):
             self._ledger = task_store.ledger
             self._retention = task_store.stream_retention
         else:
-            self._keys = Keys(prefix)
+            self._keys = keys_for(redis, prefix)
             self._ledger = AppendLedger()
             self._retention = stream_retention or StreamRetention()
         self._redis = redis
