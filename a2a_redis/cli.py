@@ -41,6 +41,7 @@ from redis import exceptions as rex
 from redis.asyncio import Redis
 
 from a2a_redis import doctor
+from a2a_redis.cluster import CLUSTER_SCHEMES, Client, cluster_client
 from a2a_redis.codec import TERMINAL_STATES, version_int
 from a2a_redis.errors import A2ARedisError
 from a2a_redis.event_stream import RedisTaskEventStream
@@ -127,9 +128,13 @@ def _timestamp(ts: Timestamp, present: bool) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _connect(url: str) -> AsyncIterator[Redis]:
+async def _connect(url: str) -> AsyncIterator[Client]:
     """A client of ``url`` that has answered a PING; closed on exit."""
-    client = Redis.from_url(url, socket_connect_timeout=5.0)
+    client: Client = (
+        cluster_client(url, socket_connect_timeout=5.0)
+        if url.startswith(tuple(f"{s}://" for s in CLUSTER_SCHEMES))
+        else Redis.from_url(url, socket_connect_timeout=5.0)
+    )
     try:
         await client.ping()
         yield client
@@ -137,7 +142,7 @@ async def _connect(url: str) -> AsyncIterator[Redis]:
         await client.aclose()
 
 
-def _store(client: Redis, args: argparse.Namespace) -> VersionedRedisTaskStore:
+def _store(client: Client, args: argparse.Namespace) -> VersionedRedisTaskStore:
     owner: str = args.owner
     return VersionedRedisTaskStore(client, prefix=args.prefix, owner_resolver=lambda _c: owner)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
 from a2a.auth.user import User
 from a2a.client import Client, create_client
 from a2a.server.context import ServerCallContext
@@ -33,6 +34,9 @@ from a2a.types import (
     StreamResponse,
 )
 from a2a.types.a2a_pb2 import Task, TaskState, TaskStatus, TaskStatusUpdateEvent
+from redis.asyncio.cluster import RedisCluster
+
+from a2a_redis.cluster import CLUSTER_SCHEMES, cluster_client
 
 
 class NamedUser(User):
@@ -288,3 +292,29 @@ def task_id_of(events: list[Event]) -> str:
     first = events[0]
     assert isinstance(first, Task), first
     return first.id
+
+
+def connect(url: str, **options: Any) -> aioredis.Redis:
+    """A client for a test server URL: ``redis+cluster://`` gives a ``RedisCluster``."""
+    if url.startswith(tuple(f"{s}://" for s in CLUSTER_SCHEMES)):
+        return cluster_client(url, **options)  # type: ignore[return-value]
+    return aioredis.Redis.from_url(url, **options)
+
+
+async def on_every_node(client: Any, *args: Any) -> Any:
+    """Run an admin command on the server, or on every primary of a cluster."""
+    if isinstance(client, RedisCluster):
+        await client.initialize()  # the node list is empty until the slot map is loaded
+        return await client.execute_command(*args, target_nodes=client.get_primaries())
+    return await client.execute_command(*args)
+
+
+async def subscriber_count(client: Any, channel: str) -> int:
+    """Subscribers of a wake channel: PUBSUB NUMSUB, or SHARDNUMSUB on its cluster shard."""
+    if isinstance(client, RedisCluster):
+        await client.initialize()
+        node = client.get_node_from_key(channel)
+        reply = await client.execute_command("PUBSUB", "SHARDNUMSUB", channel, target_nodes=node)
+    else:
+        reply = await client.execute_command("PUBSUB", "NUMSUB", channel)
+    return int(reply[1])
