@@ -495,12 +495,14 @@ class StreamListener:
         Each feed is re-read from its last entry when the server confirms its channel
         (see ``_dispatch``), so what was written while disconnected is backfilled.
         """
-        old, self._pubsub = self._pubsub, self._redis.pubsub()
-        if old is not None:
-            with contextlib.suppress(Exception):
-                await old.aclose()  # type: ignore[no-untyped-call]
-        channels = [feed.channel for feed in self._feeds.values()]
+        # Under the lock: a subscriber's UNSUBSCRIBE (or a SUBSCRIBE) may be running on the
+        # old pub/sub; closing it under that command broke redis-py (AttributeError).
         async with self._lock:
+            channels = [feed.channel for feed in self._feeds.values()]
+            old, self._pubsub = self._pubsub, self._redis.pubsub()
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old.aclose()  # type: ignore[no-untyped-call]
             if channels:
                 await self._pubsub.subscribe(*channels)
             else:
