@@ -85,6 +85,11 @@ class StreamEntry:
     event: Event | None  # None: the task's event queue was closed here
 
 
+async def _quiet_push(response: Any) -> Any:
+    """A RESP3 pub/sub push, passed on unlogged (see ``StreamListener._new_pubsub``)."""
+    return response
+
+
 def format_position(position: Position) -> str:
     """A position as a stream entry id."""
     return f"{position[0]}-{position[1]}"
@@ -379,11 +384,16 @@ class StreamListener:
             self._pubsub = None
         self.connected = False
 
+    def _new_pubsub(self) -> PubSub:
+        # Our handler for RESP3 pushes: redis-py's default logs every pub/sub message whole
+        # at DEBUG (logger "push_response"), and our wake-ups carry events (user text).
+        return self._redis.pubsub(push_handler_func=_quiet_push)
+
     # -- feed start and fetch ------------------------------------------------------------
     async def _start(self, feed: Feed) -> None:
         """SUBSCRIBE (confirmed by the server), then note the stream's current end."""
         if self._pubsub is None:
-            self._pubsub = self._redis.pubsub()
+            self._pubsub = self._new_pubsub()
         channel = feed.channel.encode()
         confirmed = asyncio.get_running_loop().create_future()
         self._confirms[channel] = confirmed
@@ -499,7 +509,7 @@ class StreamListener:
         # old pub/sub; closing it under that command broke redis-py (AttributeError).
         async with self._lock:
             channels = [feed.channel for feed in self._feeds.values()]
-            old, self._pubsub = self._pubsub, self._redis.pubsub()
+            old, self._pubsub = self._pubsub, self._new_pubsub()
             if old is not None:
                 with contextlib.suppress(Exception):
                     await old.aclose()  # type: ignore[no-untyped-call]
