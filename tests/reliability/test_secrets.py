@@ -14,8 +14,14 @@
   replica, push configs with a token and credentials (set, get, list, dispatch), ListTasks,
   and failure paths (missing task, another owner's task, a corrupt record, a corrupt push
   config, a corrupt stream entry under a live subscriber, and a SIGKILL + restart of the
-  private server under a live subscriber). No record of an ``a2a_redis`` logger, message,
-  args or traceback, carries a marker, and neither does any error we raised.
+  private server under a live subscriber). No record outside the SDK's own loggers (ours,
+  redis-py's, asyncio's), message, args or traceback, carries a marker, and neither does
+  any error we raised. The SDK's loggers are left out: at DEBUG,
+  ``a2a.server.agent_execution.active_task`` and ``a2a.server.events.event_queue_v2`` log
+  whole events, message and artifact text included (its behaviour, documented in the
+  README). redis-py 8 (RESP3 by default) logs every pub/sub message whole at DEBUG under
+  ``push_response`` unless given a push handler: the listener gives it one, because our
+  wake-ups carry events.
 """
 
 from __future__ import annotations
