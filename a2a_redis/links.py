@@ -23,7 +23,7 @@ from redis.asyncio.cluster import ClusterNode
 
 from a2a_redis.transaction import backoff
 
-__all__ = ["PubSubLink", "node_pubsub"]
+__all__ = ["PubSubLink", "node_pubsub", "quiet_push", "server_pubsub"]
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +31,25 @@ Dispatch = Callable[["PubSubLink", dict[str, Any]], None]
 Lost = Callable[["PubSubLink", BaseException], Awaitable[None]]
 
 
+async def quiet_push(response: Any) -> Any:
+    """Our handler of RESP3 pub/sub pushes: passes them on without logging.
+
+    redis-py's default handler logs every pub/sub message whole at DEBUG (logger
+    ``push_response``), and our wake-ups carry events: user text must not reach logs.
+    """
+    return response
+
+
+def server_pubsub(redis: Redis) -> tuple[PubSub, Callable[[], Awaitable[None]]]:
+    """A ``PubSub`` on a connection of the client's pool, and its closer."""
+    pubsub = redis.pubsub(push_handler_func=quiet_push)
+    return pubsub, pubsub.aclose
+
+
 def node_pubsub(node: ClusterNode) -> tuple[PubSub, Callable[[], Awaitable[None]]]:
     """A ``PubSub`` on its own connection to one cluster node, and its closer."""
     pool = ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
-    pubsub = Redis(connection_pool=pool).pubsub()
+    pubsub = Redis(connection_pool=pool).pubsub(push_handler_func=quiet_push)
 
     async def close() -> None:
         try:
@@ -147,13 +162,15 @@ class PubSubLink:
 
     async def _reconnect(self) -> None:
         """Replace the connection and subscribe this link's channels again."""
-        old = self._close_pubsub
-        self._pubsub, self._close_pubsub = self._connect()
-        if old is not None:
-            with contextlib.suppress(Exception):
-                await old()
-        channels = sorted(self.channels)
+        # Under the lock: a subscriber's UNSUBSCRIBE (or a SUBSCRIBE) may be running on the
+        # old pub/sub; closing it under that command broke redis-py (AttributeError).
         async with self._lock:
+            old = self._close_pubsub
+            self._pubsub, self._close_pubsub = self._connect()
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old()
+            channels = sorted(self.channels)
             if channels:
                 await self._send(self._pubsub, "subscribe", channels)
             else:

@@ -41,7 +41,7 @@ from a2a_redis.errors import (
     redis_errors,
 )
 from a2a_redis.keys import Keys
-from a2a_redis.links import PubSubLink, node_pubsub
+from a2a_redis.links import PubSubLink, node_pubsub, server_pubsub
 from a2a_redis.streams import DESTROYED, HEARTBEAT, parse_entry_id, unpack_wake
 from a2a_redis.transaction import backoff
 
@@ -481,8 +481,7 @@ class StreamListener:
                 redis = self._redis
 
                 def connect() -> tuple[PubSub, Callable[[], Awaitable[None]]]:
-                    pubsub = redis.pubsub()
-                    return pubsub, pubsub.aclose
+                    return server_pubsub(redis)  # type: ignore[arg-type]
 
             else:
                 at = node

@@ -20,8 +20,11 @@ import httpx
 import redis.asyncio as aioredis
 from a2a.auth.user import User
 from a2a.client import Client, create_client
+from a2a.helpers.proto_helpers import get_message_text, new_task_from_user_message
+from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.context import ServerCallContext
 from a2a.server.events.event_queue import Event
+from a2a.server.tasks.task_updater import TaskUpdater
 from a2a.types import (
     AgentCapabilities,
     AgentCard,
@@ -171,6 +174,56 @@ def agent_card() -> AgentCard:
             )
         ],
     )
+
+
+def push_card() -> AgentCard:
+    """:func:`agent_card` with push notifications enabled (for the push-config calls)."""
+    card = agent_card()
+    card.capabilities.push_notifications = True
+    return card
+
+
+class ScriptedAgent(AgentExecutor):
+    """Does what the first word of the message says: ``complete``, ``input`` or ``hold``.
+
+    Each run emits the Task (first run only), WORKING and artifact ``a0``, then completes
+    or asks for input; ``hold`` waits until the test releases the task (``gate(task_id)``
+    or ``release_all``), then emits artifact ``a1`` and completes. Artifact texts are
+    ``f"{artifact_text} {n}"``. ``cancel`` emits CANCELED.
+    """
+
+    def __init__(self, artifact_text: str = "done") -> None:
+        self.artifact_text = artifact_text
+        self.gates: dict[str, asyncio.Event] = {}
+
+    def gate(self, task_id: str) -> asyncio.Event:
+        """The event a held task waits for."""
+        return self.gates.setdefault(task_id, asyncio.Event())
+
+    def release_all(self) -> None:
+        """Release every held task (and any held later)."""
+        for gate in self.gates.values():
+            gate.set()
+
+    async def execute(self, context: RequestContext, event_queue: Any) -> None:
+        assert context.message is not None and context.task_id and context.context_id
+        kind = get_message_text(context.message).split()[0]
+        updater = TaskUpdater(event_queue, context.task_id, context.context_id)
+        if context.current_task is None:
+            await event_queue.enqueue_event(new_task_from_user_message(context.message))
+        await updater.start_work()
+        await updater.add_artifact([Part(text=f"{self.artifact_text} 0")], artifact_id="a0")
+        if kind == "hold":
+            await self.gate(context.task_id).wait()
+            await updater.add_artifact([Part(text=f"{self.artifact_text} 1")], artifact_id="a1")
+        if kind == "input":
+            await updater.requires_input()
+        else:
+            await updater.complete()
+
+    async def cancel(self, context: RequestContext, event_queue: Any) -> None:
+        assert context.task_id and context.context_id
+        await TaskUpdater(event_queue, context.task_id, context.context_id).cancel()
 
 
 def send_request(text: str) -> SendMessageRequest:
