@@ -272,22 +272,27 @@ class EmbeddedCluster:
         self.close()
 
 
-def _command(port: int, *args: str) -> str:
-    """Send one command over a raw socket; the reply as text (``CLUSTER SLOTS`` flattened).
+def call(port: int, *args: str) -> Any:
+    """Send one command to a local server over a raw socket; its decoded reply.
 
-    The embedded cluster is formed without a client library so that it works wherever
-    the server binary does.
+    The embedded cluster is formed (and resharded in tests) without a client library, so
+    that it works wherever the server binary does.
     """
     request = b"*%d\r\n" % len(args) + b"".join(
         b"$%d\r\n%b\r\n" % (len(a.encode()), a.encode()) for a in args
     )
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.sendall(request)
-        reader = s.makefile("rb")
-        reply = _read_reply(reader)
+        reply = _read_reply(s.makefile("rb"))
     if isinstance(reply, Exception):
         raise RuntimeError(f"{' '.join(args[:2])} on port {port}: {reply}")
-    if isinstance(reply, list):  # CLUSTER SLOTS: one "start end port" line per range
+    return reply
+
+
+def _command(port: int, *args: str) -> str:
+    """:func:`call`, with the reply as text (``CLUSTER SLOTS``: a "start end port" line each)."""
+    reply = call(port, *args)
+    if isinstance(reply, list):
         return "\n".join(f"{r[0]} {r[1]} {r[2][1]}" for r in reply)
     return str(reply)
 
