@@ -14,6 +14,8 @@ and its writes are refused (a version conflict for the versioned store,
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -174,7 +176,8 @@ class _TaskRecords:
 
         Round trips: 2 per attempt (WATCH + HMGET; MULTI ... EXEC), +1 (UNWATCH) when
         ``decide`` refuses, +1-2 after a terminal write with a TTL (purge of expired index
-        entries); on a cluster +2 (the pending index mark before, the index update after).
+        entries); on a cluster +1 (the index update after the commit; the pending index
+        mark travels with the first WATCH).
         A lost race (EXEC aborted), a transient connection error or a slot move is
         retried, with jittered backoff, up to ``max_attempts`` times; each attempt re-reads
         and decides again, so a conflict is reported as soon as the re-read shows one. A
@@ -185,15 +188,15 @@ class _TaskRecords:
         payload = task.SerializeToString()
         write_id = os.urandom(8)
         mark = self.index.pending_mark(task.id, write_id) if self.index.split else b""
-        if mark:
-            await self.index.begin(owner, mark)
+        # On a cluster the pending mark goes out with the first WATCH; commits wait for it.
+        marked = asyncio.ensure_future(self.index.begin(owner, mark)) if mark else None
         index_cmds: list[Command] = []
         settled = True  # False while a commit may have happened unseen (then a list repairs)
         try:
             for attempt in range(1, self.max_attempts + 1):
                 try:
                     committed = await self._attempt(
-                        key, task, payload, owner, event, decide, write_id
+                        key, task, payload, owner, event, decide, write_id, marked
                     )
                 except (rex.ConnectionError, rex.TimeoutError) as e:
                     raise_if_pool_exhausted(e, "save", key)
@@ -219,6 +222,9 @@ class _TaskRecords:
                     key=key,
                 )
         finally:
+            if marked is not None:
+                with contextlib.suppress(Exception):
+                    await marked  # never clear a mark before it is set
             if mark and settled:  # committed: apply the index change; refused: clear the mark
                 await self.index.finish(owner, mark, index_cmds)
         if event is not None:
@@ -239,6 +245,7 @@ class _TaskRecords:
         event: Event | None,
         decide: Decide,
         write_id: bytes,
+        marked: asyncio.Future[None] | None,
     ) -> tuple[int, int, list[Command]] | None:
         """One optimistic transaction: (version, expiry, index commands), None if it lost.
 
@@ -268,6 +275,8 @@ class _TaskRecords:
                 cmds, index_cmds, expires_at = self._write_commands(
                     key, task, payload, owner, version, write_id, old, event
                 )
+                if marked is not None:
+                    await marked  # the pending mark is set before anything commits
                 if await tx.commit(cmds) is None:
                     return None
                 return version, expires_at, index_cmds

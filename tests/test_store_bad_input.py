@@ -8,6 +8,7 @@ import pytest
 import redis.asyncio as aioredis
 from a2a.server.cluster import ConcurrentTaskModificationError, TaskVersion
 from a2a.types.a2a_pb2 import ListTasksRequest, TaskState
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -21,7 +22,7 @@ from a2a_redis.errors import (
 )
 from a2a_redis.keys import Keys, encode_id
 from a2a_redis.task_store import VersionedRedisTaskStore
-from tests.helpers import connect, ctx, make_task
+from tests.helpers import connect, ctx, make_task, on_every_node
 
 MISSING = TaskVersion.MISSING
 
@@ -218,15 +219,23 @@ async def test_pool_exhaustion_is_its_own_error_not_an_outage(real_url: str, pre
     await cleanup.aclose()
 
 
-async def test_conflicts_keep_their_pooled_connection(real_url: str, prefix: str):
+async def test_conflicts_keep_their_pooled_connections(real_url: str, prefix: str):
     client = connect(real_url)
     store = VersionedRedisTaskStore(client, prefix=prefix)
     await store.save(make_task("t"), prev_version=MISSING, context=ctx())
-    before = await client.client_id()  # one connection in the pool: its server-side id
+    with pytest.raises(ConcurrentTaskModificationError):  # warm: every connection it needs
+        await store.save(make_task("t"), prev_version=MISSING, context=ctx())
+
+    async def accepted() -> list[int]:  # connections each server has accepted so far
+        replies = await on_every_node(client, "INFO", "stats")
+        infos = replies.values() if isinstance(client, RedisCluster) else [replies]
+        return [int(i["total_connections_received"]) for i in infos]
+
+    before = await accepted()
     for _ in range(20):
         with pytest.raises(ConcurrentTaskModificationError):
             await store.save(make_task("t"), prev_version=MISSING, context=ctx())
-    assert await client.client_id() == before  # the same connection: none was discarded
+    assert await accepted() == before  # no connection was discarded and reopened
     await client.aclose()
 
 
