@@ -295,7 +295,7 @@ class StreamListener:
         task_id: str,
         start: Callable[[], Awaitable[tuple[list[StreamEntry], Position]]],
         *,
-        idle_timeout: float | None = None,
+        idle_timeout: float | Callable[[], float | None] | None = None,
     ) -> AsyncGenerator[StreamEntry, None]:
         """Yield a task's stream entries: those ``start`` returns, then every later one.
 
@@ -304,12 +304,15 @@ class StreamListener:
         yielded once each, in stream order (de-duplicated by position), from the shared
         ring, or from the stream itself when this reader has fallen behind the ring.
         Never ends by itself, except when the stream is destroyed (it returns); with
-        ``idle_timeout``, raises :class:`OwnerLostError` after that many seconds without
-        an entry or an owner heartbeat.
+        ``idle_timeout`` (seconds, or a function giving them, None while no owner is
+        expected), raises :class:`OwnerLostError` after that long without an entry or an
+        owner heartbeat. Silence is counted only while the pub/sub connection is up: after
+        a reconnect the owner gets a whole ``idle_timeout`` again.
         """
         key = self._keys.events(task_id)
         feed = await self.join(task_id)
         loop = asyncio.get_running_loop()
+        joined = loop.time()
         try:
             with redis_errors("read the task's stream", key):
                 pending, position = await start()
@@ -333,15 +336,19 @@ class StreamListener:
                 pending = ring
                 if ring:
                     continue
-                if idle_timeout is None:
+                timeout = idle_timeout() if callable(idle_timeout) else idle_timeout
+                if timeout is None:
                     await changed.wait()
                     continue
-                remaining = feed.alive_at + idle_timeout - loop.time()
-                if remaining <= 0:
+                remaining = max(feed.alive_at, joined) + timeout - loop.time()
+                if remaining > 0:
+                    await _wait(changed, remaining)
+                elif self.connected:
                     raise OwnerLostError(
-                        f"no event or heartbeat from the task's owner for {idle_timeout}s", key=key
+                        f"no event or heartbeat from the task's owner for {timeout}s", key=key
                     )
-                await _wait(changed, remaining)
+                else:  # our own connection is down: the owner's silence proves nothing
+                    await changed.wait()
         finally:
             await self.leave(feed)
 
@@ -507,6 +514,10 @@ class StreamListener:
                 await self._pubsub.ping()
         self.connected = True
         self.reconnects += 1
+        now = asyncio.get_running_loop().time()
+        for feed in self._feeds.values():  # owners' heartbeats could not reach us meanwhile
+            feed.alive_at = now
+            feed.notify()
         logger.warning("pub/sub reconnected; re-subscribed %d tasks", len(channels))
 
     def _dispatch(self, message: dict[str, Any]) -> None:
