@@ -33,6 +33,7 @@ from a2a.types.a2a_pb2 import Message, TaskArtifactUpdateEvent
 from redis.asyncio import Redis
 
 from a2a_redis.codec import F_STATE, ends_task_stream, version_int
+from a2a_redis.errors import redis_errors
 from a2a_redis.keys import Keys
 from a2a_redis.leases import SETTLED_STATES, LeaseKeeper, lease_ttl_of
 from a2a_redis.listener import (
@@ -46,6 +47,7 @@ from a2a_redis.listener import (
     read_entries,
 )
 from a2a_redis.streams import (
+    APPEND_IF_NEW_SCRIPT,
     AppendLedger,
     StreamRetention,
     append_commands,
@@ -53,7 +55,7 @@ from a2a_redis.streams import (
     parse_entry_id,
 )
 from a2a_redis.task_store import VersionedRedisTaskStore
-from a2a_redis.transaction import run_atomically
+from a2a_redis.transaction import _batch_args, run_atomically
 
 __all__ = ["RedisTaskEventStream"]
 
@@ -130,6 +132,7 @@ class RedisTaskEventStream(TaskEventStream):
         self._redis = redis
         self._owns_listener = listener is None
         self._listener = listener or StreamListener(redis, self._keys)
+        self._append_if_new = redis.register_script(APPEND_IF_NEW_SCRIPT)
         self._owns_leases = leases is None
         self._leases = LeaseKeeper(redis, self._keys, ttl=lease_ttl) if leases is None else leases
 
@@ -155,9 +158,12 @@ class RedisTaskEventStream(TaskEventStream):
     async def publish(self, task_id: str, event: VersionedEvent) -> None:
         """Append ``event`` unless the store already did; wake every replica's subscribers.
 
-        Round trips: 0 for an event the paired store appended; otherwise 1 (MULTI with
-        XADD, PEXPIRE and PUBLISH). The publisher of a running task holds its lease, and
-        lets it go at an event that settles the task (no round trip either way).
+        Round trips: 0 for an event the paired store appended; otherwise 1 (one script:
+        XADD, PEXPIRE and PUBLISH). An event other than a Message is not appended if the
+        stream already holds its version or a later one: the SDK republishes a task it
+        reloaded after losing a race, and that state is logged already. The publisher of a
+        running task holds its lease, and lets it go at an event that settles the task (no
+        round trip either way).
         """
         running = runs(event.event)
         if running:
@@ -171,7 +177,13 @@ class RedisTaskEventStream(TaskEventStream):
             self._keys, task_id, version, event.event,
             terminal=ends_task_stream(event.event), retention=self._retention,
         )  # fmt: skip
-        await run_atomically(self._redis, "publish", self._keys.events(task_id), commands)
+        key = self._keys.events(task_id)
+        if not version or isinstance(event.event, Message):
+            await run_atomically(self._redis, "publish", key, commands)
+            return
+        keys, argv = _batch_args(commands)  # the stream comes first: XADD is the first command
+        with redis_errors("publish", key):
+            await self._append_if_new(keys=keys, args=[version, *argv])
 
     async def destroy(self, task_id: str) -> None:
         """Delete the task's stream; its subscribers on every replica end cleanly."""
