@@ -184,25 +184,30 @@ class LeaseKeeper:
         """
         while self._held:
             await asyncio.sleep(self.ttl / 3)
-            batch = list(self._held.items())
-            if not batch:
-                break
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for task_id, lease in batch:
-                        keys = [self._keys.lease(task_id)]
-                        if lease.record is not None:
-                            keys.append(lease.record)
-                        args: list[bytes | str | int] = [
-                            lease.token, self._ttl_ms, self._keys.wake(task_id), HEARTBEAT,
-                            F_STATE, *self._settled,
-                        ]  # fmt: skip
-                        await self._renew_script(keys=keys, args=args, client=pipe)
-                    results = await pipe.execute()
+                await self._renew_once()
             except Exception as e:
-                logger.warning("renewal of %d leases failed: %s", len(batch), e)
-                continue
-            for (task_id, lease), result in zip(batch, results, strict=True):
-                if result == -1 and self._held.get(task_id) is lease:
-                    del self._held[task_id]  # the task settled, whoever wrote it
-                    logger.debug("task %s settled: its lease is dropped", task_id)
+                logger.warning("renewal of %d leases failed: %s", len(self._held), e)
+
+    async def _renew_once(self) -> None:
+        """One pipeline renewing every lease held.
+
+        A method of its own, so that nothing of the batch stays referenced while the loop
+        sleeps.
+        """
+        batch = list(self._held.items())
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for task_id, lease in batch:
+                keys = [self._keys.lease(task_id)]
+                if lease.record is not None:
+                    keys.append(lease.record)
+                args: list[bytes | str | int] = [
+                    lease.token, self._ttl_ms, self._keys.wake(task_id), HEARTBEAT,
+                    F_STATE, *self._settled,
+                ]  # fmt: skip
+                await self._renew_script(keys=keys, args=args, client=pipe)
+            results = await pipe.execute()
+        for (task_id, lease), result in zip(batch, results, strict=True):
+            if result == -1 and self._held.get(task_id) is lease:
+                del self._held[task_id]  # the task settled, whoever wrote it
+                logger.debug("task %s settled: its lease is dropped", task_id)

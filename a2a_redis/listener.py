@@ -437,37 +437,48 @@ class StreamListener:
                 self._fetch_due.clear()
                 await self._fetch_due.wait()
                 continue
-            batch = [self._due.pop(task_id) for task_id in list(self._due)[:FETCH_FEEDS]]
-            self._in_flight = {feed.task_id for feed in batch}
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for feed in batch:
-                        assert feed.last is not None
-                        start = "(" + format_position(feed.last)
-                        pipe.xrange(feed.key, min=start, max="+", count=FETCH_BATCH)
-                    replies = await pipe.execute(raise_on_error=False)
+                await self._fetch_batch()
             except (rex.ConnectionError, rex.TimeoutError) as e:
-                self._in_flight = set()
-                for feed in batch:
-                    self._due.setdefault(feed.task_id, feed)
                 attempt += 1
                 if attempt == 1:
-                    logger.warning("fetching %d tasks' events failed: %s; retrying", len(batch), e)
+                    logger.warning("fetching tasks' events failed: %s; retrying", e)
                 await backoff(attempt, base=0.02, cap=1.0)
                 continue
             attempt = 0
-            for feed, rows in zip(batch, replies, strict=True):
-                if self._feeds.get(feed.task_id) is not feed:
-                    continue  # its last subscriber left meanwhile
-                if isinstance(rows, Exception):
-                    feed.ended = CorruptDataError(f"cannot read the stream: {rows}", key=feed.key)
-                    feed.notify()
-                    continue
-                if rows:
-                    feed.extend(decode_rows(feed.key, rows), parse_entry_id(rows[-1][0]))
-                if len(rows) == FETCH_BATCH:
-                    self._due[feed.task_id] = feed  # more to read
+
+    async def _fetch_batch(self) -> None:
+        """One pipeline of XRANGEs for up to FETCH_FEEDS woken feeds (requeued on failure).
+
+        A method of its own so that nothing of the batch stays referenced while the loop
+        waits for the next wake-up: a feed whose subscribers left must be freed.
+        """
+        batch = [self._due.pop(task_id) for task_id in list(self._due)[:FETCH_FEEDS]]
+        self._in_flight = {feed.task_id for feed in batch}
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for feed in batch:
+                    assert feed.last is not None
+                    start = "(" + format_position(feed.last)
+                    pipe.xrange(feed.key, min=start, max="+", count=FETCH_BATCH)
+                replies = await pipe.execute(raise_on_error=False)
+        except (rex.ConnectionError, rex.TimeoutError):
+            for feed in batch:
+                self._due.setdefault(feed.task_id, feed)
+            raise
+        finally:
             self._in_flight = set()
+        for feed, rows in zip(batch, replies, strict=True):
+            if self._feeds.get(feed.task_id) is not feed:
+                continue  # its last subscriber left meanwhile
+            if isinstance(rows, Exception):
+                feed.ended = CorruptDataError(f"cannot read the stream: {rows}", key=feed.key)
+                feed.notify()
+                continue
+            if rows:
+                feed.extend(decode_rows(feed.key, rows), parse_entry_id(rows[-1][0]))
+            if len(rows) == FETCH_BATCH:
+                self._due[feed.task_id] = feed  # more to read
 
     # -- reader --------------------------------------------------------------------------
     def _ensure_reader(self) -> None:
