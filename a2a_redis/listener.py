@@ -59,6 +59,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FETCH_BATCH = 512  # entries per XRANGE
+TURN = 64  # entries a subscriber takes at a time: all it can hold while it does not read
 FETCH_FEEDS = 256  # XRANGEs per fetch pipeline
 Position = tuple[int, int]
 Rows = list[tuple[bytes, dict[bytes, bytes]]]
@@ -104,15 +105,15 @@ def decode_rows(key: str, rows: Rows) -> list[StreamEntry]:
 
 
 async def read_entries(
-    redis: Redis, key: str, after: Position, *, check_trim: bool = False
+    redis: Redis, key: str, after: Position, *, check_trim: bool = False, count: int = FETCH_BATCH
 ) -> tuple[list[StreamEntry], Position]:
-    """Entries after ``after`` (one batch), and the position of the last row read.
+    """Entries after ``after`` (one batch of ``count``), and the position of the last row read.
 
     With ``check_trim`` (one more round trip), raises :class:`SubscriberLagError` if
     entries after ``after`` were trimmed away before they could be read.
     """
     rows = cast(
-        Rows, await redis.xrange(key, min="(" + format_position(after), max="+", count=FETCH_BATCH)
+        Rows, await redis.xrange(key, min="(" + format_position(after), max="+", count=count)
     )
     if check_trim and after != (0, 0):
         await check_not_trimmed(redis, key, after)
@@ -177,8 +178,11 @@ class Feed:
         self.dirty = False
         self.ready: asyncio.Future[None] | None = None
 
-    def entries_after(self, position: Position) -> list[StreamEntry] | None:
-        """Ring entries after ``position``; None if the ring no longer covers it."""
+    def entries_after(self, position: Position, limit: int = TURN) -> list[StreamEntry] | None:
+        """The first ``limit`` ring entries after ``position``.
+
+        None if the ring no longer covers ``position``.
+        """
         if position < self.covered_from:
             return None
         newer = []
@@ -186,8 +190,7 @@ class Feed:
             if entry.position <= position:
                 break
             newer.append(entry)
-        newer.reverse()
-        return newer
+        return newer[: -limit - 1 : -1]
 
     def extend(self, entries: list[StreamEntry], last: Position) -> None:
         """Append fetched entries (read up to ``last``) and wake the subscribers."""
@@ -302,12 +305,14 @@ class StreamListener:
         The feed is joined before ``start`` runs, so no entry written meanwhile is missed;
         ``start`` returns its entries and the position just before them. Entries are
         yielded once each, in stream order (de-duplicated by position), from the shared
-        ring, or from the stream itself when this reader has fallen behind the ring.
-        Never ends by itself, except when the stream is destroyed (it returns); with
-        ``idle_timeout`` (seconds, or a function giving them, None while no owner is
-        expected), raises :class:`OwnerLostError` after that long without an entry or an
-        owner heartbeat. Silence is counted only while the pub/sub connection is up: after
-        a reconnect the owner gets a whole ``idle_timeout`` again.
+        ring, or from the stream itself when this reader has fallen behind the ring; at
+        most :data:`TURN` at a time, so a reader that stops reading holds no more than
+        that (what it has not read stays in the ring or in Redis). Never ends by itself,
+        except when the stream is destroyed (it returns); with ``idle_timeout`` (seconds,
+        or a function giving them, None while no owner is expected), raises
+        :class:`OwnerLostError` after that long without an entry or an owner heartbeat.
+        Silence is counted only while the pub/sub connection is up: after a reconnect the
+        owner gets a whole ``idle_timeout`` again.
         """
         key = self._keys.events(task_id)
         feed = await self.join(task_id)
@@ -316,6 +321,7 @@ class StreamListener:
         try:
             with redis_errors("read the task's stream", key):
                 pending, position = await start()
+            pending = pending[:TURN]  # the rest is read again, from the ring or the stream
             read_up_to = position
             while True:
                 for entry in pending:
@@ -358,7 +364,9 @@ class StreamListener:
         while True:
             try:
                 with redis_errors("catch up with the task's stream", key, connection=False):
-                    return await read_entries(self._redis, key, position, check_trim=True)
+                    return await read_entries(
+                        self._redis, key, position, check_trim=True, count=TURN
+                    )
             except (rex.ConnectionError, rex.TimeoutError) as e:
                 if self._closed:
                     raise ListenerClosedError("the listener was closed", key=key) from e
