@@ -210,7 +210,11 @@ class RedisTaskEventStream(TaskEventStream):
                 pipe.xrevrange(key, max="+", min="-", count=_REVERSE_PAGE)
             pipe.hget(self._keys.task(task_id), F_STATE)
             pipe.get(self._keys.lease(task_id))
-            rows, state, token = await pipe.execute()
+            rows, state, token = await pipe.execute(raise_on_error=False)
+        if isinstance(rows, Exception):
+            raise rows
+        if isinstance(state, Exception) or isinstance(token, Exception):
+            state = token = None  # a corrupt record or lease: no owner to watch (reads say why)
         watch.running = state is not None and state.isdigit() and int(state) not in SETTLED_STATES
         watch.ttl = lease_ttl_of(token, self._leases.ttl)
         return cast(Rows, rows)

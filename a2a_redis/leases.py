@@ -50,11 +50,12 @@ _RELEASE = """if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('D
 return 0"""
 # Renew the lease (or take it again if it expired, say in an outage longer than the TTL)
 # and publish a heartbeat; leave it alone if another replica holds the task now (0). Given
-# the task record (KEYS[2]), drop the lease instead once the record's state is settled (-1).
+# the task record (KEYS[2]), drop the lease instead once the record's state is settled (-1);
+# a record that is not a hash (corrupt) settles nothing.
 _RENEW = """local held = redis.call('GET', KEYS[1])
 if held and held ~= ARGV[1] then return 0 end
 if KEYS[2] then
-  local state = redis.call('HGET', KEYS[2], ARGV[5])
+  local state = redis.pcall('HGET', KEYS[2], ARGV[5])
   for i = 6, #ARGV do
     if state == ARGV[i] then
       if held then redis.call('DEL', KEYS[1]) end
@@ -104,6 +105,7 @@ class LeaseKeeper:
         self._renew_script = redis.register_script(_RENEW)
         self._held: dict[str, _Lease] = {}
         self._renewer: asyncio.Task[None] | None = None
+        self._closed = False
         self._settled = [b"%d" % state for state in sorted(SETTLED_STATES)]
 
     def __len__(self) -> int:
@@ -129,7 +131,7 @@ class LeaseKeeper:
 
     def hold(self, task_id: str) -> None:
         """Hold ``task_id``'s lease while its record is not settled (no round trip now)."""
-        if task_id not in self._held:
+        if task_id not in self._held and not self._closed:
             self._held[task_id] = _Lease(self._token(), self._keys.task(task_id))
             self._start()
 
@@ -155,6 +157,7 @@ class LeaseKeeper:
 
     async def aclose(self) -> None:
         """Stop renewing; delete the leases still held (best effort, one pipeline)."""
+        self._closed = True
         if self._renewer is not None:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -173,7 +176,7 @@ class LeaseKeeper:
             logger.warning("releasing %d leases at close failed: %s", len(held), e)
 
     def _start(self) -> None:
-        if self._renewer is None or self._renewer.done():
+        if not self._closed and (self._renewer is None or self._renewer.done()):
             self._renewer = asyncio.ensure_future(self._renew())
 
     async def _renew(self) -> None:
@@ -206,8 +209,10 @@ class LeaseKeeper:
                     F_STATE, *self._settled,
                 ]  # fmt: skip
                 await self._renew_script(keys=keys, args=args, client=pipe)
-            results = await pipe.execute()
+            results = await pipe.execute(raise_on_error=False)
         for (task_id, lease), result in zip(batch, results, strict=True):
-            if result == -1 and self._held.get(task_id) is lease:
+            if isinstance(result, Exception):  # this task's keys only (say, a corrupt lease)
+                logger.warning("renewal of task %s's lease failed: %s", task_id, result)
+            elif result == -1 and self._held.get(task_id) is lease:
                 del self._held[task_id]  # the task settled, whoever wrote it
                 logger.debug("task %s settled: its lease is dropped", task_id)

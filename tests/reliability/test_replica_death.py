@@ -369,3 +369,52 @@ async def test_subscribers_wait_through_an_outage_longer_than_the_lease(prefix: 
         finally:
             await a.aclose()
             await b.aclose()
+
+
+async def test_a_corrupt_record_or_lease_does_not_stop_other_tasks_heartbeats(pair):
+    """One task's keys of the wrong type (planted) must not stop the renewal of the others'."""
+    a, b = pair
+    await start_running(a, "bad")
+    version = await start_running(a, "good")
+    done_version = await start_running(a, "done")
+    keys = a.task_store.keys
+    await a.redis.delete(keys.task("bad"))
+    await a.redis.rpush(keys.task("bad"), b"not a hash")  # a corrupt record
+    await a.redis.delete(keys.lease("bad"))
+    await a.redis.hset(keys.lease("bad"), b"f", b"not a string")  # and a corrupt lease
+    subscription = b.event_stream.subscribe("good", after=version)
+    pending = asyncio.ensure_future(subscription.__anext__())
+    await asyncio.sleep(0.6 * 4)  # four leases: "good"'s heartbeats keep coming
+    assert not pending.done()
+    assert a.leases.holds("good")
+    assert await a.redis.get(keys.lease("good")) is not None
+    # ... and a task that settles meanwhile (a FAILED write, never published) is let go.
+    task = make_task("done", state=S.TASK_STATE_FAILED)
+    failed = working("done", S.TASK_STATE_FAILED)
+    await a.task_store.save(task, event=failed, prev_version=done_version, context=ctx())
+    for _ in range(200):
+        if not a.leases.holds("done"):
+            break
+        await asyncio.sleep(0.02)
+    assert not a.leases.holds("done")
+    # Subscribing to the task with the corrupt record still works (it reads the stream).
+    bad = b.event_stream.subscribe("bad", after=TaskVersion(2))
+    await a.event_stream.publish("bad", VersionedEvent(working("bad"), TaskVersion(3)))
+    assert (await asyncio.wait_for(bad.__anext__(), GUARD)).version == TaskVersion(3)
+    await bad.aclose()
+    pending.cancel()
+    await asyncio.gather(pending, return_exceptions=True)
+    await subscription.aclose()
+
+
+async def test_after_close_a_late_publish_holds_no_lease(pair):
+    a, _ = pair
+    version = await start_running(a, "t")
+    await a.leases.aclose()  # released, and no renewal loop is left running
+    assert await a.redis.get(a.task_store.keys.lease("t")) is None
+    event = working("t")
+    task = make_task("t", state=S.TASK_STATE_WORKING)
+    version = await a.task_store.save(task, event=event, prev_version=version, context=ctx())
+    await a.event_stream.publish("t", VersionedEvent(event, version))
+    assert len(a.leases) == 0
+    assert a.leases._renewer is not None and a.leases._renewer.done()
