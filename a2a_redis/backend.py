@@ -34,6 +34,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from a2a_redis.cluster import CLUSTER_SCHEMES, Client, cluster_client
 from a2a_redis.errors import redis_errors
 from a2a_redis.event_stream import RedisTaskEventStream
+from a2a_redis.leases import LeaseKeeper
 from a2a_redis.listener import StreamListener
 from a2a_redis.push_config_store import RedisPushNotificationConfigStore
 from a2a_redis.queue_manager import RedisQueueManager
@@ -54,7 +55,8 @@ class RedisBackend:
         owner_resolver: Maps a call context to its owner (default: the user name).
         terminal_ttl: Seconds to keep a task after a terminal write; None keeps tasks.
         stream_retention: Cap and TTLs of the per-task event streams.
-        lease_ttl: Seconds a legacy queue owner's lease lasts without renewal.
+        lease_ttl: Seconds the lease of a task this replica runs lasts without renewal
+            (after the replica dies, remote subscribers end within about this long).
         encryption_key: A Fernet key to encrypt push-notification configs at rest.
     """
 
@@ -79,8 +81,9 @@ class RedisBackend:
             stream_retention=stream_retention,
         )
         self.listener = StreamListener(redis, self.task_store.keys)
+        self.leases = LeaseKeeper(redis, self.task_store.keys, ttl=lease_ttl)
         self.event_stream = RedisTaskEventStream(
-            redis, task_store=self.task_store, listener=self.listener
+            redis, task_store=self.task_store, listener=self.listener, leases=self.leases
         )
         self.queue_manager = RedisQueueManager(
             redis,
@@ -88,6 +91,7 @@ class RedisBackend:
             listener=self.listener,
             stream_retention=self.task_store.stream_retention,
             lease_ttl=lease_ttl,
+            leases=self.leases,
         )
         self.push_config_store = RedisPushNotificationConfigStore(
             redis, prefix=prefix, owner_resolver=owner_resolver, encryption_key=encryption_key
@@ -209,6 +213,7 @@ class RedisBackend:
             report.update(redis=False, error=str(e))
         report["listener"] = self.listener.stats()
         report["queues"] = self.queue_manager.stats()
+        report["leases"] = len(self.leases)
         report["ok"] = report["redis"] and (
             report["listener"]["connected"] or not report["listener"]["tasks"]
         )
@@ -220,6 +225,7 @@ class RedisBackend:
         try:
             try:
                 await self.queue_manager.aclose()
+                await self.leases.aclose()
             finally:
                 await self.listener.aclose()
         finally:

@@ -12,6 +12,14 @@ stream, then follows the feed, de-duplicating by entry id (and dropping a second
 a non-Message event at a version already delivered). It never ends by itself, except when
 the task's stream is destroyed (``destroy`` or a store ``delete``): then it returns.
 While Redis is unreachable, subscribers wait and resume when the listener reconnects.
+
+Replica death: the replica that publishes a running task's events holds the task's lease
+(``leases.py``): one loop per process renews all its leases and sends each task's
+subscribers a heartbeat every ``lease_ttl / 3``. A subscriber of a task in a running state
+(submitted or working) that hears neither an event nor a heartbeat for the owner's
+``lease_ttl`` raises :class:`~a2a_redis.listener.OwnerLostError`: the replica running the
+task is gone, and nobody will finish it unless a follow-up message or a cancel is sent.
+A task waiting for input (or authentication) has no owner, and its subscribers wait.
 """
 
 from __future__ import annotations
@@ -20,11 +28,15 @@ from collections.abc import AsyncGenerator
 from typing import cast
 
 from a2a.server.cluster import TaskEventStream, TaskVersion, VersionedEvent
-from a2a.types.a2a_pb2 import Message
+from a2a.server.events.event_queue import Event
+from a2a.types.a2a_pb2 import Message, TaskArtifactUpdateEvent
 
 from a2a_redis.cluster import Client, keys_for
-from a2a_redis.codec import ends_task_stream, version_int
+from a2a_redis.codec import F_STATE, ends_task_stream, version_int
+from a2a_redis.errors import redis_errors
+from a2a_redis.leases import SETTLED_STATES, LeaseKeeper, lease_ttl_of
 from a2a_redis.listener import (
+    FETCH_BATCH,
     Position,
     Rows,
     StreamEntry,
@@ -34,6 +46,7 @@ from a2a_redis.listener import (
     read_entries,
 )
 from a2a_redis.streams import (
+    APPEND_IF_NEW_SCRIPT,
     AppendLedger,
     StreamRetention,
     append_commands,
@@ -41,11 +54,38 @@ from a2a_redis.streams import (
     parse_entry_id,
 )
 from a2a_redis.task_store import VersionedRedisTaskStore
-from a2a_redis.transaction import run_atomically
+from a2a_redis.transaction import batch_args, run_atomically
 
 __all__ = ["RedisTaskEventStream"]
 
 _REVERSE_PAGE = 64
+
+
+def runs(event: Event) -> bool | None:
+    """Whether ``event`` says its task is running (True), settled (False), or neither.
+
+    Running: an artifact update, or a state other than terminal, input-required and
+    auth-required. Settled: one of those states, or a Message reply.
+    """
+    if isinstance(event, Message):
+        return False
+    if isinstance(event, TaskArtifactUpdateEvent):
+        return True
+    status = getattr(event, "status", None)
+    return None if status is None else status.state not in SETTLED_STATES
+
+
+class _OwnerWatch:
+    """Whether a subscriber expects its task's owner alive, and for how long it waits."""
+
+    __slots__ = ("running", "ttl")
+
+    def __init__(self, ttl: float) -> None:
+        self.running = False
+        self.ttl = ttl
+
+    def timeout(self) -> float | None:
+        return self.ttl if self.running else None
 
 
 class RedisTaskEventStream(TaskEventStream):
@@ -60,6 +100,11 @@ class RedisTaskEventStream(TaskEventStream):
         stream_retention: Cap and TTLs of the streams (when no ``task_store`` is given).
         listener: A shared :class:`StreamListener`; by default the stream makes its own
             (one pub/sub connection) and closes it in :meth:`aclose`.
+        leases: A shared :class:`LeaseKeeper` (``RedisBackend`` shares one per process);
+            by default the stream makes its own, with ``lease_ttl``.
+        lease_ttl: Seconds the lease of a task this replica runs lasts without renewal
+            (default 10): a remote subscriber of a running task whose replica died raises
+            ``OwnerLostError`` after about this long.
     """
 
     def __init__(
@@ -70,6 +115,8 @@ class RedisTaskEventStream(TaskEventStream):
         task_store: VersionedRedisTaskStore | None = None,
         stream_retention: StreamRetention | None = None,
         listener: StreamListener | None = None,
+        leases: LeaseKeeper | None = None,
+        lease_ttl: float = 10.0,
     ) -> None:
         if task_store is not None:
             if task_store.keys.prefix != prefix and prefix != "a2a":
@@ -84,23 +131,44 @@ class RedisTaskEventStream(TaskEventStream):
         self._redis = redis
         self._owns_listener = listener is None
         self._listener = listener or StreamListener(redis, self._keys)
+        self._append_if_new = redis.register_script(APPEND_IF_NEW_SCRIPT)
+        self._owns_leases = leases is None
+        self._leases = LeaseKeeper(redis, self._keys, ttl=lease_ttl) if leases is None else leases
 
     @property
     def listener(self) -> StreamListener:
         """The process's listener (for health checks)."""
         return self._listener
 
+    @property
+    def leases(self) -> LeaseKeeper:
+        """The leases of the tasks this replica runs (for health checks)."""
+        return self._leases
+
     async def aclose(self) -> None:
-        """Close the listener if this stream created it; waiting subscribers then fail."""
-        if self._owns_listener:
-            await self._listener.aclose()
+        """Close the listener and leases this stream created; waiting subscribers then fail."""
+        try:
+            if self._owns_leases:
+                await self._leases.aclose()
+        finally:
+            if self._owns_listener:
+                await self._listener.aclose()
 
     async def publish(self, task_id: str, event: VersionedEvent) -> None:
         """Append ``event`` unless the store already did; wake every replica's subscribers.
 
-        Round trips: 0 for an event the paired store appended; otherwise 1 (MULTI with
-        XADD, PEXPIRE and PUBLISH).
+        Round trips: 0 for an event the paired store appended; otherwise 1 (one script:
+        XADD, PEXPIRE and PUBLISH). An event other than a Message is not appended if the
+        stream already holds its version or a later one: the SDK republishes a task it
+        reloaded after losing a race, and that state is logged already. The publisher of a
+        running task holds its lease, and lets it go at an event that settles the task (no
+        round trip either way).
         """
+        running = runs(event.event)
+        if running:
+            self._leases.hold(task_id)
+        elif running is not None:
+            self._leases.drop(task_id)
         version = version_int(event.version)
         if not isinstance(event.event, Message) and self._ledger.consume(task_id, version):
             return
@@ -108,10 +176,17 @@ class RedisTaskEventStream(TaskEventStream):
             self._keys, task_id, version, event.event,
             terminal=ends_task_stream(event.event), retention=self._retention,
         )  # fmt: skip
-        await run_atomically(self._redis, "publish", self._keys.events(task_id), commands)
+        key = self._keys.events(task_id)
+        if not version or isinstance(event.event, Message):
+            await run_atomically(self._redis, "publish", key, commands)
+            return
+        keys, argv = batch_args(commands)  # the stream comes first: XADD is the first command
+        with redis_errors("publish", key):
+            await self._append_if_new(keys=keys, args=[version, *argv])
 
     async def destroy(self, task_id: str) -> None:
         """Delete the task's stream; its subscribers on every replica end cleanly."""
+        self._leases.drop(task_id)
         await run_atomically(
             self._redis,
             "destroy",
@@ -119,7 +194,33 @@ class RedisTaskEventStream(TaskEventStream):
             destroy_commands(self._keys, task_id),
         )
 
-    async def _backlog(self, key: str, after: TaskVersion) -> tuple[list[StreamEntry], Position]:
+    async def _first_page(
+        self, task_id: str, key: str, after: TaskVersion, watch: _OwnerWatch
+    ) -> Rows:
+        """The backlog's first page, read with the task's state and lease (one round trip).
+
+        They tell whether the task is running now (so its owner must be alive) and how long
+        the owner's lease lasts.
+        """
+        async with self._redis.pipeline(transaction=False) as pipe:
+            if after.is_missing:
+                pipe.xrange(key, min="-", max="+", count=FETCH_BATCH)
+            else:
+                pipe.xrevrange(key, max="+", min="-", count=_REVERSE_PAGE)
+            pipe.hget(self._keys.task(task_id), F_STATE)
+            pipe.get(self._keys.lease(task_id))
+            rows, state, token = await pipe.execute(raise_on_error=False)
+        if isinstance(rows, Exception):
+            raise rows
+        if isinstance(state, Exception) or isinstance(token, Exception):
+            state = token = None  # a corrupt record or lease: no owner to watch (reads say why)
+        watch.running = state is not None and state.isdigit() and int(state) not in SETTLED_STATES
+        watch.ttl = lease_ttl_of(token, self._leases.ttl)
+        return cast(Rows, rows)
+
+    async def _backlog(
+        self, task_id: str, key: str, after: TaskVersion, watch: _OwnerWatch
+    ) -> tuple[list[StreamEntry], Position]:
         """Entries with a version after ``after``, and the position just before them.
 
         Versions never decrease along a stream, so this reads backwards from the end, a
@@ -127,21 +228,18 @@ class RedisTaskEventStream(TaskEventStream):
         reads the whole stream forwards). Raises ``SubscriberLagError`` if the entries
         that were asked for had been trimmed away.
         """
+        rows = await self._first_page(task_id, key, after, watch)
         if after.is_missing:
-            entries: list[StreamEntry] = []
-            position: Position = (0, 0)
-            while True:
+            entries = decode_rows(key, rows)
+            position = parse_entry_id(rows[-1][0]) if len(rows) == FETCH_BATCH else None
+            while position is not None:  # the rest of a long stream, a batch at a time
                 batch, last = await read_entries(self._redis, key, position)
-                if last == position:
-                    return entries, (0, 0)
                 entries += batch
-                position = last
+                position = last if last != position else None
+            return entries, (0, 0)
         found: list[StreamEntry] = []
         high = "+"
         while True:
-            rows = cast(
-                Rows, await self._redis.xrevrange(key, max=high, min="-", count=_REVERSE_PAGE)
-            )
             for row in rows:
                 decoded = decode_rows(key, [row])
                 if decoded and not TaskVersion(decoded[0].version).is_after(after):
@@ -151,6 +249,9 @@ class RedisTaskEventStream(TaskEventStream):
             if len(rows) < _REVERSE_PAGE:
                 break
             high = "(" + rows[-1][0].decode()
+            rows = cast(
+                Rows, await self._redis.xrevrange(key, max=high, min="-", count=_REVERSE_PAGE)
+            )
         found.reverse()
         if found and found[0].version > version_int(after) + 1:
             await check_not_trimmed(self._redis, key, (0, 0))
@@ -162,11 +263,19 @@ class RedisTaskEventStream(TaskEventStream):
         """Yield the task's events newer than ``after``: the backlog, then live ones.
 
         Round trips: 2-3 to join (SUBSCRIBE and the stream's end, for the first local
-        subscriber of the task), 1+ for the backlog; then none per event (the feed reads).
+        subscriber of the task), 1+ for the backlog (its first page read together with the
+        task's state and lease); then none per event (the feed reads).
+
+        Raises :class:`~a2a_redis.listener.OwnerLostError` if the task is running (its
+        stored state, then the events' states, say so) and neither an event nor a heartbeat
+        comes from the replica running it for that replica's ``lease_ttl``: it died.
         """
         key = self._keys.events(task_id)
         delivered = 0  # highest version of a non-Message event yielded (de-duplication)
-        entries = self._listener.follow(task_id, lambda: self._backlog(key, after))
+        watch = _OwnerWatch(self._leases.ttl)
+        entries = self._listener.follow(
+            task_id, lambda: self._backlog(task_id, key, after, watch), idle_timeout=watch.timeout
+        )
         try:
             async for entry in entries:
                 event, version = entry.event, entry.version
@@ -177,6 +286,9 @@ class RedisTaskEventStream(TaskEventStream):
                     if version <= delivered:
                         continue  # a second copy of an event already delivered
                     delivered = version
+                running = runs(event)
+                if running is not None:
+                    watch.running = running
                 yield VersionedEvent(event=event, version=TaskVersion(version))
                 del event
         finally:

@@ -61,6 +61,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FETCH_BATCH = 512  # entries per XRANGE
+TURN = 64  # entries a subscriber takes at a time: all it can hold while it does not read
 FETCH_FEEDS = 256  # XRANGEs per fetch pipeline
 Position = tuple[int, int]
 Rows = list[tuple[bytes, dict[bytes, bytes]]]
@@ -106,15 +107,15 @@ def decode_rows(key: str, rows: Rows) -> list[StreamEntry]:
 
 
 async def read_entries(
-    redis: Client, key: str, after: Position, *, check_trim: bool = False
+    redis: Client, key: str, after: Position, *, check_trim: bool = False, count: int = FETCH_BATCH
 ) -> tuple[list[StreamEntry], Position]:
-    """Entries after ``after`` (one batch), and the position of the last row read.
+    """Entries after ``after`` (one batch of ``count``), and the position of the last row read.
 
     With ``check_trim`` (one more round trip), raises :class:`SubscriberLagError` if
     entries after ``after`` were trimmed away before they could be read.
     """
     rows = cast(
-        Rows, await redis.xrange(key, min="(" + format_position(after), max="+", count=FETCH_BATCH)
+        Rows, await redis.xrange(key, min="(" + format_position(after), max="+", count=count)
     )
     if check_trim and after != (0, 0):
         await check_not_trimmed(redis, key, after)
@@ -180,8 +181,11 @@ class Feed:
         self.ready: asyncio.Future[None] | None = None
         self.link: PubSubLink | None = None  # the pub/sub connection its channel is on
 
-    def entries_after(self, position: Position) -> list[StreamEntry] | None:
-        """Ring entries after ``position``; None if the ring no longer covers it."""
+    def entries_after(self, position: Position, limit: int = TURN) -> list[StreamEntry] | None:
+        """The first ``limit`` ring entries after ``position``.
+
+        None if the ring no longer covers ``position``.
+        """
         if position < self.covered_from:
             return None
         newer = []
@@ -189,8 +193,7 @@ class Feed:
             if entry.position <= position:
                 break
             newer.append(entry)
-        newer.reverse()
-        return newer
+        return newer[: -limit - 1 : -1]
 
     def extend(self, entries: list[StreamEntry], last: Position) -> None:
         """Append fetched entries (read up to ``last``) and wake the subscribers."""
@@ -304,24 +307,30 @@ class StreamListener:
         task_id: str,
         start: Callable[[], Awaitable[tuple[list[StreamEntry], Position]]],
         *,
-        idle_timeout: float | None = None,
+        idle_timeout: float | Callable[[], float | None] | None = None,
     ) -> AsyncGenerator[StreamEntry, None]:
         """Yield a task's stream entries: those ``start`` returns, then every later one.
 
         The feed is joined before ``start`` runs, so no entry written meanwhile is missed;
         ``start`` returns its entries and the position just before them. Entries are
         yielded once each, in stream order (de-duplicated by position), from the shared
-        ring, or from the stream itself when this reader has fallen behind the ring.
-        Never ends by itself, except when the stream is destroyed (it returns); with
-        ``idle_timeout``, raises :class:`OwnerLostError` after that many seconds without
-        an entry or an owner heartbeat.
+        ring, or from the stream itself when this reader has fallen behind the ring; at
+        most :data:`TURN` at a time, so a reader that stops reading holds no more than
+        that (what it has not read stays in the ring or in Redis). Never ends by itself,
+        except when the stream is destroyed (it returns); with ``idle_timeout`` (seconds,
+        or a function giving them, None while no owner is expected), raises
+        :class:`OwnerLostError` after that long without an entry or an owner heartbeat.
+        Silence is counted only while the pub/sub connection is up: after a reconnect the
+        owner gets a whole ``idle_timeout`` again.
         """
         key = self._keys.events(task_id)
         feed = await self.join(task_id)
         loop = asyncio.get_running_loop()
+        joined = loop.time()
         try:
             with redis_errors("read the task's stream", key):
                 pending, position = await start()
+            pending = pending[:TURN]  # the rest is read again, from the ring or the stream
             read_up_to = position
             while True:
                 for entry in pending:
@@ -342,15 +351,19 @@ class StreamListener:
                 pending = ring
                 if ring:
                     continue
-                if idle_timeout is None:
+                timeout = idle_timeout() if callable(idle_timeout) else idle_timeout
+                if timeout is None:
                     await changed.wait()
                     continue
-                remaining = feed.alive_at + idle_timeout - loop.time()
-                if remaining <= 0:
+                remaining = max(feed.alive_at, joined) + timeout - loop.time()
+                if remaining > 0:
+                    await _wait(changed, remaining)
+                elif feed.link is not None and feed.link.connected:
                     raise OwnerLostError(
-                        f"no event or heartbeat from the task's owner for {idle_timeout}s", key=key
+                        f"no event or heartbeat from the task's owner for {timeout}s", key=key
                     )
-                await _wait(changed, remaining)
+                else:  # our own connection is down: the owner's silence proves nothing
+                    await changed.wait()
         finally:
             await self.leave(feed)
 
@@ -360,7 +373,9 @@ class StreamListener:
         while True:
             try:
                 with redis_errors("catch up with the task's stream", key, connection=False):
-                    return await read_entries(self._redis, key, position, check_trim=True)
+                    return await read_entries(
+                        self._redis, key, position, check_trim=True, count=TURN
+                    )
             except (rex.ConnectionError, rex.TimeoutError) as e:
                 if self._closed:
                     raise ListenerClosedError("the listener was closed", key=key) from e
@@ -431,37 +446,48 @@ class StreamListener:
                 self._fetch_due.clear()
                 await self._fetch_due.wait()
                 continue
-            batch = [self._due.pop(task_id) for task_id in list(self._due)[:FETCH_FEEDS]]
-            self._in_flight = {feed.task_id for feed in batch}
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for feed in batch:
-                        assert feed.last is not None
-                        start = "(" + format_position(feed.last)
-                        pipe.xrange(feed.key, min=start, max="+", count=FETCH_BATCH)
-                    replies = await pipe.execute(raise_on_error=False)
+                await self._fetch_batch()
             except (rex.ConnectionError, rex.TimeoutError) as e:
-                self._in_flight = set()
-                for feed in batch:
-                    self._due.setdefault(feed.task_id, feed)
                 attempt += 1
                 if attempt == 1:
-                    logger.warning("fetching %d tasks' events failed: %s; retrying", len(batch), e)
+                    logger.warning("fetching tasks' events failed: %s; retrying", e)
                 await backoff(attempt, base=0.02, cap=1.0)
                 continue
             attempt = 0
-            for feed, rows in zip(batch, replies, strict=True):
-                if self._feeds.get(feed.task_id) is not feed:
-                    continue  # its last subscriber left meanwhile
-                if isinstance(rows, Exception):
-                    feed.ended = CorruptDataError(f"cannot read the stream: {rows}", key=feed.key)
-                    feed.notify()
-                    continue
-                if rows:
-                    feed.extend(decode_rows(feed.key, rows), parse_entry_id(rows[-1][0]))
-                if len(rows) == FETCH_BATCH:
-                    self._due[feed.task_id] = feed  # more to read
+
+    async def _fetch_batch(self) -> None:
+        """One pipeline of XRANGEs for up to FETCH_FEEDS woken feeds (requeued on failure).
+
+        A method of its own so that nothing of the batch stays referenced while the loop
+        waits for the next wake-up: a feed whose subscribers left must be freed.
+        """
+        batch = [self._due.pop(task_id) for task_id in list(self._due)[:FETCH_FEEDS]]
+        self._in_flight = {feed.task_id for feed in batch}
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for feed in batch:
+                    assert feed.last is not None
+                    start = "(" + format_position(feed.last)
+                    pipe.xrange(feed.key, min=start, max="+", count=FETCH_BATCH)
+                replies = await pipe.execute(raise_on_error=False)
+        except (rex.ConnectionError, rex.TimeoutError):
+            for feed in batch:
+                self._due.setdefault(feed.task_id, feed)
+            raise
+        finally:
             self._in_flight = set()
+        for feed, rows in zip(batch, replies, strict=True):
+            if self._feeds.get(feed.task_id) is not feed:
+                continue  # its last subscriber left meanwhile
+            if isinstance(rows, Exception):
+                feed.ended = CorruptDataError(f"cannot read the stream: {rows}", key=feed.key)
+                feed.notify()
+                continue
+            if rows:
+                feed.extend(decode_rows(feed.key, rows), parse_entry_id(rows[-1][0]))
+            if len(rows) == FETCH_BATCH:
+                self._due[feed.task_id] = feed  # more to read
 
     # -- pub/sub links -------------------------------------------------------------------
     async def _link_for(self, channel: bytes) -> PubSubLink:
@@ -557,7 +583,10 @@ class StreamListener:
                 confirmed.set_result(None)
             feed = self._by_channel.get(channel)
             if feed is not None and feed.last is not None:
-                self._wake(feed)  # re-subscribed after a reconnect: backfill
+                self._wake(feed)  # re-subscribed after a reconnect or a slot move: backfill
+                # Owners' heartbeats could not reach us meanwhile: a whole lease again.
+                feed.alive_at = asyncio.get_running_loop().time()
+                feed.notify()
             return
         feed = self._by_channel.get(channel)
         if feed is not None and kind in ("message", "smessage"):

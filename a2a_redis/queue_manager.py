@@ -8,7 +8,8 @@ It stands on the same per-task Streams and the same listener as ``RedisTaskEvent
   event enqueued is also appended, in order, to the task's stream (before ``enqueue_event``
   returns, so nothing can be dropped by a later ``close(immediate=True)``), and closing the
   queue appends a close mark. While the queue is open the replica holds a lease in Redis
-  (``keys.lease``), renewed every ``lease_ttl / 3`` together with a pub/sub heartbeat.
+  (``keys.lease``, see ``leases.py``), renewed every ``lease_ttl / 3`` together with a
+  pub/sub heartbeat.
 * **Any replica's** ``tap(task_id)`` returns a queue fed from the stream with every event
   enqueued from then on, exactly once and in order, ending (closed, after it drained) at the
   close mark. If the owner dies, no heartbeat comes and the tap closes after ``lease_ttl``:
@@ -22,16 +23,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from typing import cast
 
 from a2a.server.events.event_queue import DEFAULT_MAX_QUEUE_SIZE, Event, EventQueueLegacy
 from a2a.server.events.queue_manager import NoTaskQueue, QueueManager, TaskQueueExists
 
-from a2a_redis.cluster import Client, is_cluster, keys_for
+from a2a_redis.cluster import Client, keys_for
 from a2a_redis.codec import CLOSED, ends_task_stream
 from a2a_redis.errors import A2ARedisError, redis_errors
+from a2a_redis.leases import LeaseKeeper, lease_ttl_of
 from a2a_redis.listener import (
     OwnerLostError,
     Position,
@@ -41,7 +42,6 @@ from a2a_redis.listener import (
     decode_rows,
 )
 from a2a_redis.streams import (
-    HEARTBEAT,
     StreamRetention,
     append_commands,
     close_commands,
@@ -52,17 +52,6 @@ from a2a_redis.transaction import run_atomically
 __all__ = ["RedisQueueManager"]
 
 logger = logging.getLogger(__name__)
-
-_RELEASE = """if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0"""
-# Renew the lease, or take it again if it expired (an outage longer than lease_ttl); leave
-# it alone if another replica has taken the task's queue since.
-_RENEW = """local held = redis.call('GET', KEYS[1])
-if held == ARGV[1] or not held then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0"""
 
 
 class _StreamWriter(EventQueueLegacy):
@@ -123,6 +112,8 @@ class RedisQueueManager(QueueManager):
         lease_ttl: Seconds a queue owner's lease lasts without renewal (default 10): after
             an owner dies, remote taps end within about this long.
         tap_max_queue_size: Bound of each remote tap's local buffer (the SDK's default).
+        leases: A shared :class:`LeaseKeeper` (``RedisBackend`` shares one per process;
+            its ``ttl`` then replaces ``lease_ttl``); by default the manager makes its own.
     """
 
     def __init__(
@@ -134,6 +125,7 @@ class RedisQueueManager(QueueManager):
         stream_retention: StreamRetention | None = None,
         lease_ttl: float = 10.0,
         tap_max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+        leases: LeaseKeeper | None = None,
     ) -> None:
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive seconds")
@@ -142,14 +134,12 @@ class RedisQueueManager(QueueManager):
         self._owns_listener = listener is None
         self._listener = listener or StreamListener(redis, self._keys)
         self._retention = stream_retention or StreamRetention()
-        self._lease_ttl = lease_ttl
+        self._owns_keeper = leases is None
+        self._keeper = LeaseKeeper(redis, self._keys, ttl=lease_ttl) if leases is None else leases
         self._tap_size = tap_max_queue_size
-        self._release = redis.register_script(_RELEASE)
-        self._renew_script = redis.register_script(_RENEW)
         self._queues: dict[str, EventQueueLegacy] = {}  # queues this replica owns
         self._leases: dict[str, bytes] = {}  # owned queues still open -> their lease token
         self._taps: set[_RemoteTap] = set()
-        self._renewer: asyncio.Task[None] | None = None
 
     # -- QueueManager ----------------------------------------------------------------------
     async def add(self, task_id: str, queue: EventQueueLegacy) -> None:
@@ -186,11 +176,6 @@ class RedisQueueManager(QueueManager):
             return None
         return await self._remote_tap(task_id, cast(bytes, token))
 
-    def _owner_ttl(self, token: bytes) -> float:
-        """The owner's lease_ttl, from its lease token (ours if the token is foreign)."""
-        _, _, ttl_ms = token.rpartition(b":")
-        return int(ttl_ms) / 1000 if ttl_ms.isdigit() and int(ttl_ms) > 0 else self._lease_ttl
-
     async def close(self, task_id: str) -> None:
         """Close this replica's queue for ``task_id``; remote taps end once drained."""
         queue = self._queues.pop(task_id, None)
@@ -214,10 +199,6 @@ class RedisQueueManager(QueueManager):
 
     async def aclose(self) -> None:
         """Release every lease (marking those queues closed) and end the remote taps."""
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
         try:
             for task_id in list(self._leases):
                 with contextlib.suppress(A2ARedisError):
@@ -229,53 +210,22 @@ class RedisQueueManager(QueueManager):
             for tap in list(self._taps):
                 await tap.close(immediate=True)
         finally:
-            if self._owns_listener:
-                await self._listener.aclose()
+            try:
+                if self._owns_keeper:
+                    await self._keeper.aclose()
+            finally:
+                if self._owns_listener:
+                    await self._listener.aclose()
 
     # -- owner side ------------------------------------------------------------------------
     async def _take_lease(self, task_id: str) -> None:
-        lease = self._keys.lease(task_id)
-        # Names this opening of the queue, and tells taps how long the owner's lease lasts.
-        token = b"%s:%d" % (os.urandom(8).hex().encode(), int(self._lease_ttl * 1000))
-        with redis_errors("take the queue lease", lease):
-            await self._redis.set(lease, token, px=int(self._lease_ttl * 1000))
-        self._leases[task_id] = token
-        if self._renewer is None or self._renewer.done():
-            self._renewer = asyncio.ensure_future(self._renew())
+        """Take the task's lease at once (``tap`` on any replica looks it up).
 
-    async def _renew(self) -> None:
-        """Renew every held lease and send a heartbeat to its taps, every ``lease_ttl / 3``.
-
-        A lease that expired meanwhile (Redis unreachable for longer than ``lease_ttl``) is
-        taken again, unless another replica holds the task's queue now.
+        The process's :class:`LeaseKeeper` renews it, with a heartbeat, until the queue
+        closes. Its token names this opening of the queue and tells taps how long the
+        owner's lease lasts.
         """
-        ttl_ms = int(self._lease_ttl * 1000)
-        while self._leases:
-            await asyncio.sleep(self._lease_ttl / 3)
-            try:
-                if is_cluster(self._redis):  # no scripts in cluster pipelines
-                    await asyncio.gather(
-                        *(self._renew_one(t, token, ttl_ms) for t, token in self._leases.items())
-                    )
-                    continue
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for task_id, token in self._leases.items():
-                        lease = self._keys.lease(task_id)
-                        await self._renew_script(
-                            keys=[lease],
-                            args=[token, ttl_ms],
-                            client=pipe,  # type: ignore[arg-type]
-                        )
-                        pipe.execute_command(
-                            self._keys.publish, self._keys.wake(task_id), HEARTBEAT
-                        )
-                    await pipe.execute()
-            except Exception as e:  # keep renewing through outages; taps decide on their own
-                logger.warning("lease renewal of %d queues failed: %s", len(self._leases), e)
-
-    async def _renew_one(self, task_id: str, token: bytes, ttl_ms: int) -> None:
-        await self._renew_script(keys=[self._keys.lease(task_id)], args=[token, ttl_ms])
-        await self._redis.execute_command(self._keys.publish, self._keys.wake(task_id), HEARTBEAT)
+        self._leases[task_id] = await self._keeper.take(task_id)
 
     async def _append(self, task_id: str, event: Event) -> None:
         commands = append_commands(
@@ -291,13 +241,13 @@ class RedisQueueManager(QueueManager):
         token = self._leases.pop(task_id, None)
         if token is None:
             return
+        self._keeper.drop(task_id, token)
         key = self._keys.events(task_id)
         await run_atomically(
             self._redis, "close the queue", key,
             close_commands(self._keys, task_id, token=token, retention=self._retention),
         )  # fmt: skip
-        with redis_errors("release the queue lease", self._keys.lease(task_id)):
-            await self._release(keys=[self._keys.lease(task_id)], args=[token])
+        await self._keeper.release(task_id, token)
 
     # -- tap side --------------------------------------------------------------------------
     async def _remote_tap(self, task_id: str, token: bytes) -> EventQueueLegacy:
@@ -316,7 +266,7 @@ class RedisQueueManager(QueueManager):
                 return decode_rows(key, rows), (0, 0)  # closed since we read the lease: end
             return [], parse_entry_id(entry_id)  # (an older opening's close mark is history)
 
-        idle = self._owner_ttl(token)
+        idle = lease_ttl_of(token, self._keeper.ttl)
         tap.pump = asyncio.ensure_future(self._pump(task_id, tap, from_the_end, idle))
         self._taps.add(tap)
         tap.pump.add_done_callback(lambda _: self._taps.discard(tap))

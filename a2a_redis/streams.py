@@ -19,9 +19,10 @@ from a2a.server.events.event_queue import Event
 
 from a2a_redis.codec import encode_closed, encode_event
 from a2a_redis.keys import Keys
-from a2a_redis.transaction import WITH_ENTRY_ID, Command
+from a2a_redis.transaction import BATCH_SCRIPT, WITH_ENTRY_ID, Command
 
 __all__ = [
+    "APPEND_IF_NEW_SCRIPT",
     "DESTROYED",
     "HEARTBEAT",
     "AppendLedger",
@@ -85,6 +86,23 @@ def append_commands(
         (keys.publish, keys.wake(task_id), WITH_ENTRY_ID + pack_fields(fields)),
     ]
 
+
+#: Runs a batch as ``transaction.BATCH_SCRIPT`` does (its ARGV from the second on), unless
+#: the stream KEYS[1] already ends at task version ARGV[1] or later: then the event is a copy
+#: of one already logged (the SDK republishes a task it reloaded after losing a race to
+#: another replica's write), and the script returns 0 without appending it.
+APPEND_IF_NEW_SCRIPT = b"""local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if last then
+  local fields = last[2]
+  for j = 1, #fields, 2 do
+    if fields[j] == 'v' then
+      if (tonumber(fields[j + 1]) or 0) >= tonumber(ARGV[1]) then return 0 end
+      break
+    end
+  end
+end
+""" + BATCH_SCRIPT.replace(b"local i = 1\n", b"local i = 2\n", 1)
+assert APPEND_IF_NEW_SCRIPT.count(b"local i = 2") == 1
 
 #: Wake payload announcing that a task's stream was destroyed: its subscribers end.
 DESTROYED = b"destroyed"

@@ -41,6 +41,7 @@ __all__ = [
     "Command",
     "WatchedTransaction",
     "backoff",
+    "batch_args",
     "execute",
     "pack",
     "run_atomically",
@@ -98,11 +99,11 @@ def pack(commands: Sequence[Command | bytes]) -> bytes:
 
 def _batch(commands: Sequence[Command]) -> bytes:
     """One packed EVALSHA running ``commands``, declaring every key they touch."""
-    keys, argv = _batch_args(commands)
+    keys, argv = batch_args(commands)
     return _resp([b"EVALSHA", _BATCH_SHA, b"%d" % len(keys), *keys, *argv])
 
 
-def _batch_args(commands: Sequence[Command]) -> tuple[list[bytes], list[bytes]]:
+def batch_args(commands: Sequence[Command]) -> tuple[list[bytes], list[bytes]]:
     """KEYS and ARGV of :data:`BATCH_SCRIPT` running ``commands``."""
     keys: dict[bytes, None] = {}
     argv: list[bytes] = []
@@ -148,7 +149,7 @@ async def run_atomically(redis: Client, operation: str, key: str, commands: list
     A script runs atomically by itself; without a WATCH there is no need for MULTI. The
     script is loaded on the first NOSCRIPT reply (redis-py's ``Script`` does that).
     """
-    keys, argv = _batch_args(commands)
+    keys, argv = batch_args(commands)
     with redis_errors(operation, key):
         await redis.register_script(BATCH_SCRIPT)(keys=keys, args=argv)
 

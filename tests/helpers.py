@@ -371,3 +371,11 @@ async def subscriber_count(client: Any, channel: str) -> int:
     else:
         reply = await client.execute_command("PUBSUB", "NUMSUB", channel)
     return int(reply[1])
+
+
+async def channels_under(client: Any, pattern: str) -> list[bytes]:
+    """Channels with subscribers matching ``pattern`` (shard channels on every primary)."""
+    if isinstance(client, RedisCluster):
+        replies = await on_every_node(client, "PUBSUB", "SHARDCHANNELS", pattern)
+        return [c for reply in replies.values() for c in reply]
+    return list(await client.execute_command("PUBSUB", "CHANNELS", pattern))

@@ -184,8 +184,8 @@ async def test_owner_death_ends_remote_taps(real_url: str, real_redis, prefix: s
         tap = await b.tap("t")
         assert tap is not None
         await queue.enqueue_event(status(1))
-        assert a._renewer is not None
-        a._renewer.cancel()  # the owner "dies": no renewal, no heartbeat, no close mark
+        assert a._keeper._renewer is not None
+        a._keeper._renewer.cancel()  # the owner "dies": no renewal, no heartbeat, no close mark
         assert [e.metadata["n"] for e in await drain(tap)] == ["1"]
         assert tap.is_closed()
         for _ in range(100):  # the lease itself expires too (bounded wait)
@@ -281,6 +281,6 @@ async def test_a_tap_waits_as_long_as_the_owners_lease_not_its_own(managers):
     await a.create_or_tap("t")
     tap = await b.tap("t")
     assert tap is not None
-    assert a._renewer is not None
-    a._renewer.cancel()  # the owner dies: B must give up after A's 0.4 s lease, not 60 s
+    assert a._keeper._renewer is not None
+    a._keeper._renewer.cancel()  # the owner dies: B must give up after A's 0.4 s lease, not 60 s
     assert await drain(tap) == []

@@ -1,0 +1,420 @@
+"""A replica dies mid-task (SIGKILL of a real uvicorn replica) while another one's client is
+subscribed: the subscriber neither hangs forever nor believes the task finished.
+
+Cluster mode (``DefaultRequestHandler``): the replica publishing a running task's events
+holds the task's lease and heartbeats every ``lease_ttl / 3`` (``a2a_redis/leases.py``). When
+it dies, a subscriber on another replica raises ``OwnerLostError`` after about the lease;
+through the SDK's JSON-RPC routes its client gets a JSON-RPC error in the SSE stream
+(``InternalError`` naming the lost owner), never a clean end. A cancel or a follow-up sent
+to a surviving replica recovers the task. Legacy (``--legacy``): the remote tap closes after
+about the lease, and the client's stream ends with the task still WORKING.
+
+Timeouts are hang guards only, never asserted bounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from a2a.client import Client, ClientCallContext
+from a2a.server.cluster import TaskVersion, VersionedEvent
+from a2a.types import (
+    CancelTaskRequest,
+    GetTaskRequest,
+    Message,
+    Part,
+    Role,
+    SendMessageRequest,
+    StreamResponse,
+    SubscribeToTaskRequest,
+    TaskState,
+)
+from a2a.types.a2a_pb2 import TaskStatusUpdateEvent
+from a2a.utils.errors import A2AError, InternalError
+
+from a2a_redis import OwnerLostError, RedisBackend
+from a2a_redis.embedded import EmbeddedServer
+from a2a_redis.keys import Keys
+from tests.helpers import (
+    ReplicaProcess,
+    chunks,
+    client_pair,
+    connect,
+    ctx,
+    drain_stream,
+    final_state,
+    make_task,
+    replica_pair,
+    start_stream,
+    subscriber_count,
+)
+
+S = TaskState
+GUARD = 40.0  # seconds: a hang guard only, never an asserted bound
+QUIET = ClientCallContext(timeout=GUARD)  # no SSE comes while B waits for a dead owner
+
+
+def working(task_id: str, state: int = S.TASK_STATE_WORKING) -> TaskStatusUpdateEvent:
+    event = TaskStatusUpdateEvent(task_id=task_id, context_id="ctx")
+    event.status.state = state
+    return event
+
+
+async def subscribed(client: Client, task_id: str) -> tuple[list[StreamResponse], asyncio.Task]:
+    """Subscribe in a task; return once a live chunk (after the snapshot) has arrived."""
+    seen: list[StreamResponse] = []
+    live_chunk = asyncio.get_running_loop().create_future()
+    stream = client.subscribe(SubscribeToTaskRequest(id=task_id), context=QUIET)
+    runner = asyncio.create_task(drain_stream(stream, seen, live_chunk))
+    try:
+        await asyncio.wait_for(asyncio.shield(live_chunk), GUARD)
+    except BaseException:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+        raise
+    return seen, runner
+
+
+def in_order(got: list[str], replica: str = "A") -> bool:
+    return got == [f"chunk {i} from {replica}" for i in range(len(got))]
+
+
+# --- two real processes, cluster mode ---------------------------------------------------
+
+
+@pytest.fixture
+def v2_short_lease(real_url: str, prefix: str) -> Iterator[tuple[ReplicaProcess, ReplicaProcess]]:
+    with replica_pair(real_url, prefix, 0.2, "--lease-ttl", "2") as pair:
+        yield pair
+
+
+@pytest.fixture
+def v2_default_lease(real_url: str, prefix: str) -> Iterator[tuple[ReplicaProcess, ReplicaProcess]]:
+    with replica_pair(real_url, prefix, 0.2) as pair:  # 10 s: recovery comes first
+        yield pair
+
+
+@pytest.fixture
+async def clients_short(v2_short_lease) -> AsyncIterator[tuple[Client, Client]]:
+    async with client_pair(*v2_short_lease) as pair:
+        yield pair
+
+
+@pytest.fixture
+async def clients_default(v2_default_lease) -> AsyncIterator[tuple[Client, Client]]:
+    async with client_pair(*v2_default_lease) as pair:
+        yield pair
+
+
+async def test_v2_owner_killed_the_remote_subscriber_gets_an_error(
+    v2_short_lease, clients_short, real_url: str, prefix: str
+):
+    replica_a, _ = v2_short_lease
+    a, b = clients_short
+    task_id, _, runner_a = await start_stream(a, "chunks=500")
+    seen_b, runner_b = await subscribed(b, task_id)
+
+    replica_a.kill()
+    await asyncio.gather(runner_a, return_exceptions=True)  # A's own client loses its stream
+    with pytest.raises(InternalError) as raised:  # not a clean end: the task did not finish
+        await asyncio.wait_for(runner_b, GUARD)
+    assert "heartbeat from the task's owner" in str(raised.value)  # OwnerLostError's text
+
+    got = chunks(seen_b)
+    assert seen_b[0].HasField("task")
+    assert 1 <= len(got) < 500
+    assert in_order(got)  # in order, no gap, no duplicate
+    assert final_state(seen_b) == S.TASK_STATE_WORKING  # never told it finished
+    stored = await b.get_task(GetTaskRequest(id=task_id))
+    assert stored.status.state == S.TASK_STATE_WORKING  # nobody finished it
+    admin = connect(real_url)
+    try:
+        assert await admin.get(Keys(prefix).lease(task_id)) is None  # the lease lapsed
+        assert await subscriber_count(admin, Keys(prefix).wake(task_id)) == 0  # B let go
+    finally:
+        await admin.aclose()
+
+    # A new subscription on B fails the same way (after a lease), it does not hang.
+    with pytest.raises(A2AError, match="owner"):
+        await asyncio.wait_for(
+            drain_stream(
+                b.subscribe(SubscribeToTaskRequest(id=task_id), context=QUIET),
+                [],
+                asyncio.get_running_loop().create_future(),
+            ),
+            GUARD,
+        )
+    # ... and a cancel through B recovers the task: CANCELED is written and published.
+    cancelled = await b.cancel_task(CancelTaskRequest(id=task_id))
+    assert cancelled.status.state == S.TASK_STATE_CANCELED
+    assert (await b.get_task(GetTaskRequest(id=task_id))).status.state == S.TASK_STATE_CANCELED
+
+
+async def test_v2_owner_killed_a_cancel_on_b_ends_the_waiting_subscriber(
+    v2_default_lease, clients_default
+):
+    replica_a, _ = v2_default_lease
+    a, b = clients_default
+    task_id, _, runner_a = await start_stream(a, "chunks=500")
+    seen_b, runner_b = await subscribed(b, task_id)
+
+    replica_a.kill()
+    await asyncio.gather(runner_a, return_exceptions=True)
+    cancelled = await b.cancel_task(CancelTaskRequest(id=task_id))  # B: nothing runs here
+    assert cancelled.status.state == S.TASK_STATE_CANCELED
+    await asyncio.wait_for(runner_b, GUARD)  # the subscriber ends cleanly, at CANCELED
+
+    assert in_order(chunks(seen_b))
+    assert final_state(seen_b) == S.TASK_STATE_CANCELED
+    assert (await b.get_task(GetTaskRequest(id=task_id))).status.state == S.TASK_STATE_CANCELED
+
+
+async def test_v2_owner_killed_a_follow_up_on_b_runs_the_task_to_the_end(
+    v2_default_lease, clients_default
+):
+    replica_a, _ = v2_default_lease
+    a, b = clients_default
+    task_id, seen_a, runner_a = await start_stream(a, "chunks=500")
+    seen_b, runner_b = await subscribed(b, task_id)
+
+    replica_a.kill()
+    await asyncio.gather(runner_a, return_exceptions=True)
+    context_id = next(r.artifact_update.context_id for r in seen_a if r.HasField("artifact_update"))
+    follow_up = SendMessageRequest(
+        message=Message(
+            role=Role.ROLE_USER,
+            message_id=uuid.uuid4().hex,
+            task_id=task_id,
+            context_id=context_id,
+            parts=[Part(text="go on, chunks=3")],
+        )
+    )
+    responses = await asyncio.wait_for(_collect(b.send_message(follow_up)), GUARD)
+    assert chunks(responses)[-3:] == [f"chunk {i} from B" for i in range(3)]  # B ran it
+    assert final_state(responses) == S.TASK_STATE_COMPLETED
+    await asyncio.wait_for(runner_b, GUARD)  # the subscriber saw B's events, then the end
+
+    # Live chunks: A's in order up to its death, then B's. (B's run also streams a Task
+    # snapshot, when it saves the follow-up message into the task's history.)
+    live = [
+        p.text
+        for r in seen_b[1:]
+        if r.HasField("artifact_update")
+        for p in r.artifact_update.artifact.parts
+    ]
+    from_a = chunks(seen_b[:1]) + [c for c in live if c.endswith("from A")]
+    assert in_order(from_a)
+    assert live[len(from_a) - len(chunks(seen_b[:1])) :] == [f"chunk {i} from B" for i in range(3)]
+    assert final_state(seen_b) == S.TASK_STATE_COMPLETED
+    assert (await b.get_task(GetTaskRequest(id=task_id))).status.state == S.TASK_STATE_COMPLETED
+
+
+async def _collect(stream: AsyncIterator[StreamResponse]) -> list[StreamResponse]:
+    return [r async for r in stream]
+
+
+# --- two real processes, legacy handler -------------------------------------------------
+
+
+@pytest.fixture
+def legacy_pair(real_url: str, prefix: str) -> Iterator[tuple[ReplicaProcess, ReplicaProcess]]:
+    with replica_pair(real_url, prefix, 0.2, "--legacy", "--lease-ttl", "2") as pair:
+        yield pair
+
+
+async def test_legacy_owner_killed_the_remote_tap_ends_within_the_lease(
+    legacy_pair, real_url: str, prefix: str
+):
+    replica_a, _ = legacy_pair
+    async with client_pair(*legacy_pair) as (a, b):
+        task_id, _, runner_a = await start_stream(a, "chunks=500")
+        seen_b, runner_b = await subscribed(b, task_id)
+        replica_a.kill()
+        await asyncio.gather(runner_a, return_exceptions=True)
+        await asyncio.wait_for(runner_b, GUARD)  # the tap closes: a clean end, no hang
+        got = chunks(seen_b)
+        assert 1 <= len(got) < 500
+        assert in_order(got)
+        assert final_state(seen_b) == S.TASK_STATE_WORKING  # nobody finished the task
+    admin = connect(real_url)
+    try:
+        assert await admin.get(Keys(prefix).lease(task_id)) is None
+        assert await subscriber_count(admin, Keys(prefix).wake(task_id)) == 0
+    finally:
+        await admin.aclose()
+
+
+# --- in process: the lease mechanism itself ---------------------------------------------
+
+
+@pytest.fixture
+async def pair(real_url: str, prefix: str) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
+    a = RedisBackend.from_url(real_url, prefix=prefix, lease_ttl=0.6)
+    b = RedisBackend.from_url(real_url, prefix=prefix, lease_ttl=0.6)
+    try:
+        yield a, b
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def start_running(a: RedisBackend, task_id: str) -> TaskVersion:
+    """A's "agent" creates the task and reports WORKING, saving and publishing as the SDK."""
+    task = make_task(task_id)
+    version = await a.task_store.save(
+        task, event=task, prev_version=TaskVersion.MISSING, context=ctx()
+    )
+    await a.event_stream.publish(task_id, VersionedEvent(task, version))
+    task.status.state = S.TASK_STATE_WORKING
+    event = working(task_id)
+    version = await a.task_store.save(task, event=event, prev_version=version, context=ctx())
+    await a.event_stream.publish(task_id, VersionedEvent(event, version))
+    return version
+
+
+async def test_heartbeats_keep_a_quiet_subscriber_waiting_then_owner_loss_ends_it(pair):
+    a, b = pair
+    version = await start_running(a, "t")
+    assert a.leases.holds("t")
+    subscription = b.event_stream.subscribe("t", after=version)
+    pending = asyncio.ensure_future(subscription.__anext__())
+    await asyncio.sleep(0.6 * 4)  # four leases without an event: heartbeats only
+    assert not pending.done()
+    assert a.leases._renewer is not None
+    a.leases._renewer.cancel()  # A dies: no renewal, no heartbeat
+    with pytest.raises(OwnerLostError, match="owner"):
+        await asyncio.wait_for(pending, GUARD)
+    await subscription.aclose()
+    assert b.listener.stats()["subscribers"] == 0
+
+
+async def test_a_task_waiting_for_input_has_no_owner_and_its_subscriber_waits(pair):
+    a, b = pair
+    version = await start_running(a, "t")
+    task = make_task("t", state=S.TASK_STATE_INPUT_REQUIRED)
+    asked = working("t", S.TASK_STATE_INPUT_REQUIRED)
+    version = await a.task_store.save(task, event=asked, prev_version=version, context=ctx())
+    await a.event_stream.publish("t", VersionedEvent(asked, version))
+    assert not a.leases.holds("t")  # nobody runs a task that waits for the user
+    subscription = b.event_stream.subscribe("t", after=version)
+    pending = asyncio.ensure_future(subscription.__anext__())
+    await asyncio.sleep(0.6 * 4)
+    assert not pending.done()  # no owner is expected: no OwnerLostError
+    # The answer comes through B (a follow-up): B runs the task now.
+    task.status.state = S.TASK_STATE_WORKING
+    resumed = working("t")
+    version = await b.task_store.save(task, event=resumed, prev_version=version, context=ctx())
+    await b.event_stream.publish("t", VersionedEvent(resumed, version))
+    assert (await asyncio.wait_for(pending, GUARD)).version == version
+    assert b.leases.holds("t")
+    await subscription.aclose()
+
+
+async def test_a_failed_write_that_is_never_published_still_drops_the_lease(pair, real_url):
+    """The SDK writes FAILED without publishing it: the renewal sees the record and lets go."""
+    a, _ = pair
+    version = await start_running(a, "t")
+    task = make_task("t", state=S.TASK_STATE_FAILED)
+    await a.task_store.save(
+        task, event=working("t", S.TASK_STATE_FAILED), prev_version=version, context=ctx()
+    )
+    for _ in range(200):  # a renewal period (0.2 s) or two; bounded wait
+        if not a.leases.holds("t"):
+            break
+        await asyncio.sleep(0.02)
+    assert len(a.leases) == 0
+    assert await a.redis.get(a.task_store.keys.lease("t")) is None
+
+
+async def test_a_remote_cancel_drops_the_runners_lease_at_its_next_renewal(pair):
+    a, b = pair
+    version = await start_running(a, "t")
+    task = make_task("t", state=S.TASK_STATE_CANCELED)
+    cancel = working("t", S.TASK_STATE_CANCELED)
+    version = await b.task_store.save(task, event=cancel, prev_version=version, context=ctx())
+    await b.event_stream.publish("t", VersionedEvent(cancel, version))
+    for _ in range(200):
+        if not a.leases.holds("t"):
+            break
+        await asyncio.sleep(0.02)
+    assert not a.leases.holds("t") and not b.leases.holds("t")
+
+
+async def test_subscribers_wait_through_an_outage_longer_than_the_lease(prefix: str):
+    """Silence counts only while the subscriber's own connection is up (see the listener)."""
+    with EmbeddedServer(appendonly=True) as server:
+        a = RedisBackend.from_url(server.url, prefix=prefix, lease_ttl=0.5)
+        b = RedisBackend.from_url(server.url, prefix=prefix, lease_ttl=0.5)
+        try:
+            version = await start_running(a, "t")
+            subscription = b.event_stream.subscribe("t", after=version)
+            pending = asyncio.ensure_future(subscription.__anext__())
+            await asyncio.sleep(0.3)
+            server.kill()
+            await asyncio.sleep(2.0)  # four leases with nothing reaching anyone
+            assert not pending.done()
+            server.start()
+            await asyncio.sleep(1.5)  # three leases after: A's heartbeats are back
+            assert not pending.done()
+            task = make_task("t", state=S.TASK_STATE_COMPLETED)
+            done = working("t", S.TASK_STATE_COMPLETED)
+            version = await a.task_store.save(task, event=done, prev_version=version, context=ctx())
+            await a.event_stream.publish("t", VersionedEvent(done, version))
+            assert (await asyncio.wait_for(pending, GUARD)).version == version
+            await subscription.aclose()
+            assert len(a.leases) == 0
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+
+async def test_a_corrupt_record_or_lease_does_not_stop_other_tasks_heartbeats(pair):
+    """One task's keys of the wrong type (planted) must not stop the renewal of the others'."""
+    a, b = pair
+    await start_running(a, "bad")
+    version = await start_running(a, "good")
+    done_version = await start_running(a, "done")
+    keys = a.task_store.keys
+    await a.redis.delete(keys.task("bad"))
+    await a.redis.rpush(keys.task("bad"), b"not a hash")  # a corrupt record
+    await a.redis.delete(keys.lease("bad"))
+    await a.redis.hset(keys.lease("bad"), b"f", b"not a string")  # and a corrupt lease
+    subscription = b.event_stream.subscribe("good", after=version)
+    pending = asyncio.ensure_future(subscription.__anext__())
+    await asyncio.sleep(0.6 * 4)  # four leases: "good"'s heartbeats keep coming
+    assert not pending.done()
+    assert a.leases.holds("good")
+    assert await a.redis.get(keys.lease("good")) is not None
+    # ... and a task that settles meanwhile (a FAILED write, never published) is let go.
+    task = make_task("done", state=S.TASK_STATE_FAILED)
+    failed = working("done", S.TASK_STATE_FAILED)
+    await a.task_store.save(task, event=failed, prev_version=done_version, context=ctx())
+    for _ in range(200):
+        if not a.leases.holds("done"):
+            break
+        await asyncio.sleep(0.02)
+    assert not a.leases.holds("done")
+    # Subscribing to the task with the corrupt record still works (it reads the stream).
+    bad = b.event_stream.subscribe("bad", after=TaskVersion(2))
+    await a.event_stream.publish("bad", VersionedEvent(working("bad"), TaskVersion(3)))
+    assert (await asyncio.wait_for(bad.__anext__(), GUARD)).version == TaskVersion(3)
+    await bad.aclose()
+    pending.cancel()
+    await asyncio.gather(pending, return_exceptions=True)
+    await subscription.aclose()
+
+
+async def test_after_close_a_late_publish_holds_no_lease(pair):
+    a, _ = pair
+    version = await start_running(a, "t")
+    await a.leases.aclose()  # released, and no renewal loop is left running
+    assert await a.redis.get(a.task_store.keys.lease("t")) is None
+    event = working("t")
+    task = make_task("t", state=S.TASK_STATE_WORKING)
+    version = await a.task_store.save(task, event=event, prev_version=version, context=ctx())
+    await a.event_stream.publish("t", VersionedEvent(event, version))
+    assert len(a.leases) == 0
+    assert a.leases._renewer is not None and a.leases._renewer.done()
