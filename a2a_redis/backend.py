@@ -31,11 +31,13 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
+from a2a_redis.durability import Durability
 from a2a_redis.errors import redis_errors
 from a2a_redis.event_stream import RedisTaskEventStream
 from a2a_redis.listener import StreamListener
 from a2a_redis.push_config_store import RedisPushNotificationConfigStore
 from a2a_redis.queue_manager import RedisQueueManager
+from a2a_redis.sentinel import is_sentinel_url, sentinel_client
 from a2a_redis.streams import StreamRetention
 from a2a_redis.task_store import RedisTaskStore, VersionedRedisTaskStore
 
@@ -55,6 +57,8 @@ class RedisBackend:
         stream_retention: Cap and TTLs of the per-task event streams.
         lease_ttl: Seconds a legacy queue owner's lease lasts without renewal.
         encryption_key: A Fernet key to encrypt push-notification configs at rest.
+        durability: Replicas that must confirm every write before it is acknowledged
+            (``WAIT``; see :class:`~a2a_redis.durability.Durability`). None: no WAIT.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class RedisBackend:
         stream_retention: StreamRetention | None = None,
         lease_ttl: float = 10.0,
         encryption_key: bytes | str | None = None,
+        durability: Durability | None = None,
     ) -> None:
         self.redis = redis
         self._owns_client = False
@@ -76,6 +81,7 @@ class RedisBackend:
             owner_resolver=owner_resolver,
             terminal_ttl=terminal_ttl,
             stream_retention=stream_retention,
+            durability=durability,
         )
         self.listener = StreamListener(redis, self.task_store.keys)
         self.event_stream = RedisTaskEventStream(
@@ -87,10 +93,12 @@ class RedisBackend:
             listener=self.listener,
             stream_retention=self.task_store.stream_retention,
             lease_ttl=lease_ttl,
+            durability=durability,
         )
         self.push_config_store = RedisPushNotificationConfigStore(
-            redis, prefix=prefix, owner_resolver=owner_resolver, encryption_key=encryption_key
-        )
+            redis, prefix=prefix, owner_resolver=owner_resolver, encryption_key=encryption_key,
+            durability=durability,
+        )  # fmt: skip
 
     @classmethod
     def from_url(
@@ -112,8 +120,20 @@ class RedisBackend:
         (one is held by the pub/sub listener). ``options`` go to :class:`RedisBackend`.
         A command that meets a closed connection is retried ``retries`` times (default 3)
         with a short jittered backoff. Nothing connects until first use; :meth:`ping` checks
-        the server.
+        the server. ``redis+sentinel://`` and ``rediss+sentinel://`` URLs connect through
+        Sentinel (see :mod:`a2a_redis.sentinel`), with the same pool options.
         """
+        if is_sentinel_url(url):
+            backend = cls(
+                sentinel_client(
+                    url, max_connections=max_connections, pool_timeout=pool_timeout,
+                    socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout,
+                    health_check_interval=health_check_interval, retries=retries,
+                ),
+                **options,
+            )  # fmt: skip
+            backend._owns_client = True
+            return backend
         if not url.startswith(_SCHEMES):
             raise ValueError(
                 f"unsupported Redis URL {url.split('://')[0]!r}://: use redis://, rediss:// "

@@ -14,8 +14,10 @@ from typing import Any
 
 from redis import exceptions as rex
 from redis.asyncio import Redis
+from redis.asyncio.sentinel import SentinelConnectionPool
 
 from a2a_redis.keys import Keys
+from a2a_redis.sentinel import report_topology
 
 __all__ = ["KEY_SCAN_CAP", "Report", "check", "size"]
 
@@ -80,7 +82,7 @@ async def _server(client: Redis, report: Report) -> bool:
     if mode == "sentinel":
         report.line("server", f"{name}, sentinel")
         report.problem(
-            "this is a Sentinel, not a data server: point --url at the master it monitors"
+            "this is a Sentinel, not a data server: use redis+sentinel://HOST:PORT/SERVICE"
         )
         return False
     cluster: dict[str, Any] = await client.info("cluster")
@@ -186,6 +188,8 @@ async def _our_keys(client: Redis, keys: Keys, report: Report) -> None:
 
 async def check(client: Redis, keys: Keys, report: Report) -> None:
     """Print every section of the report for ``client``, noting problems in ``report``."""
+    if isinstance(client.connection_pool, SentinelConnectionPool):  # Sentinel-managed
+        await report_topology(client, report)
     if await _server(client, report):
         await _memory(client, report)
         await _persistence(client, report)

@@ -24,6 +24,7 @@ from a2a.types.a2a_pb2 import Message
 from redis.asyncio import Redis
 
 from a2a_redis.codec import ends_task_stream, version_int
+from a2a_redis.durability import Durability
 from a2a_redis.keys import Keys
 from a2a_redis.listener import (
     Position,
@@ -61,6 +62,8 @@ class RedisTaskEventStream(TaskEventStream):
         stream_retention: Cap and TTLs of the streams (when no ``task_store`` is given).
         listener: A shared :class:`StreamListener`; by default the stream makes its own
             (one pub/sub connection) and closes it in :meth:`aclose`.
+        durability: Replicas that must confirm each append (``WAIT``), when no
+            ``task_store`` is given (otherwise the store's).
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class RedisTaskEventStream(TaskEventStream):
         task_store: VersionedRedisTaskStore | None = None,
         stream_retention: StreamRetention | None = None,
         listener: StreamListener | None = None,
+        durability: Durability | None = None,
     ) -> None:
         if task_store is not None:
             if task_store.keys.prefix != prefix and prefix != "a2a":
@@ -78,10 +82,12 @@ class RedisTaskEventStream(TaskEventStream):
             self._keys = task_store.keys
             self._ledger = task_store.ledger
             self._retention = task_store.stream_retention
+            self._durability = task_store.durability
         else:
             self._keys = Keys(prefix)
             self._ledger = AppendLedger()
             self._retention = stream_retention or StreamRetention()
+            self._durability = durability
         self._redis = redis
         self._owns_listener = listener is None
         self._listener = listener or StreamListener(redis, self._keys)
@@ -109,7 +115,9 @@ class RedisTaskEventStream(TaskEventStream):
             self._keys, task_id, version, event.event,
             terminal=ends_task_stream(event.event), retention=self._retention,
         )  # fmt: skip
-        await run_atomically(self._redis, "publish", self._keys.events(task_id), commands)
+        await run_atomically(
+            self._redis, "publish", self._keys.events(task_id), commands, self._durability
+        )
 
     async def destroy(self, task_id: str) -> None:
         """Delete the task's stream; its subscribers on every replica end cleanly."""
@@ -118,6 +126,7 @@ class RedisTaskEventStream(TaskEventStream):
             "destroy",
             self._keys.events(task_id),
             destroy_commands(self._keys, task_id),
+            self._durability,
         )
 
     async def _backlog(self, key: str, after: TaskVersion) -> tuple[list[StreamEntry], Position]:

@@ -31,6 +31,7 @@ from a2a.server.events.queue_manager import NoTaskQueue, QueueManager, TaskQueue
 from redis.asyncio import Redis
 
 from a2a_redis.codec import CLOSED, ends_task_stream
+from a2a_redis.durability import Durability
 from a2a_redis.errors import A2ARedisError, redis_errors
 from a2a_redis.keys import Keys
 from a2a_redis.listener import (
@@ -124,6 +125,7 @@ class RedisQueueManager(QueueManager):
         lease_ttl: Seconds a queue owner's lease lasts without renewal (default 10): after
             an owner dies, remote taps end within about this long.
         tap_max_queue_size: Bound of each remote tap's local buffer (the SDK's default).
+        durability: Replicas that must confirm each append (``WAIT``); None waits for none.
     """
 
     def __init__(
@@ -135,6 +137,7 @@ class RedisQueueManager(QueueManager):
         stream_retention: StreamRetention | None = None,
         lease_ttl: float = 10.0,
         tap_max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+        durability: Durability | None = None,
     ) -> None:
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive seconds")
@@ -145,6 +148,7 @@ class RedisQueueManager(QueueManager):
         self._retention = stream_retention or StreamRetention()
         self._lease_ttl = lease_ttl
         self._tap_size = tap_max_queue_size
+        self._durability = durability
         self._release = redis.register_script(_RELEASE)
         self._renew_script = redis.register_script(_RENEW)
         self._queues: dict[str, EventQueueLegacy] = {}  # queues this replica owns
@@ -269,8 +273,9 @@ class RedisQueueManager(QueueManager):
             terminal=ends_task_stream(event), retention=self._retention,
         )  # fmt: skip
         await run_atomically(
-            self._redis, "append to the queue", self._keys.events(task_id), commands
-        )
+            self._redis, "append to the queue", self._keys.events(task_id), commands,
+            self._durability,
+        )  # fmt: skip
 
     async def _mark_closed(self, task_id: str) -> None:
         """Append the close mark (naming this opening's token) and release the lease; once."""
@@ -281,6 +286,7 @@ class RedisQueueManager(QueueManager):
         await run_atomically(
             self._redis, "close the queue", key,
             close_commands(self._keys, task_id, token=token, retention=self._retention),
+            self._durability,
         )  # fmt: skip
         with redis_errors("release the queue lease", self._keys.lease(task_id)):
             await self._release(keys=[self._keys.lease(task_id)], args=[token])

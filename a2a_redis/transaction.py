@@ -31,6 +31,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 
+from a2a_redis.durability import Durability, run_script
 from a2a_redis.errors import raise_if_pool_exhausted, redis_errors
 
 __all__ = [
@@ -140,15 +141,22 @@ async def execute(pipe: Pipeline) -> list[Any]:
     return replies
 
 
-async def run_atomically(redis: Redis, operation: str, key: str, commands: list[Command]) -> None:
+async def run_atomically(
+    redis: Redis,
+    operation: str,
+    key: str,
+    commands: list[Command],
+    durability: Durability | None = None,
+) -> None:
     """Run ``commands`` atomically as one scripted batch: one command, one round trip.
 
     A script runs atomically by itself; without a WATCH there is no need for MULTI. The
-    script is loaded on the first NOSCRIPT reply (redis-py's ``Script`` does that).
+    script is loaded on the first NOSCRIPT reply (redis-py's ``Script`` does that). With
+    ``durability``, a ``WAIT`` follows in the same round trip (see ``durability.py``).
     """
     keys, argv = _batch_args(commands)
     with redis_errors(operation, key):
-        await redis.register_script(BATCH_SCRIPT)(keys=keys, args=argv)
+        await run_script(redis, redis.register_script(BATCH_SCRIPT), keys, argv, durability, key)
 
 
 class WatchedTransaction:
@@ -156,15 +164,17 @@ class WatchedTransaction:
 
     Use as ``async with WatchedTransaction(redis) as tx``: ``await tx.watch(keys, reads)``,
     then either ``await tx.commit(commands)`` (None when a watched key changed) or
-    ``await tx.unwatch()``.
+    ``await tx.unwatch()``. With ``durability``, a successful commit is confirmed by
+    ``WAIT`` in the same round trip (``ReplicationTimeoutError`` if too few replicas).
     """
 
-    __slots__ = ("_clean", "_conn", "_pool")
+    __slots__ = ("_clean", "_conn", "_pool", "_wait")
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, durability: Durability | None = None) -> None:
         self._pool: ConnectionPool = redis.connection_pool
         self._conn: AbstractConnection | None = None
         self._clean = True
+        self._wait = durability if durability is not None and durability.waits else None
 
     async def __aenter__(self) -> WatchedTransaction:
         try:
@@ -189,14 +199,15 @@ class WatchedTransaction:
         finally:
             await self._pool.release(conn)
 
-    async def _roundtrip(self, commands: Sequence[Command | bytes]) -> list[Any]:
+    async def _roundtrip(self, commands: Sequence[Command | bytes], wait: float = 0.0) -> list[Any]:
         conn = self._conn
         assert conn is not None, "use WatchedTransaction as an async context manager"
         self._clean = False
         await conn.send_packed_command(pack(commands))
         if _ONE_TIMEOUT:  # one timeout for the whole round trip, not one per reply
+            deadline = getattr(conn, "socket_timeout", None)
             try:
-                async with asyncio.timeout(getattr(conn, "socket_timeout", None)):
+                async with asyncio.timeout(None if deadline is None else deadline + wait):
                     return await self._read(conn, len(commands), math.inf)
             except TimeoutError as e:
                 where = f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')}"
@@ -232,10 +243,14 @@ class WatchedTransaction:
         the caller's retry succeeds). Raises the first error reply, for example WRONGTYPE
         from a command of the batch (commands before it stay applied, as in Redis).
         """
-        replies = await self._roundtrip([("MULTI",), _batch(commands), ("EXEC",)])
-        _raise_nested(replies[:-1])
+        wait = [self._wait.wait_command()] if self._wait is not None else []
+        replies = await self._roundtrip(
+            [("MULTI",), _batch(commands), ("EXEC",), *wait],
+            self._wait.timeout if self._wait is not None else 0.0,
+        )
+        _raise_nested(replies[:2])
         self._clean = True
-        result = replies[-1]
+        result = replies[2]
         if isinstance(result, rex.ResponseError):
             raise result
         if result is None:
@@ -244,4 +259,6 @@ class WatchedTransaction:
             _raise_nested(await self._roundtrip([("SCRIPT", "LOAD", BATCH_SCRIPT)]))
             return None
         _raise_nested(result)
+        if self._wait is not None:  # the batch's first command names the task's key
+            self._wait.check(replies[3], _arg(commands[0][1]).decode(errors="replace"))
         return []
