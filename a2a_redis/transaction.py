@@ -168,13 +168,14 @@ class WatchedTransaction:
     ``WAIT`` in the same round trip (``ReplicationTimeoutError`` if too few replicas).
     """
 
-    __slots__ = ("_clean", "_conn", "_pool", "_wait")
+    __slots__ = ("_clean", "_conn", "_pool", "_wait", "_watched")
 
     def __init__(self, redis: Redis, durability: Durability | None = None) -> None:
         self._pool: ConnectionPool = redis.connection_pool
         self._conn: AbstractConnection | None = None
         self._clean = True
         self._wait = durability if durability is not None and durability.waits else None
+        self._watched: tuple[list[Command], list[Any]] = ([], [])
 
     async def __aenter__(self) -> WatchedTransaction:
         try:
@@ -226,8 +227,10 @@ class WatchedTransaction:
 
     async def watch(self, keys: Sequence[str], reads: Sequence[Command]) -> list[Any]:
         """WATCH ``keys`` and run ``reads``, in one round trip. Returns the reads' replies."""
-        replies = await self._roundtrip([("WATCH", *keys), *reads])
+        watch: list[Command] = [("WATCH", *keys), *reads]
+        replies = await self._roundtrip(watch)
         _raise_nested(replies)
+        self._watched = (watch, replies[1:])  # to watch again after a NOSCRIPT (commit)
         return replies[1:]
 
     async def unwatch(self) -> None:
@@ -238,10 +241,12 @@ class WatchedTransaction:
     async def commit(self, commands: Sequence[Command]) -> list[Any] | None:
         """Apply ``commands`` atomically (one scripted batch in MULTI/EXEC).
 
-        Returns ``[]`` on success, or None if a watched key changed (nothing was written;
-        also when the server had not loaded the batch script yet: it is loaded now, and
-        the caller's retry succeeds). Raises the first error reply, for example WRONGTYPE
-        from a command of the batch (commands before it stay applied, as in Redis).
+        Returns ``[]`` on success, or None if a watched key changed (nothing was written).
+        If the server had not loaded the batch script (a restarted or newly promoted
+        server: scripts are not replicated), it is loaded, the keys are watched and read
+        again and, if the reads are unchanged, the commit is sent again (+2 round trips).
+        Raises the first error reply, for example WRONGTYPE from a command of the batch
+        (commands before it stay applied, as in Redis).
         """
         wait = [self._wait.wait_command()] if self._wait is not None else []
         replies = await self._roundtrip(
@@ -256,8 +261,14 @@ class WatchedTransaction:
         if result is None:
             return None
         if isinstance(result[0], rex.NoScriptError) or str(result[0]).startswith("NOSCRIPT"):
-            _raise_nested(await self._roundtrip([("SCRIPT", "LOAD", BATCH_SCRIPT)]))
-            return None
+            watch, seen = self._watched
+            self._watched = ([], [])  # once: a script flushed again counts as a lost race
+            replies = await self._roundtrip([("SCRIPT", "LOAD", BATCH_SCRIPT), *watch])
+            _raise_nested(replies)
+            if not watch or replies[2:] != seen:
+                await self.unwatch()
+                return None
+            return await self.commit(commands)  # the reads the caller decided on still hold
         _raise_nested(result)
         if self._wait is not None:  # the batch's first command names the task's key
             self._wait.check(replies[3], _arg(commands[0][1]).decode(errors="replace"))
