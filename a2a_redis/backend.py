@@ -31,6 +31,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
+from a2a_redis.cluster import CLUSTER_SCHEMES, Client, cluster_client
 from a2a_redis.durability import Durability
 from a2a_redis.errors import redis_errors
 from a2a_redis.event_stream import RedisTaskEventStream
@@ -63,7 +64,7 @@ class RedisBackend:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         *,
         prefix: str = "a2a",
         owner_resolver: OwnerResolver = resolve_user_scope,
@@ -113,7 +114,12 @@ class RedisBackend:
         retries: int = 3,
         **options: Any,
     ) -> RedisBackend:
-        """Connect to ``redis://``, ``rediss://`` (TLS) or ``unix://`` (password and db in it).
+        """Connect to a Redis URL; the backend owns the client it creates.
+
+        ``redis://``, ``rediss://`` (TLS) or ``unix://`` (password and db in it), or a Redis
+        Cluster: ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` for
+        TLS; ``max_connections`` then bounds concurrent operations, each node's pool has
+        that size, and ``pool_timeout`` is how long an operation waits for its turn).
 
         The backend owns the pool it creates: ``max_connections`` (default 64) shared by
         every component, waiting up to ``pool_timeout`` seconds for a free connection
@@ -134,10 +140,23 @@ class RedisBackend:
             )  # fmt: skip
             backend._owns_client = True
             return backend
+        if url.startswith(tuple(f"{s}://" for s in CLUSTER_SCHEMES)):
+            client: Client = cluster_client(
+                url,
+                max_connections=max_connections,
+                pool_timeout=pool_timeout,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_connect_timeout,
+                health_check_interval=health_check_interval,
+                retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.5), retries),
+            )
+            backend = cls(client, **options)
+            backend._owns_client = True
+            return backend
         if not url.startswith(_SCHEMES):
             raise ValueError(
                 f"unsupported Redis URL {url.split('://')[0]!r}://: use redis://, rediss:// "
-                "(TLS) or unix://"
+                "(TLS), unix:// or redis+cluster://"
             )
         pool = BlockingConnectionPool.from_url(
             url,

@@ -41,6 +41,7 @@ from redis import exceptions as rex
 from redis.asyncio import Redis
 
 from a2a_redis import doctor
+from a2a_redis.cluster import CLUSTER_SCHEMES, Client, cluster_client
 from a2a_redis.codec import TERMINAL_STATES, version_int
 from a2a_redis.errors import A2ARedisError
 from a2a_redis.event_stream import RedisTaskEventStream
@@ -130,10 +131,13 @@ def _timestamp(ts: Timestamp, present: bool) -> str:
 
 
 @contextlib.asynccontextmanager
-async def _connect(url: str) -> AsyncIterator[Redis]:
+async def _connect(url: str) -> AsyncIterator[Client]:
     """A client of ``url`` that has answered a PING; closed on exit."""
+    client: Client
     if is_sentinel_url(url):  # redis+sentinel://: the master the Sentinels name
         client = sentinel_client(url, socket_connect_timeout=5.0, retries=0)
+    elif url.startswith(tuple(f"{s}://" for s in CLUSTER_SCHEMES)):
+        client = cluster_client(url, socket_connect_timeout=5.0)
     else:
         client = Redis.from_url(url, socket_connect_timeout=5.0)
     try:
@@ -143,7 +147,7 @@ async def _connect(url: str) -> AsyncIterator[Redis]:
         await client.aclose()
 
 
-def _store(client: Redis, args: argparse.Namespace) -> VersionedRedisTaskStore:
+def _store(client: Client, args: argparse.Namespace) -> VersionedRedisTaskStore:
     owner: str = args.owner
     return VersionedRedisTaskStore(client, prefix=args.prefix, owner_resolver=lambda _c: owner)
 

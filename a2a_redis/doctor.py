@@ -2,7 +2,9 @@
 
 Server name and version, mode and role, round trip, memory and ``maxmemory-policy`` (a
 loud warning unless ``noeviction``: eviction silently deletes tasks), persistence, and our
-keys under a prefix (count, memory, by kind). Used by :mod:`a2a_redis.cli`.
+keys under a prefix (count, memory, by kind). On a Redis Cluster: the topology, slot
+coverage (a warning for uncovered slots or a failed state), primaries without replicas,
+replicas without persistence, then each node's own report. Used by :mod:`a2a_redis.cli`.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis import exceptions as rex
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
+from a2a_redis.cluster import Client
 from a2a_redis.keys import Keys
 from a2a_redis.sentinel import report_topology
 
@@ -71,7 +75,7 @@ async def _config(client: Redis, name: str) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
-async def _server(client: Redis, report: Report) -> bool:
+async def _server(client: Redis, report: Report, *, replica_ok: bool = False) -> bool:
     """Server, mode, role and latency lines; False if this is no data server (Sentinel)."""
     server: dict[str, Any] = await client.info("server")
     if "valkey_version" in server:
@@ -87,11 +91,11 @@ async def _server(client: Redis, report: Report) -> bool:
         return False
     cluster: dict[str, Any] = await client.info("cluster")
     if cluster.get("cluster_enabled"):
-        mode = "cluster (key counts below cover this node only)"
+        mode = "cluster node"
     role = (await client.info("replication")).get("role", "?")
     report.line("server", name)
     report.line("mode", f"{mode}, role {'replica' if role == 'slave' else role}")
-    if role == "slave":
+    if role == "slave" and not replica_ok:
         report.problem("this server is a read-only replica: every write will fail")
     if _version_tuple(str(server.get("redis_version", "0"))) < MIN_SERVER_VERSION:
         report.problem("a2a-redis needs Redis 6.2 or later (ZRANGE BYLEX REV, XAUTOCLAIM)")
@@ -186,11 +190,102 @@ async def _our_keys(client: Redis, keys: Keys, report: Report) -> None:
             print(f"  {kind:<11}{n:>8,} {shown}")
 
 
-async def check(client: Redis, keys: Keys, report: Report) -> None:
+async def check(client: Client, keys: Keys, report: Report) -> None:
     """Print every section of the report for ``client``, noting problems in ``report``."""
+    if isinstance(client, RedisCluster):
+        await _cluster(client, keys, report)
+        return
     if isinstance(client.connection_pool, SentinelConnectionPool):  # Sentinel-managed
         await report_topology(client, report)
     if await _server(client, report):
         await _memory(client, report)
         await _persistence(client, report)
         await _our_keys(client, keys, report)
+
+
+# -- Redis Cluster -------------------------------------------------------------------------
+def _node_client(node: ClusterNode, address: str | None = None) -> Redis:
+    """A client of one cluster node (``address``: another node, same credentials)."""
+    kwargs = dict(node.connection_kwargs)
+    if address is not None:
+        host, _, port = address.rpartition(":")
+        kwargs.update(host=host, port=int(port))
+    pool = ConnectionPool(connection_class=node.connection_class, **kwargs)
+    return Redis.from_pool(pool)  # closing the client closes its pool
+
+
+async def _cluster(cluster: RedisCluster, keys: Keys, report: Report) -> None:
+    """Topology and slot coverage, then every primary's and replica's own report."""
+    await cluster.initialize()
+    seed = cluster.get_nodes()[0]
+    members = await _topology(seed, report)
+    for address, role in members:
+        client = _node_client(seed, address)
+        try:
+            print(f"-- {role} {address}")
+            await _server(client, report, replica_ok=role == "replica")
+            await _memory(client, report)
+            await _persistence(client, report)
+            if role == "replica" and not await _persists(client):
+                report.problem(f"replica {address} has no persistence (AOF off, no RDB)")
+            if role == "primary":
+                await _our_keys(client, keys, report)
+        except (rex.ConnectionError, rex.TimeoutError) as e:
+            report.problem(f"{role} {address} does not answer: {e}")
+        finally:
+            await client.aclose()
+
+
+async def _topology(seed: ClusterNode, report: Report) -> list[tuple[str, str]]:
+    """Print the primaries, their replicas and slot coverage; every node's (address, role)."""
+    first = _node_client(seed)
+    try:
+        info = (await first.execute_command("CLUSTER", "INFO")).decode()  # type: ignore[no-untyped-call]
+        state = dict(line.split(":", 1) for line in info.split() if ":" in line)
+        raw_nodes = (await first.execute_command("CLUSTER", "NODES")).decode()  # type: ignore[no-untyped-call]
+    finally:
+        await first.aclose()
+    primaries: list[tuple[str, str, str, int]] = []
+    replicas_of: dict[str, list[tuple[str, str]]] = {}
+    for line in raw_nodes.splitlines():
+        node_id, address, flags, master, *_rest = line.split()
+        slots = [s for s in line.split()[8:] if not s.startswith("[")]
+        if "master" in flags:
+            primaries.append((node_id, address.split("@")[0], flags, _slot_count(slots)))
+        elif master != "-":
+            replicas_of.setdefault(master, []).append((address.split("@")[0], flags))
+    covered = sum(n for *_, n in primaries)
+    report.line(
+        "topology",
+        f"Redis Cluster: {len(primaries)} primaries, "
+        f"{sum(len(r) for r in replicas_of.values())} replicas, state {state.get('cluster_state')}",
+    )
+    report.line("slots", f"{covered} of 16384 covered")
+    if state.get("cluster_state") != "ok":
+        report.problem(f"cluster_state is {state.get('cluster_state')!r}: commands fail")
+    if covered < 16384:
+        report.problem(f"{16384 - covered} slots are not covered: tasks hashing there fail")
+    for node_id, address, flags, count in sorted(primaries, key=lambda p: p[1]):
+        replicas = replicas_of.get(node_id, [])
+        shown = ", ".join(a for a, _ in replicas) or "no replica"
+        print(f"  primary {address:<21} {count:>5} slots  replicas: {shown}")
+        if "fail" in flags:
+            report.problem(f"primary {address} is marked failed")
+        if not replicas:
+            print(f"             note: {address} has no replica: if it fails, its slots stop")
+    members = [(a, "primary") for _, a, _, _ in sorted(primaries, key=lambda p: p[1])]
+    members += sorted((a, "replica") for r in replicas_of.values() for a, _ in r)
+    return members
+
+
+def _slot_count(ranges: list[str]) -> int:
+    total = 0
+    for part in ranges:
+        low, _, high = part.partition("-")
+        total += int(high or low) - int(low) + 1
+    return total
+
+
+async def _persists(client: Redis) -> bool:
+    info: dict[str, Any] = await client.info("persistence")
+    return bool(info.get("aof_enabled")) or bool(await _config(client, "save"))

@@ -17,8 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-__all__ = ["EmbeddedServer", "embedded_server_binary"]
+__all__ = ["EmbeddedCluster", "EmbeddedServer", "embedded_server_binary"]
 
 
 def embedded_server_binary() -> Path:
@@ -157,3 +158,165 @@ class EmbeddedServer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class EmbeddedCluster:
+    """A local Redis Cluster of embedded servers: ``primaries`` nodes owning every slot.
+
+    Each node is an :class:`EmbeddedServer` started with ``--cluster-enabled yes``; the
+    slots are split evenly with ``CLUSTER ADDSLOTSRANGE`` and the nodes joined with
+    ``CLUSTER MEET``, then :meth:`start` waits until every node reports ``cluster_state:ok``.
+
+    Args:
+        primaries: Number of primary nodes (default 3).
+        replicas: Replicas per primary (default 0), attached with ``CLUSTER REPLICATE``.
+        node_timeout: ``cluster-node-timeout`` in milliseconds (failure detection).
+    """
+
+    SLOTS = 16384
+
+    def __init__(self, primaries: int = 3, *, replicas: int = 0, node_timeout: int = 2000) -> None:
+        if primaries < 1 or replicas < 0:
+            raise ValueError("a cluster needs at least one primary")
+        args = (
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", str(node_timeout),
+            "--cluster-require-full-coverage", "yes",
+        )  # fmt: skip
+        # The cluster bus port defaults to port + 10000, which overflows for ephemeral ports.
+        self.primaries = [self._node(args) for _ in range(primaries)]
+        self.replicas = [self._node(args) for _ in range(primaries * replicas)]
+
+    @staticmethod
+    def _node(args: tuple[str, ...]) -> EmbeddedServer:
+        return EmbeddedServer(extra_args=(*args, "--cluster-port", str(_free_port())))
+
+    @staticmethod
+    def bus_port(server: EmbeddedServer) -> int:
+        """The node's cluster bus port."""
+        return int(server.extra_args[server.extra_args.index("--cluster-port") + 1])
+
+    @property
+    def nodes(self) -> list[EmbeddedServer]:
+        """Every node: primaries first, then replicas."""
+        return [*self.primaries, *self.replicas]
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://`` URL naming every primary as a seed (see ``RedisBackend``)."""
+        seeds = ",".join(f"127.0.0.1:{s.port}" for s in self.primaries)
+        return f"redis+cluster://{seeds}"
+
+    def start(self, timeout: float = 30.0) -> EmbeddedCluster:
+        """Start every node, assign the slots, join the nodes; wait for ``cluster_state:ok``."""
+        for server in self.nodes:
+            server.start()
+        try:
+            self._form(timeout)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _form(self, timeout: float) -> None:
+        per = self.SLOTS // len(self.primaries)
+        first = self.primaries[0]
+        for i, server in enumerate(self.primaries):
+            last = self.SLOTS - 1 if i == len(self.primaries) - 1 else (i + 1) * per - 1
+            _command(server.port, "CLUSTER", "ADDSLOTSRANGE", str(i * per), str(last))
+        for server in self.nodes[1:]:
+            meet = ("127.0.0.1", str(server.port), str(self.bus_port(server)))
+            _command(first.port, "CLUSTER", "MEET", *meet)
+        deadline = time.monotonic() + timeout
+        per_primary = len(self.replicas) // len(self.primaries)
+        replicated = False
+        while time.monotonic() < deadline:
+            infos = [_command(s.port, "CLUSTER", "INFO") for s in self.nodes]
+            known = all(f"cluster_known_nodes:{len(self.nodes)}" in i for i in infos)
+            if known and not replicated and self.replicas:
+                for i, replica in enumerate(self.replicas):
+                    primary = self.primaries[i // per_primary]
+                    node_id = _command(primary.port, "CLUSTER", "MYID").strip()
+                    _command(replica.port, "CLUSTER", "REPLICATE", node_id)
+                replicated = True
+                continue
+            if known and all("cluster_state:ok" in i for i in infos):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"embedded cluster did not form in {timeout}s")
+
+    def node_for_slot(self, slot: int) -> EmbeddedServer:
+        """The primary that currently owns ``slot`` (asks the first answering node)."""
+        for server in self.primaries:
+            with contextlib.suppress(OSError):
+                shards = _command(server.port, "CLUSTER", "SLOTS")
+                break
+        else:
+            raise RuntimeError("no cluster node answers")
+        for line in shards.splitlines():
+            start, end, port = (int(x) for x in line.split())
+            if start <= slot <= end:
+                return next(s for s in self.nodes if s.port == port)
+        raise RuntimeError(f"slot {slot} is not covered")
+
+    def close(self) -> None:
+        """Stop every node and remove their data directories."""
+        for server in self.nodes:
+            server.close()
+
+    def __enter__(self) -> EmbeddedCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def call(port: int, *args: str) -> Any:
+    """Send one command to a local server over a raw socket; its decoded reply.
+
+    The embedded cluster is formed (and resharded in tests) without a client library, so
+    that it works wherever the server binary does.
+    """
+    request = b"*%d\r\n" % len(args) + b"".join(
+        b"$%d\r\n%b\r\n" % (len(a.encode()), a.encode()) for a in args
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        reply = _read_reply(s.makefile("rb"))
+    if isinstance(reply, Exception):
+        raise RuntimeError(f"{' '.join(args[:2])} on port {port}: {reply}")
+    return reply
+
+
+def _command(port: int, *args: str) -> str:
+    """:func:`call`, with the reply as text (``CLUSTER SLOTS``: a "start end port" line each)."""
+    reply = call(port, *args)
+    if isinstance(reply, list):
+        return "\n".join(f"{r[0]} {r[1]} {r[2][1]}" for r in reply)
+    return str(reply)
+
+
+def _read_reply(reader: Any) -> Any:
+    line = reader.readline().rstrip(b"\r\n")
+    kind, rest = line[:1], line[1:]
+    if kind == b"+":
+        return rest.decode()
+    if kind == b"-":
+        return RuntimeError(rest.decode())
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        size = int(rest)
+        if size < 0:
+            return None
+        data = reader.read(size + 2)[:-2]
+        return data.decode(errors="replace")
+    if kind == b"*":
+        return [_read_reply(reader) for _ in range(int(rest))]
+    raise RuntimeError(f"unexpected reply {line!r}")

@@ -108,8 +108,8 @@ def raise_if_pool_exhausted(error: Exception, operation: str = "", key: str | No
 
 def require_binary_client(redis: object) -> None:
     """Refuse a client that decodes responses: we store binary protobuf and msgpack."""
-    pool = getattr(redis, "connection_pool", None)
-    if getattr(pool, "connection_kwargs", {}).get("decode_responses"):
+    get_encoder = getattr(redis, "get_encoder", None)  # Redis and RedisCluster alike
+    if get_encoder is not None and getattr(get_encoder(), "decode_responses", False):
         raise ValueError(
             "a2a-redis needs a client with decode_responses=False: it stores binary protobuf"
         )
@@ -130,6 +130,11 @@ def redis_errors(operation: str, key: str, *, connection: bool = True) -> Iterat
         if not connection:
             raise
         raise RedisUnavailableError(f"Redis unavailable during {operation}: {e}", key=key) from e
+    except (rex.ClusterDownError, rex.TryAgainError, rex.RedisClusterException) as e:
+        # A cluster that lost a shard, is failing over, or cannot be reached at all.
+        raise RedisUnavailableError(
+            f"Redis Cluster unavailable during {operation}: {e}", key=key
+        ) from e
     except rex.ResponseError as e:
         if str(e).startswith("WRONGTYPE"):
             raise CorruptDataError(

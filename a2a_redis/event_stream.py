@@ -21,11 +21,10 @@ from typing import cast
 
 from a2a.server.cluster import TaskEventStream, TaskVersion, VersionedEvent
 from a2a.types.a2a_pb2 import Message
-from redis.asyncio import Redis
 
+from a2a_redis.cluster import Client, keys_for
 from a2a_redis.codec import ends_task_stream, version_int
 from a2a_redis.durability import Durability
-from a2a_redis.keys import Keys
 from a2a_redis.listener import (
     Position,
     Rows,
@@ -68,7 +67,7 @@ class RedisTaskEventStream(TaskEventStream):
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         *,
         prefix: str = "a2a",
         task_store: VersionedRedisTaskStore | None = None,
@@ -84,7 +83,7 @@ class RedisTaskEventStream(TaskEventStream):
             self._retention = task_store.stream_retention
             self._durability = task_store.durability
         else:
-            self._keys = Keys(prefix)
+            self._keys = keys_for(redis, prefix)
             self._ledger = AppendLedger()
             self._retention = stream_retention or StreamRetention()
             self._durability = durability

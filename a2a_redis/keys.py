@@ -12,6 +12,7 @@ Layout (``P`` is the prefix, ``T`` an encoded task id, ``O`` an encoded owner)::
     P:{o:O}:st:S        zset    ... filtered by state S (an integer)
     P:{o:O}:ctxst:C:S   zset    ... filtered by both
     P:{o:O}:expiring    zset    index locators of terminal tasks that have a TTL
+    P:{o:O}:pending     zset    (Redis Cluster) writes whose index update is pending
 
 All keys of one task share the Redis Cluster hash tag ``{t:T}`` so that WATCH, MULTI/EXEC
 and scripts on a task stay in one slot; all index keys of one owner share ``{o:O}``.
@@ -65,16 +66,21 @@ class Keys:
         prefix: The namespace, for example ``"a2a"`` or ``"myapp:a2a"``. It may hold
             letters, digits and ``._-:/``; braces are refused because they would
             become the cluster hash tag.
+        sharded: Wake channels are shard channels (``SPUBLISH``/``SSUBSCRIBE``), as on
+            Redis Cluster: a wake-up then reaches only the shard that owns the task.
     """
 
-    __slots__ = ("prefix",)
+    __slots__ = ("prefix", "publish", "sharded")
 
-    def __init__(self, prefix: str = "a2a") -> None:
+    def __init__(self, prefix: str = "a2a", *, sharded: bool = False) -> None:
         if not _PREFIX_RE.match(prefix):
             raise ValueError(
                 f"invalid key prefix {prefix!r}: use 1-64 characters from [A-Za-z0-9._-:/]"
             )
         self.prefix = prefix
+        self.sharded = sharded
+        #: The command that publishes on a wake channel: ``SPUBLISH`` or ``PUBLISH``.
+        self.publish = "SPUBLISH" if sharded else "PUBLISH"
 
     # -- per task ------------------------------------------------------------------------
     def _task_base(self, task_id: str) -> str:
@@ -132,6 +138,10 @@ class Keys:
     def expiring(self, owner: str) -> str:
         """The owner's zset of terminal tasks that will expire, scored by expiry (ms)."""
         return self._owner_base(owner) + ":expiring"
+
+    def pending(self, owner: str) -> str:
+        """Redis Cluster only: the owner's zset of writes whose index update is pending."""
+        return self._owner_base(owner) + ":pending"
 
     # -- admin ---------------------------------------------------------------------------
     def scan_pattern(self) -> str:

@@ -23,15 +23,16 @@ import contextlib
 import logging
 import sys
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, cast
 
 from a2a.server.events.event_queue import Event
 from redis import exceptions as rex
-from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 
+from a2a_redis.cluster import Client
 from a2a_redis.codec import decode_event
 from a2a_redis.errors import (
     A2ARedisError,
@@ -40,6 +41,7 @@ from a2a_redis.errors import (
     redis_errors,
 )
 from a2a_redis.keys import Keys
+from a2a_redis.links import PubSubLink, node_pubsub, server_pubsub
 from a2a_redis.streams import DESTROYED, HEARTBEAT, parse_entry_id, unpack_wake
 from a2a_redis.transaction import backoff
 
@@ -104,7 +106,7 @@ def decode_rows(key: str, rows: Rows) -> list[StreamEntry]:
 
 
 async def read_entries(
-    redis: Redis, key: str, after: Position, *, check_trim: bool = False
+    redis: Client, key: str, after: Position, *, check_trim: bool = False
 ) -> tuple[list[StreamEntry], Position]:
     """Entries after ``after`` (one batch), and the position of the last row read.
 
@@ -120,7 +122,7 @@ async def read_entries(
     return decode_rows(key, rows), last
 
 
-async def check_not_trimmed(redis: Redis, key: str, after: Position) -> None:
+async def check_not_trimmed(redis: Client, key: str, after: Position) -> None:
     """Raise :class:`SubscriberLagError` if entries after ``after`` may have been trimmed.
 
     ``after`` (0, 0) asks whether anything was ever trimmed. Otherwise ``after`` is the
@@ -176,6 +178,7 @@ class Feed:
         self.destroyed = False
         self.dirty = False
         self.ready: asyncio.Future[None] | None = None
+        self.link: PubSubLink | None = None  # the pub/sub connection its channel is on
 
     def entries_after(self, position: Position) -> list[StreamEntry] | None:
         """Ring entries after ``position``; None if the ring no longer covers it."""
@@ -220,7 +223,7 @@ class StreamListener:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         keys: Keys,
         *,
         ring_size: int = 256,
@@ -235,16 +238,25 @@ class StreamListener:
         self._feeds: dict[str, Feed] = {}
         self._by_channel: dict[bytes, Feed] = {}
         self._confirms: dict[bytes, asyncio.Future[None]] = {}
-        self._pubsub: PubSub | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._sharded = isinstance(redis, RedisCluster)
+        self._links: dict[str, PubSubLink] = {}  # "" (one server) or a cluster node's name
+        self._retired_reconnects = 0
         self._due: dict[str, Feed] = {}  # feeds with entries to fetch, in wake order
         self._in_flight: set[str] = set()  # feeds whose fetch is on the wire
         self._fetch_due = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
         self._fetcher: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
         self._closed = False
-        self.connected = False
-        self.reconnects = 0
+
+    @property
+    def connected(self) -> bool:
+        """True while every pub/sub connection is up (False before the first subscriber)."""
+        return bool(self._links) and all(link.connected for link in self._links.values())
+
+    @property
+    def reconnects(self) -> int:
+        """How many times a pub/sub connection was re-established."""
+        return self._retired_reconnects + sum(link.reconnects for link in self._links.values())
 
     # -- public --------------------------------------------------------------------------
     def stats(self) -> dict[str, int | bool]:
@@ -254,6 +266,7 @@ class StreamListener:
             "tasks": len(self._feeds),
             "subscribers": sum(f.refs for f in self._feeds.values()),
             "reconnects": self.reconnects,
+            "connections": len(self._links),
         }
 
     async def join(self, task_id: str) -> Feed:
@@ -283,12 +296,8 @@ class StreamListener:
             return
         del self._feeds[feed.task_id]
         self._by_channel.pop(feed.channel.encode(), None)
-        if self._pubsub is not None and not self._closed:
-            try:
-                async with self._lock:
-                    await self._pubsub.unsubscribe(feed.channel)
-            except (rex.ConnectionError, rex.TimeoutError) as e:
-                logger.debug("unsubscribe of task %s failed: %s", feed.task_id, e)
+        if feed.link is not None and not self._closed:
+            await feed.link.unsubscribe(feed.channel.encode())
 
     async def follow(
         self,
@@ -367,31 +376,23 @@ class StreamListener:
         for feed in list(self._feeds.values()):
             feed.ended = error
             feed.notify()
-        tasks = [t for t in (self._reader, self._fetcher) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
+        if self._fetcher is not None:
+            self._fetcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if self._pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-            self._pubsub = None
-        self.connected = False
+                await self._fetcher
+        for link in list(self._links.values()):
+            await link.aclose()
 
     # -- feed start and fetch ------------------------------------------------------------
     async def _start(self, feed: Feed) -> None:
-        """SUBSCRIBE (confirmed by the server), then note the stream's current end."""
-        if self._pubsub is None:
-            self._pubsub = self._redis.pubsub()
+        """(S)SUBSCRIBE (confirmed by the server), then note the stream's current end."""
         channel = feed.channel.encode()
         confirmed = asyncio.get_running_loop().create_future()
         self._confirms[channel] = confirmed
         try:
             with redis_errors("subscribe", feed.channel):
-                async with self._lock:  # redis-py's PubSub is not safe for concurrent commands
-                    await self._pubsub.subscribe(feed.channel)
-                self._ensure_reader()
+                feed.link = await self._link_for(channel)
+                await feed.link.subscribe(channel)
                 try:
                     await asyncio.wait_for(asyncio.shield(confirmed), self._subscribe_timeout)
                 except asyncio.TimeoutError as e:
@@ -462,60 +463,95 @@ class StreamListener:
                     self._due[feed.task_id] = feed  # more to read
             self._in_flight = set()
 
-    # -- reader --------------------------------------------------------------------------
-    def _ensure_reader(self) -> None:
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.ensure_future(self._read())
-            self.connected = True
+    # -- pub/sub links -------------------------------------------------------------------
+    async def _link_for(self, channel: bytes) -> PubSubLink:
+        """The link a channel belongs on: the one link, or its cluster shard's."""
+        if not isinstance(self._redis, RedisCluster):
+            name, node = "", None
+        else:
+            await self._redis.initialize()
+            node = self._redis.get_node_from_key(channel)  # type: ignore[arg-type]
+            assert node is not None
+            name = node.name
+        link = self._links.get(name)
+        if link is None or link.closed:
+            if link is not None:
+                self._retired_reconnects += link.reconnects
+            if node is None:
+                redis = self._redis
 
-    async def _read(self) -> None:
+                def connect() -> tuple[PubSub, Callable[[], Awaitable[None]]]:
+                    return server_pubsub(redis)  # type: ignore[arg-type]
+
+            else:
+                at = node
+
+                def connect() -> tuple[PubSub, Callable[[], Awaitable[None]]]:
+                    return node_pubsub(at)
+
+            link = PubSubLink(
+                name,
+                connect,
+                sharded=self._sharded,
+                dispatch=self._dispatch,
+                lost=self._lost,
+                heartbeat=self._heartbeat,
+            )
+            self._links[name] = link
+        return link
+
+    async def _lost(self, link: PubSubLink, error: BaseException) -> None:
+        """A link failed. On a cluster: re-read the slot map, move channels that moved."""
+        if not isinstance(self._redis, RedisCluster) or self._closed:
+            return
+        if isinstance(error, rex.MovedError):
+            await self._redis.nodes_manager.move_slot(error)
+        else:
+            await self._redis.nodes_manager.initialize()
+        for channel in list(link.channels):
+            node = self._redis.get_node_from_key(channel)  # type: ignore[arg-type]
+            if node is not None and node.name != link.name:
+                link.channels.discard(channel)
+                feed = self._by_channel.get(channel)
+                if feed is not None:
+                    self._spawn(self._move(feed))
+
+    async def _move(self, feed: Feed) -> None:
+        """Subscribe a feed's channel on the shard that owns it now (it backfills on confirm)."""
         attempt = 0
-        while not self._closed:
+        channel = feed.channel.encode()
+        while not self._closed and self._by_channel.get(channel) is feed:
             try:
-                if not self.connected:
-                    await self._resubscribe()
-                    attempt = 0
-                assert self._pubsub is not None
-                message = await self._pubsub.get_message(timeout=self._heartbeat)
-                if message is None:
-                    async with self._lock:
-                        await self._pubsub.ping()
-                    continue
-                self._dispatch(message)
-            except (rex.ConnectionError, rex.TimeoutError, OSError) as e:
+                if isinstance(self._redis, RedisCluster):
+                    await self._redis.nodes_manager.initialize()
+                feed.link = await self._link_for(channel)
+                await feed.link.subscribe(channel)
+                logger.warning("task %s's wake channel moved to %s", feed.task_id, feed.link.name)
+                return
+            except (rex.RedisError, rex.RedisClusterException, OSError) as e:
                 attempt += 1
-                if self.connected:
-                    logger.warning("pub/sub connection lost: %s; reconnecting", e)
-                self.connected = False
+                logger.warning("moving task %s's wake channel failed: %s", feed.task_id, e)
                 await backoff(attempt, base=0.05, cap=2.0)
 
-    async def _resubscribe(self) -> None:
-        """Replace the pub/sub connection and subscribe every live feed's channel again.
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
-        Each feed is re-read from its last entry when the server confirms its channel
-        (see ``_dispatch``), so what was written while disconnected is backfilled.
-        """
-        old, self._pubsub = self._pubsub, self._redis.pubsub()
-        if old is not None:
-            with contextlib.suppress(Exception):
-                await old.aclose()  # type: ignore[no-untyped-call]
-        channels = [feed.channel for feed in self._feeds.values()]
-        async with self._lock:
-            if channels:
-                await self._pubsub.subscribe(*channels)
-            else:
-                await self._pubsub.ping()
-        self.connected = True
-        self.reconnects += 1
-        logger.warning("pub/sub reconnected; re-subscribed %d tasks", len(channels))
-
-    def _dispatch(self, message: dict[str, Any]) -> None:
+    def _dispatch(self, link: PubSubLink, message: dict[str, Any]) -> None:
         kind, channel = message.get("type"), message.get("channel")
         if isinstance(kind, bytes):
             kind = kind.decode()
         if not isinstance(channel, bytes):
             return
-        if kind == "subscribe":
+        if kind == "sunsubscribe" and channel in link.channels:
+            # Not ours (leave() forgets the channel first): the slot moved to another shard.
+            link.channels.discard(channel)
+            feed = self._by_channel.get(channel)
+            if feed is not None:
+                self._spawn(self._move(feed))
+            return
+        if kind in ("subscribe", "ssubscribe"):
             confirmed = self._confirms.get(channel)
             if confirmed is not None and not confirmed.done():
                 confirmed.set_result(None)
@@ -523,12 +559,12 @@ class StreamListener:
             if feed is not None and feed.last is not None:
                 self._wake(feed)  # re-subscribed after a reconnect: backfill
             return
-        if kind != "message":
-            return
         feed = self._by_channel.get(channel)
-        if feed is None:
-            return
-        data = message.get("data")
+        if feed is not None and kind in ("message", "smessage"):
+            self._on_message(feed, message.get("data"))
+
+    def _on_message(self, feed: Feed, data: Any) -> None:
+        """A wake-up on a feed's channel: an entry it carries, a fetch, or an end."""
         if data == DESTROYED:
             feed.destroyed = True
             feed.notify()

@@ -59,8 +59,8 @@ from a2a.server.tasks.push_notification_config_store import (
 from a2a.types.a2a_pb2 import TaskPushNotificationConfig
 from google.protobuf.message import DecodeError
 from redis import exceptions as rex
-from redis.asyncio import Redis
 
+from a2a_redis.cluster import Client, keys_for
 from a2a_redis.durability import Durability, run_script
 from a2a_redis.errors import (
     CorruptDataError,
@@ -69,7 +69,7 @@ from a2a_redis.errors import (
     redis_errors,
     require_binary_client,
 )
-from a2a_redis.keys import Keys, encode_id
+from a2a_redis.keys import encode_id
 
 if TYPE_CHECKING:
     from cryptography.fernet import Fernet
@@ -157,7 +157,7 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         *,
         prefix: str = "a2a",
         owner_resolver: OwnerResolver = resolve_user_scope,
@@ -169,7 +169,7 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
         if ttl is not None and not ttl > 0:
             raise ValueError("ttl must be positive seconds, or None to keep configs")
         self.redis = redis
-        self.keys = Keys(prefix)
+        self.keys = keys_for(redis, prefix)
         self.owner_resolver = owner_resolver
         self._ttl_ms = b"0" if ttl is None else b"%d" % max(1, round(ttl * 1000))
         self._fernet: Fernet | None = None

@@ -28,12 +28,11 @@ from typing import cast
 
 from a2a.server.events.event_queue import DEFAULT_MAX_QUEUE_SIZE, Event, EventQueueLegacy
 from a2a.server.events.queue_manager import NoTaskQueue, QueueManager, TaskQueueExists
-from redis.asyncio import Redis
 
+from a2a_redis.cluster import Client, is_cluster, keys_for
 from a2a_redis.codec import CLOSED, ends_task_stream
 from a2a_redis.durability import Durability
 from a2a_redis.errors import A2ARedisError, redis_errors
-from a2a_redis.keys import Keys
 from a2a_redis.listener import (
     OwnerLostError,
     Position,
@@ -130,7 +129,7 @@ class RedisQueueManager(QueueManager):
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         *,
         prefix: str = "a2a",
         listener: StreamListener | None = None,
@@ -142,7 +141,7 @@ class RedisQueueManager(QueueManager):
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive seconds")
         self._redis = redis
-        self._keys = Keys(prefix)
+        self._keys = keys_for(redis, prefix)
         self._owns_listener = listener is None
         self._listener = listener or StreamListener(redis, self._keys)
         self._retention = stream_retention or StreamRetention()
@@ -258,14 +257,29 @@ class RedisQueueManager(QueueManager):
         while self._leases:
             await asyncio.sleep(self._lease_ttl / 3)
             try:
+                if is_cluster(self._redis):  # no scripts in cluster pipelines
+                    await asyncio.gather(
+                        *(self._renew_one(t, token, ttl_ms) for t, token in self._leases.items())
+                    )
+                    continue
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for task_id, token in self._leases.items():
                         lease = self._keys.lease(task_id)
-                        await self._renew_script(keys=[lease], args=[token, ttl_ms], client=pipe)
-                        pipe.publish(self._keys.wake(task_id), HEARTBEAT)
+                        await self._renew_script(
+                            keys=[lease],
+                            args=[token, ttl_ms],
+                            client=pipe,  # type: ignore[arg-type]
+                        )
+                        pipe.execute_command(
+                            self._keys.publish, self._keys.wake(task_id), HEARTBEAT
+                        )
                     await pipe.execute()
             except Exception as e:  # keep renewing through outages; taps decide on their own
                 logger.warning("lease renewal of %d queues failed: %s", len(self._leases), e)
+
+    async def _renew_one(self, task_id: str, token: bytes, ttl_ms: int) -> None:
+        await self._renew_script(keys=[self._keys.lease(task_id)], args=[token, ttl_ms])
+        await self._redis.execute_command(self._keys.publish, self._keys.wake(task_id), HEARTBEAT)
 
     async def _append(self, task_id: str, event: Event) -> None:
         commands = append_commands(

@@ -82,7 +82,7 @@ def append_commands(
     return [
         ("XADD", stream, "MAXLEN", "~", retention.maxlen, "*", *fields),
         *retention_commands(keys, task_id, terminal=terminal, retention=retention),
-        ("PUBLISH", keys.wake(task_id), WITH_ENTRY_ID + pack_fields(fields)),
+        (keys.publish, keys.wake(task_id), WITH_ENTRY_ID + pack_fields(fields)),
     ]
 
 
@@ -106,13 +106,13 @@ def close_commands(
     return [
         ("XADD", stream, "MAXLEN", "~", retention.maxlen, "*", *fields),
         *retention_commands(keys, task_id, terminal=True, retention=retention),
-        ("PUBLISH", keys.wake(task_id), WITH_ENTRY_ID + pack_fields(fields)),
+        (keys.publish, keys.wake(task_id), WITH_ENTRY_ID + pack_fields(fields)),
     ]
 
 
 def destroy_commands(keys: Keys, task_id: str) -> list[Command]:
     """Commands (for a MULTI) that delete the task's stream and end its live subscribers."""
-    return [("UNLINK", keys.events(task_id)), ("PUBLISH", keys.wake(task_id), DESTROYED)]
+    return [("UNLINK", keys.events(task_id)), (keys.publish, keys.wake(task_id), DESTROYED)]
 
 
 def pack_fields(fields: list[bytes]) -> bytes:

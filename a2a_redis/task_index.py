@@ -7,6 +7,23 @@ by state, and by both. Every member has score 0 and sorts by bytes in the SDK's 
 included (it is the lower bound of the range).
 
 Index upkeep happens in the same MULTI/EXEC as the task write (:meth:`TaskIndex.upkeep`).
+
+On Redis Cluster an owner's index keys (tag ``{o:OWNER}``) and a task's keys (tag
+``{t:ID}``) live in different slots, so no transaction can span both. There the indexes are
+kept correct across slots instead:
+
+* a write first marks itself in the owner's ``pending`` zset, then commits the task (its
+  own slot), then applies the index change and clears its mark in one script (the owner's
+  slot). So every committed state is indexed, unless the writer died in between;
+* a reader checks every entry of a page against the task hash (owner and index member)
+  and removes entries that no longer match: a list never returns another owner's task or
+  a stale state;
+* a reader also reconciles marks older than :data:`PENDING_GRACE_MS` (a writer that died
+  between commit and index update): it indexes the task as its hash now stands.
+
+``total_size`` can count an entry whose removal is pending (for the milliseconds between a
+commit and its index update, or until a list pages over a writer's leftovers).
+
 Terminal tasks with a TTL are also entered in the owner's ``expiring`` zset, from which
 expired tasks' index entries are purged: when that owner lists, and after each terminal
 write, a bounded batch at a time.
@@ -23,12 +40,14 @@ from a2a.types.a2a_pb2 import ListTasksRequest, ListTasksResponse, Task
 from a2a.utils.constants import DEFAULT_LIST_TASKS_PAGE_SIZE
 from a2a.utils.errors import InvalidParamsError
 from a2a.utils.task import decode_list_tasks_cursor, decode_page_token, encode_list_tasks_cursor
-from redis.asyncio import Redis
 
+from a2a_redis.cluster import Client
 from a2a_redis.codec import (
+    F_CONTEXT,
     F_MEMBER,
     F_OWNER,
     F_SCHEMA,
+    F_STATE,
     F_TASK,
     RecordHead,
     decode_locator,
@@ -39,15 +58,19 @@ from a2a_redis.codec import (
     member_task_id,
     member_timestamp_floor,
 )
-from a2a_redis.errors import CorruptDataError, redis_errors
+from a2a_redis.errors import A2ARedisError, CorruptDataError, redis_errors
 from a2a_redis.keys import Keys
-from a2a_redis.transaction import Command, execute
+from a2a_redis.transaction import Command, execute, run_atomically
 
 __all__ = ["TaskIndex"]
 
 logger = logging.getLogger(__name__)
 
 PURGE_BATCH = 256
+#: Redis Cluster: a write's pending index mark older than this is reconciled by a reader.
+PENDING_GRACE_MS = 5_000
+RECONCILE_BATCH = 64
+QUERY_ROUNDS = 4  # a list re-reads after purging, reconciling or repairing, this often
 
 
 def _now_ms() -> int:
@@ -57,9 +80,11 @@ def _now_ms() -> int:
 class TaskIndex:
     """Maintains and queries one namespace's ListTasks indexes."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+    def __init__(self, redis: Client, keys: Keys, *, split: bool = False) -> None:
         self._redis = redis
         self._keys = keys
+        #: True on Redis Cluster: index keys are not in the task's slot (see module doc).
+        self.split = split
 
     # -- upkeep (commands for the writer's MULTI) ----------------------------------------
     def upkeep(
@@ -95,6 +120,60 @@ class TaskIndex:
         if new_loc is not None:
             cmds.append(("ZADD", keys.expiring(owner), new_expires_at, new_loc))
         return cmds
+
+    # -- cross-slot upkeep (Redis Cluster) -----------------------------------------------
+    @staticmethod
+    def pending_mark(task_id: str, write_id: bytes) -> bytes:
+        """The pending mark of one write: its write id, then the task id."""
+        return write_id + task_id.encode("utf-8", "surrogatepass")
+
+    async def begin(self, owner: str, mark: bytes) -> None:
+        """Mark a write as pending in the owner's slot, before it commits (one round trip)."""
+        key = self._keys.pending(owner)
+        with redis_errors("mark index update", key):
+            await self._redis.zadd(key, {mark: _now_ms()})
+
+    async def finish(self, owner: str, mark: bytes, commands: list[Command]) -> None:
+        """Apply a committed write's index change and clear its mark (one script).
+
+        Best effort: the write has committed whatever happens here; if this fails, the
+        mark stays and a later list reconciles the task.
+        """
+        key = self._keys.pending(owner)
+        try:
+            await run_atomically(
+                self._redis, "update task index", key, [*commands, ("ZREM", key, mark)]
+            )
+        except A2ARedisError as e:
+            logger.warning("index update failed (a later list repairs it): %s", e)
+
+    async def _reconcile(self, owner: str) -> int:
+        """Index the tasks of pending marks older than the grace (their writer died)."""
+        pending = self._keys.pending(owner)
+        due = cast(
+            "list[bytes]",
+            await self._redis.zrangebyscore(
+                pending, "-inf", _now_ms() - PENDING_GRACE_MS, 0, RECONCILE_BATCH
+            ),
+        )
+        if not due:
+            return 0
+        ids = sorted({m[8:].decode("utf-8", "surrogatepass") for m in due})
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for task_id in ids:
+                pipe.hmget(self._keys.task(task_id), [F_OWNER, F_CONTEXT, F_STATE, F_MEMBER])
+            rows = await execute(pipe)
+        commands: list[Command] = []
+        for owner_raw, context, state, member in rows:
+            if owner_raw is None or member is None or _text(owner_raw) != owner:
+                continue  # deleted, or another owner's: nothing of ours to index
+            state_n = int(state) if state and state.isdigit() else 0
+            for key in self._keys.indexes(owner, _text(context or b""), state_n):
+                commands.append(("ZADD", key, 0, member))
+        commands.append(("ZREM", pending, *due))
+        await run_atomically(self._redis, "reconcile task index", pending, commands)
+        logger.warning("reconciled %d tasks whose index update was interrupted", len(ids))
+        return len(due)
 
     # -- purge ---------------------------------------------------------------------------
     async def purge_expired(self, owner: str) -> int:
@@ -175,18 +254,27 @@ class TaskIndex:
                     high = await self._legacy_bound(owner, index, low, params.page_token)
                 else:
                     high = b"(" + member_for_cursor(cursor)
-            for _ in range(2):
+            for _ in range(QUERY_ROUNDS):
                 async with self._redis.pipeline(transaction=False) as pipe:
                     pipe.execute_command(
                         "ZRANGE", index, high, low, "BYLEX", "REV", "LIMIT", 0, page_size + 1
                     )
                     pipe.execute_command("ZLEXCOUNT", index, low, "+")
                     pipe.zrangebyscore(self._keys.expiring(owner), "-inf", _now_ms(), 0, 1)
-                    page, total, due = await execute(pipe)
-                if not due or not await self.purge_expired(owner):
+                    if self.split:
+                        pipe.zrangebyscore(
+                            self._keys.pending(owner), "-inf", _now_ms() - PENDING_GRACE_MS, 0, 1
+                        )
+                    page, total, due, *pending = await execute(pipe)
+                if due and await self.purge_expired(owner):
+                    continue
+                if pending and pending[0] and await self._reconcile(owner):
+                    continue
+                members: list[bytes] = page[:page_size]
+                tasks, stale = await self._load(owner, index, members, params)
+                if not stale:
                     break
-            members: list[bytes] = page[:page_size]
-            tasks = await self._load(owner, index, members)
+                await self._redis.zrem(index, *stale)  # repair, then read the page again
         has_next = len(page) > page_size
         return ListTasksResponse(
             tasks=tasks,
@@ -197,19 +285,42 @@ class TaskIndex:
             ),
         )
 
-    async def _load(self, owner: str, index: str, members: list[bytes]) -> list[Task]:
+    async def _load(
+        self, owner: str, index: str, members: list[bytes], params: ListTasksRequest
+    ) -> tuple[list[Task], list[bytes]]:
+        """The page's tasks, and (on a cluster) the entries that no longer match a record."""
         ids = [member_task_id(index, m) for m in members]
         if not ids:
-            return []
+            return [], []
         async with self._redis.pipeline(transaction=False) as pipe:
             for task_id in ids:
-                pipe.hmget(self._keys.task(task_id), [F_SCHEMA, F_OWNER, F_TASK])
+                pipe.hmget(self._keys.task(task_id), [F_SCHEMA, F_OWNER, F_TASK, F_MEMBER])
             rows = await execute(pipe)
-        tasks = []
-        for task_id, (schema, owner_raw, payload) in zip(ids, rows, strict=True):
+        tasks: list[Task] = []
+        stale: list[bytes] = []
+        for task_id, entry, (schema, owner_raw, payload, member) in zip(
+            ids, members, rows, strict=True
+        ):
             key = self._keys.task(task_id)
-            if owner_raw is None or owner_raw.decode("utf-8", "surrogatepass") != owner:
-                logger.warning("index %s names a task with no record; skipped", index)
+            if owner_raw is None or _text(owner_raw) != owner:
+                if self.split:
+                    stale.append(entry)
+                else:
+                    logger.warning("index %s names a task with no record; skipped", index)
                 continue
-            tasks.append(decode_task(key, task_id, schema, payload))
-        return tasks
+            if self.split and member != entry:
+                stale.append(entry)  # the task has moved on (or this write never committed)
+                continue
+            task = decode_task(key, task_id, schema, payload)
+            if self.split and (
+                (params.status and task.status.state != params.status)
+                or (params.context_id and task.context_id != params.context_id)
+            ):
+                stale.append(entry)  # same position, but no longer in this state or context
+                continue
+            tasks.append(task)
+        return tasks, stale
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogatepass")

@@ -32,8 +32,8 @@ from a2a.server.owner_resolver import OwnerResolver, resolve_user_scope
 from a2a.server.tasks.task_store import TaskStore
 from a2a.types.a2a_pb2 import ListTasksRequest, ListTasksResponse, Task, TaskState
 from redis import exceptions as rex
-from redis.asyncio import Redis
 
+from a2a_redis.cluster import Client, SlotMovedError, is_cluster, keys_for
 from a2a_redis.codec import (
     F_OWNER,
     F_SCHEMA,
@@ -85,7 +85,7 @@ class _TaskRecords:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         *,
         prefix: str,
         owner_resolver: OwnerResolver,
@@ -100,12 +100,12 @@ class _TaskRecords:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         self.redis = redis
-        self.keys = Keys(prefix)
+        self.keys = keys_for(redis, prefix)
         self.owner_resolver = owner_resolver
         self.terminal_ttl = terminal_ttl
         self.retention = stream_retention
         self.max_attempts = max_attempts
-        self.index = TaskIndex(redis, self.keys)
+        self.index = TaskIndex(redis, self.keys, split=is_cluster(redis))
         self.ledger = AppendLedger()
         self.durability = durability
 
@@ -136,7 +136,12 @@ class _TaskRecords:
         write_id: bytes,
         old: RecordHead | None,
         event: Event | None,
-    ) -> tuple[list[Command], int]:
+    ) -> tuple[list[Command], list[Command], int]:
+        """The write's commands in the task's slot, its index commands, and its expiry.
+
+        Index commands join the task's MULTI on one server; on a cluster they run after it
+        in the owner's slot (``task_index.py``).
+        """
         terminal = task.status.state in TERMINAL_STATES
         expires_at = 0
         if terminal and self.terminal_ttl is not None:
@@ -154,7 +159,10 @@ class _TaskRecords:
             cmds += [("PEXPIREAT", key, expires_at), ("PEXPIREAT", push, expires_at)]
         elif old is not None and old.expires_at:
             cmds += [("PERSIST", key), ("PERSIST", push)]
-        cmds += self.index.upkeep(owner, old, task, member, expires_at)
+        index_cmds = self.index.upkeep(owner, old, task, member, expires_at)
+        if not self.index.split:
+            cmds += index_cmds
+            index_cmds = []
         if event is not None:
             cmds += append_commands(
                 self.keys, task.id, version, event, terminal=terminal, retention=self.retention
@@ -163,49 +171,68 @@ class _TaskRecords:
             cmds += retention_commands(
                 self.keys, task.id, terminal=terminal, retention=self.retention
             )
-        return cmds, expires_at
+        return cmds, index_cmds, expires_at
 
     async def write(self, task: Task, owner: str, event: Event | None, decide: Decide) -> int:
         """Write ``task`` for ``owner`` at the version ``decide`` picks; return that version.
 
         Round trips: 2 per attempt (WATCH + HMGET; MULTI ... EXEC), +1 (UNWATCH) when
         ``decide`` refuses, +1-2 after a terminal write with a TTL (purge of expired index
-        entries). A lost race (EXEC aborted) or a transient connection error is retried,
-        with jittered backoff, up to ``max_attempts`` times; each attempt re-reads and
-        decides again, so a conflict is reported as soon as the re-read shows one. A
+        entries); on a cluster +2 (the pending index mark before, the index update after).
+        A lost race (EXEC aborted), a transient connection error or a slot move is
+        retried, with jittered backoff, up to ``max_attempts`` times; each attempt re-reads
+        and decides again, so a conflict is reported as soon as the re-read shows one. A
         random write id stored with the record makes a retry after a lost EXEC reply
         recognise its own committed write instead of reporting a conflict.
         """
         key = self.keys.task(task.id)
         payload = task.SerializeToString()
         write_id = os.urandom(8)
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                committed = await self._attempt(key, task, payload, owner, event, decide, write_id)
-            except (rex.ConnectionError, rex.TimeoutError) as e:
-                raise_if_pool_exhausted(e, "save", key)
-                if attempt == self.max_attempts:
-                    raise RedisUnavailableError(
-                        f"Redis unavailable during save: {e}", key=key
-                    ) from e
-                logger.warning("save of task %s: %s; retrying (attempt %d)", task.id, e, attempt)
-            else:
+        mark = self.index.pending_mark(task.id, write_id) if self.index.split else b""
+        if mark:
+            await self.index.begin(owner, mark)
+        index_cmds: list[Command] = []
+        settled = True  # False while a commit may have happened unseen (then a list repairs)
+        try:
+            for attempt in range(1, self.max_attempts + 1):
+                try:
+                    committed = await self._attempt(
+                        key, task, payload, owner, event, decide, write_id
+                    )
+                except (rex.ConnectionError, rex.TimeoutError) as e:
+                    raise_if_pool_exhausted(e, "save", key)
+                    if attempt == self.max_attempts:
+                        settled = False
+                        raise RedisUnavailableError(
+                            f"Redis unavailable during save: {e}", key=key
+                        ) from e
+                    logger.warning(
+                        "save of task %s: %s; retrying (attempt %d)", task.id, e, attempt
+                    )
+                    await backoff(attempt, cap=0.5 if isinstance(e, SlotMovedError) else 0.05)
+                    continue
                 if committed is not None:
-                    version, expires_at = committed
-                    if event is not None:
-                        self.ledger.record(task.id, version)
-                    if expires_at:  # best effort: the save has committed whatever happens here
-                        try:
-                            await self.index.purge_expired(owner)
-                        except A2ARedisError as e:
-                            logger.warning("purge of expired index entries failed: %s", e)
-                    return version
+                    version, expires_at, index_cmds = committed
+                    break
                 logger.debug("save of task %s lost a race (attempt %d)", task.id, attempt)
-            await backoff(attempt)
-        raise ContentionError(
-            f"save of task {task.id!r} lost {self.max_attempts} optimistic transactions in a row",
-            key=key,
-        )
+                await backoff(attempt)
+            else:
+                raise ContentionError(
+                    f"save of task {task.id!r} lost {self.max_attempts} optimistic "
+                    "transactions in a row",
+                    key=key,
+                )
+        finally:
+            if mark and settled:  # committed: apply the index change; refused: clear the mark
+                await self.index.finish(owner, mark, index_cmds)
+        if event is not None:
+            self.ledger.record(task.id, version)
+        if expires_at:  # best effort: the save has committed whatever happens here
+            try:
+                await self.index.purge_expired(owner)
+            except A2ARedisError as e:
+                logger.warning("purge of expired index entries failed: %s", e)
+        return version
 
     async def _attempt(
         self,
@@ -216,10 +243,13 @@ class _TaskRecords:
         event: Event | None,
         decide: Decide,
         write_id: bytes,
-    ) -> tuple[int, int] | None:
-        """One optimistic transaction: (version, expires_at), or None if it lost a race."""
+    ) -> tuple[int, int, list[Command]] | None:
+        """One optimistic transaction: (version, expiry, index commands), None if it lost.
+
+        The index commands are those still to run after the commit (on a cluster).
+        """
         with redis_errors("save task", key, connection=False):
-            async with WatchedTransaction(self.redis, self.durability) as tx:
+            async with WatchedTransaction(self.redis, key, self.durability) as tx:
                 (raw,) = await tx.watch([key], [("HMGET", key, *HEAD_FIELDS)])
                 try:
                     old = decode_head(key, raw)
@@ -230,7 +260,12 @@ class _TaskRecords:
                             await tx.commit([("HSET", key, F_WRITE, write_id)])
                         else:
                             await tx.unwatch()
-                        return old.version, old.expires_at
+                        index_cmds = []
+                        if self.index.split:  # index the committed state (repairs the rest)
+                            index_cmds = self.index.upkeep(
+                                owner, None, task, old.member, old.expires_at
+                            )
+                        return old.version, old.expires_at, index_cmds
                     if old is not None and old.owner != owner:
                         raise TaskOwnedElsewhereError(
                             "task id is held by another owner; refusing to overwrite", key=key
@@ -239,33 +274,63 @@ class _TaskRecords:
                 except BaseException:
                     await tx.unwatch()
                     raise
-                cmds, expires_at = self._write_commands(
+                cmds, index_cmds, expires_at = self._write_commands(
                     key, task, payload, owner, version, write_id, old, event
                 )
                 if await tx.commit(cmds) is None:
                     return None
-                return version, expires_at
+                return version, expires_at, index_cmds
 
     # -- delete --------------------------------------------------------------------------
     async def remove(self, task_id: str, owner: str) -> None:
-        """Delete the owner's task: record, stream, push configs, index entries (atomically)."""
+        """Delete the owner's task: record, stream, push configs and index entries.
+
+        Atomically; on a cluster the index entries just after (see ``task_index.py``).
+        """
         key = self.keys.task(task_id)
-        for attempt in range(1, self.max_attempts + 1):
-            with redis_errors("delete task", key):
-                async with WatchedTransaction(self.redis, self.durability) as tx:
-                    (raw,) = await tx.watch([key], [("HMGET", key, *HEAD_FIELDS)])
-                    old = decode_head(key, raw)
-                    if old is None or old.owner != owner:
-                        await tx.unwatch()
-                        return
-                    cmds: list[Command] = [
-                        ("UNLINK", key, self.keys.push_configs(task_id)),
-                        *destroy_commands(self.keys, task_id),
-                        *self.index.upkeep(owner, old, None),
-                    ]
-                    if await tx.commit(cmds) is not None:
-                        return
-            await backoff(attempt)
+        mark = self.index.pending_mark(task_id, os.urandom(8)) if self.index.split else b""
+        if mark:
+            await self.index.begin(owner, mark)
+        index_cmds: list[Command] = []
+        settled = True
+        try:
+            for attempt in range(1, self.max_attempts + 1):
+                try:
+                    with redis_errors("delete task", key, connection=False):
+                        async with WatchedTransaction(self.redis, key, self.durability) as tx:
+                            (raw,) = await tx.watch([key], [("HMGET", key, *HEAD_FIELDS)])
+                            old = decode_head(key, raw)
+                            if old is None or old.owner != owner:
+                                await tx.unwatch()
+                                return
+                            cmds: list[Command] = [
+                                ("UNLINK", key, self.keys.push_configs(task_id)),
+                                *destroy_commands(self.keys, task_id),
+                            ]
+                            upkeep = self.index.upkeep(owner, old, None)
+                            if not self.index.split:
+                                cmds += upkeep
+                            if await tx.commit(cmds) is not None:
+                                index_cmds = upkeep if self.index.split else []
+                                return
+                except SlotMovedError as e:
+                    if attempt == self.max_attempts:
+                        settled = False
+                        raise RedisUnavailableError(
+                            f"Redis unavailable during delete: {e}", key=key
+                        ) from e
+                    await backoff(attempt, cap=0.5)
+                    continue
+                except (rex.ConnectionError, rex.TimeoutError) as e:
+                    raise_if_pool_exhausted(e, "delete", key)
+                    settled = False
+                    raise RedisUnavailableError(
+                        f"Redis unavailable during delete: {e}", key=key
+                    ) from e
+                await backoff(attempt)
+        finally:
+            if mark and settled:
+                await self.index.finish(owner, mark, index_cmds)
         raise ContentionError(
             f"delete of task {task_id!r} lost {self.max_attempts} transactions", key=key
         )
@@ -292,7 +357,7 @@ class VersionedRedisTaskStore(VersionedTaskStore):
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         *,
         prefix: str = "a2a",
         owner_resolver: OwnerResolver = resolve_user_scope,
@@ -405,7 +470,7 @@ class RedisTaskStore(TaskStore):
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         *,
         prefix: str = "a2a",
         owner_resolver: OwnerResolver = resolve_user_scope,

@@ -17,20 +17,22 @@ explicit :meth:`WatchedTransaction.unwatch`, or, on any error, disconnected firs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import math
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
 from redis import __version__ as redis_version
 from redis import exceptions as rex
-from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 
+from a2a_redis.cluster import REDIRECTS, Client, SlotMovedError, checkout, note_redirect
 from a2a_redis.durability import Durability, run_script
 from a2a_redis.errors import raise_if_pool_exhausted, redis_errors
 
@@ -47,7 +49,7 @@ __all__ = [
 
 Command = tuple[Any, ...]
 
-#: Runs ARGV as a batch of commands: ``argc name arg ... argc name arg ...``. A PUBLISH
+#: Runs ARGV as a batch of commands: ``argc name arg ... argc name arg ...``. A (S)PUBLISH
 #: whose message starts with :data:`WITH_ENTRY_ID` publishes the id of the batch's last
 #: XADD, a newline, and the rest of the message: a wake-up that carries its entry.
 BATCH_SCRIPT = b"""local i = 1
@@ -55,8 +57,8 @@ local added = ''
 while i <= #ARGV do
   local argc = tonumber(ARGV[i])
   local name = ARGV[i + 1]
-  if name == 'PUBLISH' and string.sub(ARGV[i + 3], 1, 3) == '$E:' then
-    redis.call('PUBLISH', ARGV[i + 2], added .. '\\n' .. string.sub(ARGV[i + 3], 4))
+  if (name == 'PUBLISH' or name == 'SPUBLISH') and string.sub(ARGV[i + 3], 1, 3) == '$E:' then
+    redis.call(name, ARGV[i + 2], added .. '\\n' .. string.sub(ARGV[i + 3], 4))
   else
     local reply = redis.call(unpack(ARGV, i + 1, i + argc))
     if name == 'XADD' then added = reply end
@@ -130,7 +132,7 @@ def _raise_nested(replies: Sequence[Any]) -> None:
             raise reply
 
 
-async def execute(pipe: Pipeline) -> list[Any]:
+async def execute(pipe: Pipeline | ClusterPipeline) -> list[Any]:
     """Execute a plain pipeline; raise the first error reply as the server sent it.
 
     redis-py rewrites pipeline errors ("Command # 1 (...) of pipeline caused error"), which
@@ -142,7 +144,7 @@ async def execute(pipe: Pipeline) -> list[Any]:
 
 
 async def run_atomically(
-    redis: Redis,
+    redis: Client,
     operation: str,
     key: str,
     commands: list[Command],
@@ -160,26 +162,38 @@ async def run_atomically(
 
 
 class WatchedTransaction:
-    """One WATCH ... MULTI/EXEC transaction on one connection of a client's pool.
+    """One WATCH ... MULTI/EXEC transaction on one connection.
 
-    Use as ``async with WatchedTransaction(redis) as tx``: ``await tx.watch(keys, reads)``,
-    then either ``await tx.commit(commands)`` (None when a watched key changed) or
-    ``await tx.unwatch()``. With ``durability``, a successful commit is confirmed by
-    ``WAIT`` in the same round trip (``ReplicationTimeoutError`` if too few replicas).
+    Use as ``async with WatchedTransaction(redis, key) as tx``: ``await tx.watch(keys,
+    reads)``, then either ``await tx.commit(commands)`` (None when a watched key changed)
+    or ``await tx.unwatch()``. ``key`` names the slot: on a Redis Cluster the connection
+    comes from the primary owning it (every key of the transaction must share its hash
+    tag), and a redirect (``MOVED``, ``ASK``, ``TRYAGAIN``) raises
+    :class:`~a2a_redis.cluster.SlotMovedError` after updating the slot map, so that the
+    caller's retry goes to the new owner. Elsewhere it comes from the client's pool. With
+    ``durability``, a successful commit is confirmed by ``WAIT`` in the same round trip
+    (``ReplicationTimeoutError`` if too few replicas).
     """
 
-    __slots__ = ("_clean", "_conn", "_pool", "_wait", "_watched")
+    __slots__ = ("_clean", "_conn", "_key", "_redis", "_release", "_wait", "_watched")
 
-    def __init__(self, redis: Redis, durability: Durability | None = None) -> None:
-        self._pool: ConnectionPool = redis.connection_pool
+    def __init__(self, redis: Client, key: str, durability: Durability | None = None) -> None:
+        self._redis = redis
+        self._key = key
         self._conn: AbstractConnection | None = None
+        self._release: Callable[[AbstractConnection], Any] | None = None
         self._clean = True
         self._wait = durability if durability is not None and durability.waits else None
         self._watched: tuple[list[Command], list[Any]] = ([], [])
 
     async def __aenter__(self) -> WatchedTransaction:
         try:
-            self._conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+            if isinstance(self._redis, RedisCluster):
+                self._conn, self._release = await checkout(self._redis, self._key)
+            else:
+                pool: ConnectionPool = self._redis.connection_pool
+                self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+                self._release = pool.release
         except rex.ConnectionError as e:
             raise_if_pool_exhausted(e)
             raise
@@ -198,7 +212,23 @@ class WatchedTransaction:
             if not self._clean:  # mid-transaction or mid-reply: the connection is unusable
                 await conn.disconnect()
         finally:
-            await self._pool.release(conn)
+            assert self._release is not None
+            released = self._release(conn)
+            if released is not None:
+                await released
+        if (
+            isinstance(self._redis, RedisCluster)
+            and isinstance(exc, rex.ConnectionError)
+            and not isinstance(exc, SlotMovedError)
+        ):  # the node may have failed over: reload the slot map
+            with contextlib.suppress(rex.RedisError, OSError):
+                await self._redis.nodes_manager.initialize()
+
+    async def _redirected(self, replies: Sequence[Any]) -> None:
+        """Raise :class:`SlotMovedError` if a reply says the slot is served elsewhere."""
+        for reply in replies:
+            if isinstance(reply, REDIRECTS) and isinstance(self._redis, RedisCluster):
+                raise await note_redirect(self._redis, reply, self._key)
 
     async def _roundtrip(self, commands: Sequence[Command | bytes], wait: float = 0.0) -> list[Any]:
         conn = self._conn
@@ -229,6 +259,7 @@ class WatchedTransaction:
         """WATCH ``keys`` and run ``reads``, in one round trip. Returns the reads' replies."""
         watch: list[Command] = [("WATCH", *keys), *reads]
         replies = await self._roundtrip(watch)
+        await self._redirected(replies)
         _raise_nested(replies)
         self._watched = (watch, replies[1:])  # to watch again after a NOSCRIPT (commit)
         return replies[1:]
@@ -253,6 +284,7 @@ class WatchedTransaction:
             [("MULTI",), _batch(commands), ("EXEC",), *wait],
             self._wait.timeout if self._wait is not None else 0.0,
         )
+        await self._redirected(replies)
         _raise_nested(replies[:2])
         self._clean = True
         result = replies[2]
@@ -264,6 +296,7 @@ class WatchedTransaction:
             watch, seen = self._watched
             self._watched = ([], [])  # once: a script flushed again counts as a lost race
             replies = await self._roundtrip([("SCRIPT", "LOAD", BATCH_SCRIPT), *watch])
+            await self._redirected(replies)
             _raise_nested(replies)
             if not watch or replies[2:] != seen:
                 await self.unwatch()

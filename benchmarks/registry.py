@@ -6,11 +6,12 @@ To add one (event stream latency, queue manager, ...): write a module exposing a
 
 from __future__ import annotations
 
-from benchmarks import event_stream, queue_manager, task_store
+from benchmarks import event_stream, queue_manager, scale, task_store
 from benchmarks.common import Benchmark
 
 BENCHMARKS: list[Benchmark] = [
     task_store.BENCHMARK,
     event_stream.BENCHMARK,
     queue_manager.BENCHMARK,
+    scale.BENCHMARK,
 ]

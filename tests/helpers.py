@@ -17,10 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis.asyncio as aioredis
 from a2a.auth.user import User
 from a2a.client import Client, create_client
+from a2a.helpers.proto_helpers import get_message_text, new_task_from_user_message
+from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.context import ServerCallContext
 from a2a.server.events.event_queue import Event
+from a2a.server.tasks.task_updater import TaskUpdater
 from a2a.types import (
     AgentCapabilities,
     AgentCard,
@@ -33,6 +37,9 @@ from a2a.types import (
     StreamResponse,
 )
 from a2a.types.a2a_pb2 import Task, TaskState, TaskStatus, TaskStatusUpdateEvent
+from redis.asyncio.cluster import RedisCluster
+
+from a2a_redis.cluster import CLUSTER_SCHEMES, cluster_client
 
 
 class NamedUser(User):
@@ -169,6 +176,56 @@ def agent_card() -> AgentCard:
     )
 
 
+def push_card() -> AgentCard:
+    """:func:`agent_card` with push notifications enabled (for the push-config calls)."""
+    card = agent_card()
+    card.capabilities.push_notifications = True
+    return card
+
+
+class ScriptedAgent(AgentExecutor):
+    """Does what the first word of the message says: ``complete``, ``input`` or ``hold``.
+
+    Each run emits the Task (first run only), WORKING and artifact ``a0``, then completes
+    or asks for input; ``hold`` waits until the test releases the task (``gate(task_id)``
+    or ``release_all``), then emits artifact ``a1`` and completes. Artifact texts are
+    ``f"{artifact_text} {n}"``. ``cancel`` emits CANCELED.
+    """
+
+    def __init__(self, artifact_text: str = "done") -> None:
+        self.artifact_text = artifact_text
+        self.gates: dict[str, asyncio.Event] = {}
+
+    def gate(self, task_id: str) -> asyncio.Event:
+        """The event a held task waits for."""
+        return self.gates.setdefault(task_id, asyncio.Event())
+
+    def release_all(self) -> None:
+        """Release every held task (and any held later)."""
+        for gate in self.gates.values():
+            gate.set()
+
+    async def execute(self, context: RequestContext, event_queue: Any) -> None:
+        assert context.message is not None and context.task_id and context.context_id
+        kind = get_message_text(context.message).split()[0]
+        updater = TaskUpdater(event_queue, context.task_id, context.context_id)
+        if context.current_task is None:
+            await event_queue.enqueue_event(new_task_from_user_message(context.message))
+        await updater.start_work()
+        await updater.add_artifact([Part(text=f"{self.artifact_text} 0")], artifact_id="a0")
+        if kind == "hold":
+            await self.gate(context.task_id).wait()
+            await updater.add_artifact([Part(text=f"{self.artifact_text} 1")], artifact_id="a1")
+        if kind == "input":
+            await updater.requires_input()
+        else:
+            await updater.complete()
+
+    async def cancel(self, context: RequestContext, event_queue: Any) -> None:
+        assert context.task_id and context.context_id
+        await TaskUpdater(event_queue, context.task_id, context.context_id).cancel()
+
+
 def send_request(text: str) -> SendMessageRequest:
     """A user message with ``text``."""
     return SendMessageRequest(
@@ -288,3 +345,29 @@ def task_id_of(events: list[Event]) -> str:
     first = events[0]
     assert isinstance(first, Task), first
     return first.id
+
+
+def connect(url: str, **options: Any) -> aioredis.Redis:
+    """A client for a test server URL: ``redis+cluster://`` gives a ``RedisCluster``."""
+    if url.startswith(tuple(f"{s}://" for s in CLUSTER_SCHEMES)):
+        return cluster_client(url, **options)  # type: ignore[return-value]
+    return aioredis.Redis.from_url(url, **options)
+
+
+async def on_every_node(client: Any, *args: Any) -> Any:
+    """Run an admin command on the server, or on every primary of a cluster."""
+    if isinstance(client, RedisCluster):
+        await client.initialize()  # the node list is empty until the slot map is loaded
+        return await client.execute_command(*args, target_nodes=client.get_primaries())
+    return await client.execute_command(*args)
+
+
+async def subscriber_count(client: Any, channel: str) -> int:
+    """Subscribers of a wake channel: PUBSUB NUMSUB, or SHARDNUMSUB on its cluster shard."""
+    if isinstance(client, RedisCluster):
+        await client.initialize()
+        node = client.get_node_from_key(channel)
+        reply = await client.execute_command("PUBSUB", "SHARDNUMSUB", channel, target_nodes=node)
+    else:
+        reply = await client.execute_command("PUBSUB", "NUMSUB", channel)
+    return int(reply[1])

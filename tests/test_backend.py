@@ -17,6 +17,7 @@ from a2a.types import (
     Part,
     TaskState,
 )
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 
 from a2a_redis import (
@@ -29,7 +30,7 @@ from a2a_redis import (
     VersionedRedisTaskStore,
 )
 from a2a_redis.embedded import EmbeddedServer
-from tests.helpers import agent_card, ctx, send_request
+from tests.helpers import agent_card, connect, ctx, send_request
 
 CARD = agent_card()
 
@@ -58,9 +59,13 @@ async def test_components_share_one_client_and_one_listener(real_url: str, prefi
         for component in (backend.event_stream, backend.queue_manager):
             assert component._redis is backend.redis
         assert backend.task_store._records.redis is backend.redis
-        pool = backend.redis.connection_pool
-        assert isinstance(pool, aioredis.BlockingConnectionPool)
-        assert pool.max_connections == 64
+        if isinstance(backend.redis, RedisCluster):  # per node pools; a gate of 64 turns
+            assert backend.redis.gate._value == 64
+            assert all(n.max_connections == 64 for n in backend.redis.get_nodes())
+        else:
+            pool = backend.redis.connection_pool
+            assert isinstance(pool, aioredis.BlockingConnectionPool)
+            assert pool.max_connections == 64
 
 
 async def test_one_line_handler_v2_and_legacy(real_url: str, prefix: str):
@@ -129,12 +134,12 @@ async def test_url_forms_password_db_and_unix_socket(prefix: str):
 
 
 def test_unsupported_url_scheme_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"redis://, rediss:// .* or unix://"):
+    with pytest.raises(ValueError, match=r"redis://, rediss:// .* unix:// or redis\+cluster://"):
         RedisBackend.from_url("http://localhost:6379")
 
 
 async def test_a_users_client_is_never_closed(real_url: str, prefix: str):
-    client = aioredis.Redis.from_url(real_url)
+    client = connect(real_url)
     async with RedisBackend(client, prefix=prefix) as backend:
         await backend.ping()
     assert await client.ping()  # still usable: the backend did not own it

@@ -37,6 +37,7 @@ from a2a_redis.cli import main
 from a2a_redis.embedded import EmbeddedServer
 from a2a_redis.keys import Keys
 from a2a_redis.task_store import VersionedRedisTaskStore
+from tests.helpers import connect, subscriber_count
 
 from .helpers import make_task
 
@@ -49,7 +50,7 @@ def _run(url: str, fn: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
     """Run ``fn(client)`` in a fresh event loop with a client of ``url`` (closed after)."""
 
     async def go() -> T:
-        client = aioredis.Redis.from_url(url)
+        client = connect(url)
         try:
             return await fn(client)
         finally:
@@ -133,7 +134,12 @@ def test_doctor_reports_server_and_our_keys(
     assert main(["doctor", "--url", url, "--prefix", prefix]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^server +(Redis|Valkey) \d+\.\d+", out, re.M)
-    assert re.search(r"^mode +standalone, role master", out, re.M)
+    if url.startswith("redis+cluster"):
+        assert re.search(r"^topology +Redis Cluster: 3 primaries, 0 replicas, state ok$", out, re.M)
+        assert re.search(r"^slots +16384 of 16384 covered$", out, re.M)
+        assert re.search(r"^mode +cluster node, role master", out, re.M)
+    else:
+        assert re.search(r"^mode +standalone, role master", out, re.M)
     assert re.search(r"^round trip +\d+\.\d+ ms \(median of 5 PINGs\)", out, re.M)
     assert re.search(r"^eviction +maxmemory-policy noeviction$", out, re.M)
     assert re.search(r"^persistence +AOF (on|off); RDB ", out, re.M)
@@ -330,7 +336,7 @@ def test_tail_follows_live_events(
     async def write_when_followed(client: aioredis.Redis) -> None:
         channel = Keys(prefix).wake("live")
         deadline = time.monotonic() + 60
-        while not (await client.pubsub_numsub(channel))[0][1]:
+        while not await subscriber_count(client, channel):
             if time.monotonic() > deadline:
                 raise RuntimeError("tail never subscribed")
             await asyncio.sleep(0.02)

@@ -43,7 +43,7 @@ from a2a.types.a2a_pb2 import (
 
 from a2a_redis.event_stream import RedisTaskEventStream
 from a2a_redis.task_store import VersionedRedisTaskStore
-from tests.helpers import Tap, agent_card, ctx, state_of, task_id_of
+from tests.helpers import Tap, agent_card, connect, ctx, state_of, task_id_of
 
 S = TaskState
 GUARD = 30.0  # seconds: a hang guard only, never an asserted bound
@@ -166,7 +166,7 @@ def user_message(key: str, *, context_id: str = "", task_id: str = "") -> Messag
 class Replica:
     def __init__(self, name: str, url: str, prefix: str, scripts: dict[str, Script]) -> None:
         self.name = name
-        self.client = aioredis.Redis.from_url(url)
+        self.client = connect(url)
         self.store = VersionedRedisTaskStore(self.client, prefix=prefix)
         self.stream = RecordingStream(self.client, task_store=self.store)
         self.agent = PacedAgent(name, scripts)

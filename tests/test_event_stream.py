@@ -14,7 +14,7 @@ from a2a_redis.event_stream import RedisTaskEventStream
 from a2a_redis.listener import StreamListener
 from a2a_redis.streams import StreamRetention
 from a2a_redis.task_store import VersionedRedisTaskStore
-from tests.helpers import ctx, make_task
+from tests.helpers import connect, ctx, make_task, on_every_node
 
 S = TaskState
 MISSING = TaskVersion.MISSING
@@ -124,11 +124,11 @@ async def test_many_subscribers_share_one_connection_and_one_fetch(pair):
     await produce(a, "t", [])
     readers = [asyncio.create_task(collect(b.stream, "t", TaskVersion(1), 3)) for _ in range(50)]
     for _ in range(100):
-        if b.stream.listener.stats()["subscribers"] == 50:
+        if b.stream.listener.stats()["subscribers"] == 50 and b.stream.listener.connected:
             break
         await asyncio.sleep(0.01)
     assert b.stream.listener.stats() == {
-        "connected": True, "tasks": 1, "subscribers": 50, "reconnects": 0,
+        "connected": True, "tasks": 1, "subscribers": 50, "reconnects": 0, "connections": 1,
     }  # fmt: skip
     task = make_task("t")
     version = TaskVersion(1)
@@ -205,8 +205,8 @@ async def test_terminal_publish_shortens_stream_ttl(redis: aioredis.Redis, prefi
 
 async def test_pubsub_connection_killed_mid_stream_loses_nothing(real_redis, real_url, prefix):
     """CLIENT KILL TYPE pubsub: the listener reconnects, re-subscribes, backfills."""
-    a = Replica(aioredis.Redis.from_url(real_url), prefix)
-    b = Replica(aioredis.Redis.from_url(real_url), prefix)
+    a = Replica(connect(real_url), prefix)
+    b = Replica(connect(real_url), prefix)
     try:
         await produce(a, "t", [])
         reader = asyncio.create_task(collect(b.stream, "t", TaskVersion(1), 30))
@@ -216,7 +216,7 @@ async def test_pubsub_connection_killed_mid_stream_loses_nothing(real_redis, rea
         for i in range(3):
             versions += await produce_more(a, "t", version, 5)
             version = versions[-1]
-            await real_redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+            await on_every_node(real_redis, "CLIENT", "KILL", "TYPE", "pubsub")
             versions += await produce_more(a, "t", version, 5)  # written while reconnecting
             version = versions[-1]
             del i

@@ -48,6 +48,7 @@ from tests.helpers import (
     agent_card,
     chunks,
     client_pair,
+    connect,
     ctx,
     drain_stream,
     final_state,
@@ -160,7 +161,7 @@ class Stream(Tap):
 class LegacyReplica:
     def __init__(self, name: str, url: str, prefix: str, scripts: dict[str, Script]) -> None:
         self.name = name
-        self.client = aioredis.Redis.from_url(url)
+        self.client = connect(url)
         self.store = VersionedRedisTaskStore(self.client, prefix=prefix)
         self.queues = TrackingQueueManager(self.client, prefix=prefix)
         self.handler = LegacyRequestHandler(

@@ -15,6 +15,7 @@ from a2a.types.a2a_pb2 import TaskState, TaskStatusUpdateEvent
 from a2a.utils._async_queue_compat import QueueShutDown
 
 from a2a_redis.queue_manager import RedisQueueManager
+from tests.helpers import connect
 
 GUARD = 20  # seconds: a hang guard only
 
@@ -174,8 +175,8 @@ async def test_immediate_close_by_the_consumer_loses_nothing_for_remote_taps(man
 
 async def test_owner_death_ends_remote_taps(real_url: str, real_redis, prefix: str):
     """The owner stops renewing (a crash): taps close after about lease_ttl, never hang."""
-    owner_client = aioredis.Redis.from_url(real_url)
-    tap_client = aioredis.Redis.from_url(real_url)
+    owner_client = connect(real_url)
+    tap_client = connect(real_url)
     a = RedisQueueManager(owner_client, prefix=prefix, lease_ttl=0.6)
     b = RedisQueueManager(tap_client, prefix=prefix, lease_ttl=0.6)
     try:

@@ -396,7 +396,8 @@ async def test_a_write_the_replica_does_not_confirm_raises_naming_the_key_and_st
                 await records._attempt(*attempt, decide, write_id)
         finally:
             os.kill(replica_pid, signal.SIGCONT)
-        assert await patient.task_store._records._attempt(*attempt, decide, write_id) == (3, 0)
+        committed = await patient.task_store._records._attempt(*attempt, decide, write_id)
+        assert committed is not None and committed[:2] == (3, 0)
         assert await on_replica(deployment, keys.task("t"), F_VERSION) == b"3"
         stored = await patient.task_store.get("t", ctx())
         assert stored is not None and stored.version == TaskVersion(3)
@@ -524,7 +525,7 @@ async def test_after_noscript_a_key_changed_meanwhile_is_still_a_conflict(
     await admin.hset(key, "v", "1")
     other = aioredis.Redis(port=deployment.primary.port)
     try:
-        async with WatchedTransaction(admin) as tx:
+        async with WatchedTransaction(admin, key) as tx:
             assert await tx.watch([key], [("HGET", key, "v")]) == [b"1"]
             await other.hset(key, "v", "2")  # another writer commits first
             await admin.script_flush()

@@ -21,7 +21,7 @@ from a2a_redis.errors import (
 )
 from a2a_redis.keys import Keys, encode_id
 from a2a_redis.task_store import VersionedRedisTaskStore
-from tests.helpers import ctx, make_task
+from tests.helpers import connect, ctx, make_task
 
 MISSING = TaskVersion.MISSING
 
@@ -161,9 +161,7 @@ async def test_wrong_key_type_raises_typed_error(
 async def test_outage_is_an_error_never_not_found(prefix: str):
     """Stop a private server: every call raises RedisUnavailableError; a restart heals."""
     with EmbeddedServer() as server:
-        client = aioredis.Redis.from_url(
-            server.url, retry=Retry(NoBackoff(), 1), socket_connect_timeout=1
-        )
+        client = connect(server.url, retry=Retry(NoBackoff(), 1), socket_connect_timeout=1)
         store = VersionedRedisTaskStore(client, prefix=prefix, max_attempts=2)
         v = await store.save(make_task("t"), prev_version=MISSING, context=ctx())
         server.kill()
@@ -195,7 +193,9 @@ async def test_invalid_state_number_is_stored_and_listed(store: VersionedRedisTa
 
 
 async def test_pool_exhaustion_is_its_own_error_not_an_outage(real_url: str, prefix: str):
-    client = aioredis.Redis.from_url(real_url, max_connections=2)
+    # A cluster client made by a2a-redis waits for a turn (pool_timeout); a plain pool fails.
+    waits = {"pool_timeout": 0.001} if real_url.startswith("redis+cluster") else {}
+    client = connect(real_url, max_connections=2, **waits)
     store = VersionedRedisTaskStore(client, prefix=prefix)
     for i in range(4):
         await store.save(make_task(f"t{i}"), prev_version=MISSING, context=ctx())
@@ -212,14 +212,14 @@ async def test_pool_exhaustion_is_its_own_error_not_an_outage(real_url: str, pre
     )
     assert {type(r) for r in saves} <= {TaskVersion, PoolExhaustedError}
     await client.aclose()
-    cleanup = aioredis.Redis.from_url(real_url)
+    cleanup = connect(real_url)
     async for key in cleanup.scan_iter(match=f"{prefix}:*"):
         await cleanup.unlink(key)
     await cleanup.aclose()
 
 
 async def test_conflicts_keep_their_pooled_connection(real_url: str, prefix: str):
-    client = aioredis.Redis.from_url(real_url)
+    client = connect(real_url)
     store = VersionedRedisTaskStore(client, prefix=prefix)
     await store.save(make_task("t"), prev_version=MISSING, context=ctx())
     before = await client.client_id()  # one connection in the pool: its server-side id
@@ -231,10 +231,20 @@ async def test_conflicts_keep_their_pooled_connection(real_url: str, prefix: str
 
 
 async def test_a_blocking_pool_that_runs_dry_is_pool_exhaustion(real_url: str, prefix: str):
-    pool = aioredis.BlockingConnectionPool.from_url(real_url, max_connections=1, timeout=0.05)
-    client = aioredis.Redis.from_pool(pool)
+    if real_url.startswith("redis+cluster"):  # the cluster client's gate plays the pool
+        client = connect(real_url, max_connections=1, pool_timeout=0.05)
+        await client.initialize()
+        await client.gate.acquire()  # another request holds the only turn
+        release = client.gate.release
+    else:
+        pool = aioredis.BlockingConnectionPool.from_url(real_url, max_connections=1, timeout=0.05)
+        client = aioredis.Redis.from_pool(pool)
+        held = await pool.get_connection()  # another request holds the only connection
+
+        async def release() -> None:
+            await pool.release(held)
+
     store = VersionedRedisTaskStore(client, prefix=prefix, max_attempts=2)
-    held = await pool.get_connection()  # another request holds the only connection
     for call in (
         store.save(make_task("t"), prev_version=MISSING, context=ctx()),
         store.get("t", ctx()),
@@ -242,10 +252,11 @@ async def test_a_blocking_pool_that_runs_dry_is_pool_exhaustion(real_url: str, p
     ):
         with pytest.raises(PoolExhaustedError):
             await call
-    await pool.release(held)
+    if (released := release()) is not None:
+        await released
     assert await store.get("t", ctx()) is None  # and all is well once it is back
     await client.aclose()
-    cleanup = aioredis.Redis.from_url(real_url)
+    cleanup = connect(real_url)
     async for key in cleanup.scan_iter(match=f"{prefix}:*"):
         await cleanup.unlink(key)
     await cleanup.aclose()

@@ -15,7 +15,7 @@ from a2a.types.a2a_pb2 import TaskState, TaskStatusUpdateEvent
 from a2a_redis.codec import decode_event
 from a2a_redis.errors import TaskOwnedElsewhereError
 from a2a_redis.task_store import VersionedRedisTaskStore
-from tests.helpers import ctx, make_task
+from tests.helpers import connect, ctx, make_task
 
 S = TaskState
 MISSING = TaskVersion.MISSING
@@ -26,7 +26,7 @@ N = 24
 async def stores(
     real_redis: aioredis.Redis, real_url: str, prefix: str
 ) -> AsyncIterator[list[VersionedRedisTaskStore]]:
-    clients = [aioredis.Redis.from_url(real_url) for _ in range(N)]
+    clients = [connect(real_url) for _ in range(N)]
     yield [VersionedRedisTaskStore(c, prefix=prefix) for c in clients]
     for c in clients:
         await c.aclose()
