@@ -1,6 +1,7 @@
 """a2a-redis: a Redis task store and event bus for multi-replica A2A agent servers."""
 
 from a2a_redis.backend import RedisBackend
+from a2a_redis.durability import Durability
 from a2a_redis.errors import (
     A2ARedisError,
     ContentionError,
@@ -8,6 +9,7 @@ from a2a_redis.errors import (
     DecryptionError,
     PoolExhaustedError,
     RedisUnavailableError,
+    ReplicationTimeoutError,
     TaskOwnedElsewhereError,
     UnsupportedSchemaError,
 )
@@ -29,6 +31,7 @@ __all__ = [
     "ContentionError",
     "CorruptDataError",
     "DecryptionError",
+    "Durability",
     "Keys",
     "ListenerClosedError",
     "OwnerLostError",
@@ -39,6 +42,7 @@ __all__ = [
     "RedisTaskEventStream",
     "RedisTaskStore",
     "RedisUnavailableError",
+    "ReplicationTimeoutError",
     "StreamListener",
     "StreamRetention",
     "SubscriberLagError",

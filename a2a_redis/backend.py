@@ -32,12 +32,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from a2a_redis.cluster import CLUSTER_SCHEMES, Client, cluster_client
+from a2a_redis.durability import Durability
 from a2a_redis.errors import redis_errors
 from a2a_redis.event_stream import RedisTaskEventStream
 from a2a_redis.leases import LeaseKeeper
 from a2a_redis.listener import StreamListener
 from a2a_redis.push_config_store import RedisPushNotificationConfigStore
 from a2a_redis.queue_manager import RedisQueueManager
+from a2a_redis.sentinel import is_sentinel_url, sentinel_client
 from a2a_redis.streams import StreamRetention
 from a2a_redis.task_store import RedisTaskStore, VersionedRedisTaskStore
 
@@ -58,6 +60,8 @@ class RedisBackend:
         lease_ttl: Seconds the lease of a task this replica runs lasts without renewal
             (after the replica dies, remote subscribers end within about this long).
         encryption_key: A Fernet key to encrypt push-notification configs at rest.
+        durability: Replicas that must confirm every write before it is acknowledged
+            (``WAIT``; see :class:`~a2a_redis.durability.Durability`). None: no WAIT.
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class RedisBackend:
         stream_retention: StreamRetention | None = None,
         lease_ttl: float = 10.0,
         encryption_key: bytes | str | None = None,
+        durability: Durability | None = None,
     ) -> None:
         self.redis = redis
         self._owns_client = False
@@ -79,6 +84,7 @@ class RedisBackend:
             owner_resolver=owner_resolver,
             terminal_ttl=terminal_ttl,
             stream_retention=stream_retention,
+            durability=durability,
         )
         self.listener = StreamListener(redis, self.task_store.keys)
         self.leases = LeaseKeeper(redis, self.task_store.keys, ttl=lease_ttl)
@@ -92,10 +98,12 @@ class RedisBackend:
             stream_retention=self.task_store.stream_retention,
             lease_ttl=lease_ttl,
             leases=self.leases,
+            durability=durability,
         )
         self.push_config_store = RedisPushNotificationConfigStore(
-            redis, prefix=prefix, owner_resolver=owner_resolver, encryption_key=encryption_key
-        )
+            redis, prefix=prefix, owner_resolver=owner_resolver, encryption_key=encryption_key,
+            durability=durability,
+        )  # fmt: skip
 
     @classmethod
     def from_url(
@@ -122,8 +130,20 @@ class RedisBackend:
         (one is held by the pub/sub listener). ``options`` go to :class:`RedisBackend`.
         A command that meets a closed connection is retried ``retries`` times (default 3)
         with a short jittered backoff. Nothing connects until first use; :meth:`ping` checks
-        the server.
+        the server. ``redis+sentinel://`` and ``rediss+sentinel://`` URLs connect through
+        Sentinel (see :mod:`a2a_redis.sentinel`), with the same pool options.
         """
+        if is_sentinel_url(url):
+            backend = cls(
+                sentinel_client(
+                    url, max_connections=max_connections, pool_timeout=pool_timeout,
+                    socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout,
+                    health_check_interval=health_check_interval, retries=retries,
+                ),
+                **options,
+            )  # fmt: skip
+            backend._owns_client = True
+            return backend
         if url.startswith(tuple(f"{s}://" for s in CLUSTER_SCHEMES)):
             client: Client = cluster_client(
                 url,

@@ -46,6 +46,7 @@ from a2a_redis.codec import TERMINAL_STATES, version_int
 from a2a_redis.errors import A2ARedisError
 from a2a_redis.event_stream import RedisTaskEventStream
 from a2a_redis.keys import Keys
+from a2a_redis.sentinel import is_sentinel_url, sentinel_client
 from a2a_redis.task_store import VersionedRedisTaskStore
 
 __all__ = ["main"]
@@ -63,7 +64,9 @@ exit status:
   2    usage error
   3    doctor found a problem: a maxmemory-policy other than noeviction, a read-only
        replica, a Sentinel instead of a data server, a server older than 6.2, memory
-       use near maxmemory, or failing persistence
+       use near maxmemory, or failing persistence; with redis+sentinel://, also a
+       Sentinel down, fewer than 3 Sentinels, no replica or one not replicating, and
+       a master or replica without persistence
   130  interrupted (Ctrl-C)
 """
 
@@ -130,11 +133,13 @@ def _timestamp(ts: Timestamp, present: bool) -> str:
 @contextlib.asynccontextmanager
 async def _connect(url: str) -> AsyncIterator[Client]:
     """A client of ``url`` that has answered a PING; closed on exit."""
-    client: Client = (
-        cluster_client(url, socket_connect_timeout=5.0)
-        if url.startswith(tuple(f"{s}://" for s in CLUSTER_SCHEMES))
-        else Redis.from_url(url, socket_connect_timeout=5.0)
-    )
+    client: Client
+    if is_sentinel_url(url):  # redis+sentinel://: the master the Sentinels name
+        client = sentinel_client(url, socket_connect_timeout=5.0, retries=0)
+    elif url.startswith(tuple(f"{s}://" for s in CLUSTER_SCHEMES)):
+        client = cluster_client(url, socket_connect_timeout=5.0)
+    else:
+        client = Redis.from_url(url, socket_connect_timeout=5.0)
     try:
         await client.ping()
         yield client

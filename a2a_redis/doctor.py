@@ -17,9 +17,11 @@ from typing import Any
 from redis import exceptions as rex
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import SentinelConnectionPool
 
 from a2a_redis.cluster import Client
 from a2a_redis.keys import Keys
+from a2a_redis.sentinel import report_topology
 
 __all__ = ["KEY_SCAN_CAP", "Report", "check", "size"]
 
@@ -84,7 +86,7 @@ async def _server(client: Redis, report: Report, *, replica_ok: bool = False) ->
     if mode == "sentinel":
         report.line("server", f"{name}, sentinel")
         report.problem(
-            "this is a Sentinel, not a data server: point --url at the master it monitors"
+            "this is a Sentinel, not a data server: use redis+sentinel://HOST:PORT/SERVICE"
         )
         return False
     cluster: dict[str, Any] = await client.info("cluster")
@@ -193,6 +195,8 @@ async def check(client: Client, keys: Keys, report: Report) -> None:
     if isinstance(client, RedisCluster):
         await _cluster(client, keys, report)
         return
+    if isinstance(client.connection_pool, SentinelConnectionPool):  # Sentinel-managed
+        await report_topology(client, report)
     if await _server(client, report):
         await _memory(client, report)
         await _persistence(client, report)

@@ -48,6 +48,8 @@ class EmbeddedServer:
         appendonly: Turn AOF persistence on (``appendfsync always``), for durability tests.
         data_dir: Where AOF files go; a private temporary directory when None.
         extra_args: More ``valkey-server`` arguments.
+        config_file: A configuration file to load first (a Sentinel, run with
+            ``extra_args=("--sentinel",)``, needs one it can rewrite).
     """
 
     def __init__(
@@ -57,12 +59,14 @@ class EmbeddedServer:
         appendonly: bool = False,
         data_dir: str | None = None,
         extra_args: tuple[str, ...] = (),
+        config_file: str | None = None,
     ) -> None:
         self.port = port or _free_port()
         self.appendonly = appendonly
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="a2a-redis-embedded-")
         self.extra_args = extra_args
+        self.config_file = config_file
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -81,6 +85,7 @@ class EmbeddedServer:
             raise RuntimeError("embedded server already running")
         args = [
             str(embedded_server_binary()),
+            *([self.config_file] if self.config_file else []),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",

@@ -19,6 +19,7 @@ __all__ = [
     "DecryptionError",
     "PoolExhaustedError",
     "RedisUnavailableError",
+    "ReplicationTimeoutError",
     "TaskOwnedElsewhereError",
     "UnsupportedSchemaError",
     "raise_if_pool_exhausted",
@@ -72,6 +73,20 @@ class TaskOwnedElsewhereError(A2ARedisError):
     Task ids are unique per prefix (the SDK's runtime keys its registries and event streams
     by task id alone), so the write is refused instead of overwriting the other owner's task.
     """
+
+
+class ReplicationTimeoutError(A2ARedisError):
+    """A write was applied on the primary, but too few replicas confirmed it in time.
+
+    Raised when a :class:`~a2a_redis.durability.Durability` asks for ``WAIT``: the write is
+    NOT rolled back (it is visible, and stays unless the primary fails before replicating
+    it); it is just not known to be on ``required`` replicas (``acked`` confirmed it).
+    """
+
+    def __init__(self, message: str, *, key: str | None, acked: int, required: int) -> None:
+        super().__init__(message, key=key)
+        self.acked = acked
+        self.required = required
 
 
 class ContentionError(A2ARedisError):

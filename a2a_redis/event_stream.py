@@ -33,6 +33,7 @@ from a2a.types.a2a_pb2 import Message, TaskArtifactUpdateEvent
 
 from a2a_redis.cluster import Client, keys_for
 from a2a_redis.codec import F_STATE, ends_task_stream, version_int
+from a2a_redis.durability import Durability, run_script
 from a2a_redis.errors import redis_errors
 from a2a_redis.leases import SETTLED_STATES, LeaseKeeper, lease_ttl_of
 from a2a_redis.listener import (
@@ -105,6 +106,8 @@ class RedisTaskEventStream(TaskEventStream):
         lease_ttl: Seconds the lease of a task this replica runs lasts without renewal
             (default 10): a remote subscriber of a running task whose replica died raises
             ``OwnerLostError`` after about this long.
+        durability: Replicas that must confirm each append (``WAIT``), when no
+            ``task_store`` is given (otherwise the store's).
     """
 
     def __init__(
@@ -117,6 +120,7 @@ class RedisTaskEventStream(TaskEventStream):
         listener: StreamListener | None = None,
         leases: LeaseKeeper | None = None,
         lease_ttl: float = 10.0,
+        durability: Durability | None = None,
     ) -> None:
         if task_store is not None:
             if task_store.keys.prefix != prefix and prefix != "a2a":
@@ -124,10 +128,12 @@ class RedisTaskEventStream(TaskEventStream):
             self._keys = task_store.keys
             self._ledger = task_store.ledger
             self._retention = task_store.stream_retention
+            self._durability = task_store.durability
         else:
             self._keys = keys_for(redis, prefix)
             self._ledger = AppendLedger()
             self._retention = stream_retention or StreamRetention()
+            self._durability = durability
         self._redis = redis
         self._owns_listener = listener is None
         self._listener = listener or StreamListener(redis, self._keys)
@@ -178,11 +184,13 @@ class RedisTaskEventStream(TaskEventStream):
         )  # fmt: skip
         key = self._keys.events(task_id)
         if not version or isinstance(event.event, Message):
-            await run_atomically(self._redis, "publish", key, commands)
+            await run_atomically(self._redis, "publish", key, commands, self._durability)
             return
         keys, argv = batch_args(commands)  # the stream comes first: XADD is the first command
         with redis_errors("publish", key):
-            await self._append_if_new(keys=keys, args=[version, *argv])
+            await run_script(
+                self._redis, self._append_if_new, keys, [version, *argv], self._durability, key
+            )
 
     async def destroy(self, task_id: str) -> None:
         """Delete the task's stream; its subscribers on every replica end cleanly."""
@@ -192,6 +200,7 @@ class RedisTaskEventStream(TaskEventStream):
             "destroy",
             self._keys.events(task_id),
             destroy_commands(self._keys, task_id),
+            self._durability,
         )
 
     async def _first_page(

@@ -61,6 +61,7 @@ from google.protobuf.message import DecodeError
 from redis import exceptions as rex
 
 from a2a_redis.cluster import Client, keys_for
+from a2a_redis.durability import Durability, run_script
 from a2a_redis.errors import (
     CorruptDataError,
     DecryptionError,
@@ -151,6 +152,7 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
             (the ``encryption`` extra). None (the default) stores protobuf bytes in clear.
         ttl: Seconds to keep a task's configs after its last ``set_info``; None (the
             default) keeps them until deleted, like the task they belong to.
+        durability: Replicas that must confirm each write (``WAIT``); None waits for none.
     """
 
     def __init__(
@@ -161,6 +163,7 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
         owner_resolver: OwnerResolver = resolve_user_scope,
         encryption_key: bytes | str | None = None,
         ttl: float | None = None,
+        durability: Durability | None = None,
     ) -> None:
         require_binary_client(redis)
         if ttl is not None and not ttl > 0:
@@ -182,6 +185,7 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
             self._fernet = Fernet(key)  # ValueError for a malformed key
         self._set = redis.register_script(_SET)
         self._delete = redis.register_script(_DELETE)
+        self._durability = durability
 
     # -- PushNotificationConfigStore ---------------------------------------------------------
     async def set_info(
@@ -210,9 +214,8 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
         key = self.keys.push_configs(task_id)
         try:
             with redis_errors("set push config", key):
-                await self._set(
-                    keys=[key], args=[_field(owner, config.id), head, tail, self._ttl_ms]
-                )
+                args = [_field(owner, config.id), head, tail, self._ttl_ms]
+                await run_script(self.redis, self._set, [key], args, self._durability, key)
         except rex.ResponseError as e:
             if str(e).startswith(_CORRUPT):
                 raise CorruptDataError(f"set push config: {str(e)[12:]}", key=key) from e
@@ -261,7 +264,7 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
         else:
             args = [b"one", _field(owner, config_id)]
         with redis_errors("delete push config", key):
-            deleted = await self._delete(keys=[key], args=args)
+            deleted = await run_script(self.redis, self._delete, [key], args, self._durability, key)
         logger.debug(
             "deleted %s push config(s) (%s) of task %s for owner %s",
             deleted,

@@ -31,6 +31,7 @@ from a2a.server.events.queue_manager import NoTaskQueue, QueueManager, TaskQueue
 
 from a2a_redis.cluster import Client, keys_for
 from a2a_redis.codec import CLOSED, ends_task_stream
+from a2a_redis.durability import Durability
 from a2a_redis.errors import A2ARedisError, redis_errors
 from a2a_redis.leases import LeaseKeeper, lease_ttl_of
 from a2a_redis.listener import (
@@ -114,6 +115,7 @@ class RedisQueueManager(QueueManager):
         tap_max_queue_size: Bound of each remote tap's local buffer (the SDK's default).
         leases: A shared :class:`LeaseKeeper` (``RedisBackend`` shares one per process;
             its ``ttl`` then replaces ``lease_ttl``); by default the manager makes its own.
+        durability: Replicas that must confirm each append (``WAIT``); None waits for none.
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class RedisQueueManager(QueueManager):
         lease_ttl: float = 10.0,
         tap_max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
         leases: LeaseKeeper | None = None,
+        durability: Durability | None = None,
     ) -> None:
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive seconds")
@@ -137,6 +140,7 @@ class RedisQueueManager(QueueManager):
         self._owns_keeper = leases is None
         self._keeper = LeaseKeeper(redis, self._keys, ttl=lease_ttl) if leases is None else leases
         self._tap_size = tap_max_queue_size
+        self._durability = durability
         self._queues: dict[str, EventQueueLegacy] = {}  # queues this replica owns
         self._leases: dict[str, bytes] = {}  # owned queues still open -> their lease token
         self._taps: set[_RemoteTap] = set()
@@ -233,8 +237,9 @@ class RedisQueueManager(QueueManager):
             terminal=ends_task_stream(event), retention=self._retention,
         )  # fmt: skip
         await run_atomically(
-            self._redis, "append to the queue", self._keys.events(task_id), commands
-        )
+            self._redis, "append to the queue", self._keys.events(task_id), commands,
+            self._durability,
+        )  # fmt: skip
 
     async def _mark_closed(self, task_id: str) -> None:
         """Append the close mark (naming this opening's token) and release the lease; once."""
@@ -246,6 +251,7 @@ class RedisQueueManager(QueueManager):
         await run_atomically(
             self._redis, "close the queue", key,
             close_commands(self._keys, task_id, token=token, retention=self._retention),
+            self._durability,
         )  # fmt: skip
         await self._keeper.release(task_id, token)
 

@@ -41,6 +41,7 @@ from a2a_redis.codec import (
     F_SCHEMA,
     F_TASK,
     F_VERSION,
+    F_WRITE,
     HEAD_FIELDS,
     TERMINAL_STATES,
     RecordHead,
@@ -49,6 +50,7 @@ from a2a_redis.codec import (
     encode_record,
     index_member,
 )
+from a2a_redis.durability import Durability
 from a2a_redis.errors import (
     A2ARedisError,
     ContentionError,
@@ -92,6 +94,7 @@ class _TaskRecords:
         terminal_ttl: float | None,
         stream_retention: StreamRetention,
         max_attempts: int,
+        durability: Durability | None = None,
     ) -> None:
         require_binary_client(redis)
         if terminal_ttl is not None and terminal_ttl <= 0:
@@ -106,6 +109,7 @@ class _TaskRecords:
         self.max_attempts = max_attempts
         self.index = TaskIndex(redis, self.keys, split=is_cluster(redis))
         self.ledger = AppendLedger()
+        self.durability = durability
 
     # -- read ----------------------------------------------------------------------------
     async def read(self, task_id: str, owner: str) -> tuple[Task, int] | None:
@@ -252,12 +256,17 @@ class _TaskRecords:
         The index commands are those still to run after the commit (on a cluster).
         """
         with redis_errors("save task", key, connection=False):
-            async with WatchedTransaction(self.redis, key) as tx:
+            async with WatchedTransaction(self.redis, key, self.durability) as tx:
                 (raw,) = await tx.watch([key], [("HMGET", key, *HEAD_FIELDS)])
                 try:
                     old = decode_head(key, raw)
                     if old is not None and old.write_id == write_id:
-                        await tx.unwatch()  # an earlier attempt committed; its reply was lost
+                        # An earlier attempt committed; its reply was lost. With durability,
+                        # rewrite its write id so that WAIT (on this connection) confirms it.
+                        if self.durability is not None and self.durability.waits:
+                            await tx.commit([("HSET", key, F_WRITE, write_id)])
+                        else:
+                            await tx.unwatch()
                         index_cmds = []
                         if self.index.split:  # index the committed state (repairs the rest)
                             index_cmds = self.index.upkeep(
@@ -297,7 +306,7 @@ class _TaskRecords:
             for attempt in range(1, self.max_attempts + 1):
                 try:
                     with redis_errors("delete task", key, connection=False):
-                        async with WatchedTransaction(self.redis, key) as tx:
+                        async with WatchedTransaction(self.redis, key, self.durability) as tx:
                             (raw,) = await tx.watch([key], [("HMGET", key, *HEAD_FIELDS)])
                             old = decode_head(key, raw)
                             if old is None or old.owner != owner:
@@ -352,6 +361,7 @@ class VersionedRedisTaskStore(VersionedTaskStore):
             default) keeps tasks forever, as a database would.
         stream_retention: Cap and TTLs of each task's event stream.
         max_attempts: Optimistic-transaction attempts per write before giving up (default 8).
+        durability: Replicas that must confirm each write (``WAIT``); None waits for none.
     """
 
     def __init__(
@@ -363,6 +373,7 @@ class VersionedRedisTaskStore(VersionedTaskStore):
         terminal_ttl: float | None = None,
         stream_retention: StreamRetention | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        durability: Durability | None = None,
     ) -> None:
         self._records = _TaskRecords(
             redis,
@@ -371,6 +382,7 @@ class VersionedRedisTaskStore(VersionedTaskStore):
             terminal_ttl=terminal_ttl,
             stream_retention=stream_retention or StreamRetention(),
             max_attempts=max_attempts,
+            durability=durability,
         )
         self._plain = RedisTaskStore._over(self._records)
 
@@ -393,6 +405,11 @@ class VersionedRedisTaskStore(VersionedTaskStore):
     def stream_retention(self) -> StreamRetention:
         """The retention this store applies to event streams."""
         return self._records.retention
+
+    @property
+    def durability(self) -> Durability | None:
+        """The replicas each write waits for (shared with the paired event stream)."""
+        return self._records.durability
 
     async def save(
         self,
@@ -469,6 +486,7 @@ class RedisTaskStore(TaskStore):
         terminal_ttl: float | None = None,
         stream_retention: StreamRetention | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        durability: Durability | None = None,
     ) -> None:
         self._records = _TaskRecords(
             redis,
@@ -477,6 +495,7 @@ class RedisTaskStore(TaskStore):
             terminal_ttl=terminal_ttl,
             stream_retention=stream_retention or StreamRetention(),
             max_attempts=max_attempts,
+            durability=durability,
         )
 
     @classmethod

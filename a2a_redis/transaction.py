@@ -33,6 +33,7 @@ from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 
 from a2a_redis.cluster import REDIRECTS, Client, SlotMovedError, checkout, note_redirect
+from a2a_redis.durability import Durability, run_script
 from a2a_redis.errors import raise_if_pool_exhausted, redis_errors
 
 __all__ = [
@@ -143,15 +144,22 @@ async def execute(pipe: Pipeline | ClusterPipeline) -> list[Any]:
     return replies
 
 
-async def run_atomically(redis: Client, operation: str, key: str, commands: list[Command]) -> None:
+async def run_atomically(
+    redis: Client,
+    operation: str,
+    key: str,
+    commands: list[Command],
+    durability: Durability | None = None,
+) -> None:
     """Run ``commands`` atomically as one scripted batch: one command, one round trip.
 
     A script runs atomically by itself; without a WATCH there is no need for MULTI. The
-    script is loaded on the first NOSCRIPT reply (redis-py's ``Script`` does that).
+    script is loaded on the first NOSCRIPT reply (redis-py's ``Script`` does that). With
+    ``durability``, a ``WAIT`` follows in the same round trip (see ``durability.py``).
     """
     keys, argv = batch_args(commands)
     with redis_errors(operation, key):
-        await redis.register_script(BATCH_SCRIPT)(keys=keys, args=argv)
+        await run_script(redis, redis.register_script(BATCH_SCRIPT), keys, argv, durability, key)
 
 
 class WatchedTransaction:
@@ -163,17 +171,21 @@ class WatchedTransaction:
     comes from the primary owning it (every key of the transaction must share its hash
     tag), and a redirect (``MOVED``, ``ASK``, ``TRYAGAIN``) raises
     :class:`~a2a_redis.cluster.SlotMovedError` after updating the slot map, so that the
-    caller's retry goes to the new owner. Elsewhere it comes from the client's pool.
+    caller's retry goes to the new owner. Elsewhere it comes from the client's pool. With
+    ``durability``, a successful commit is confirmed by ``WAIT`` in the same round trip
+    (``ReplicationTimeoutError`` if too few replicas).
     """
 
-    __slots__ = ("_clean", "_conn", "_key", "_redis", "_release")
+    __slots__ = ("_clean", "_conn", "_key", "_redis", "_release", "_wait", "_watched")
 
-    def __init__(self, redis: Client, key: str) -> None:
+    def __init__(self, redis: Client, key: str, durability: Durability | None = None) -> None:
         self._redis = redis
         self._key = key
         self._conn: AbstractConnection | None = None
         self._release: Callable[[AbstractConnection], Any] | None = None
         self._clean = True
+        self._wait = durability if durability is not None and durability.waits else None
+        self._watched: tuple[list[Command], list[Any]] = ([], [])
 
     async def __aenter__(self) -> WatchedTransaction:
         try:
@@ -219,14 +231,15 @@ class WatchedTransaction:
             if isinstance(reply, REDIRECTS) and isinstance(self._redis, RedisCluster):
                 raise await note_redirect(self._redis, reply, self._key)
 
-    async def _roundtrip(self, commands: Sequence[Command | bytes]) -> list[Any]:
+    async def _roundtrip(self, commands: Sequence[Command | bytes], wait: float = 0.0) -> list[Any]:
         conn = self._conn
         assert conn is not None, "use WatchedTransaction as an async context manager"
         self._clean = False
         await conn.send_packed_command(pack(commands))
         if _ONE_TIMEOUT:  # one timeout for the whole round trip, not one per reply
+            deadline = getattr(conn, "socket_timeout", None)
             try:
-                async with asyncio.timeout(getattr(conn, "socket_timeout", None)):
+                async with asyncio.timeout(None if deadline is None else deadline + wait):
                     return await self._read(conn, len(commands), math.inf)
             except TimeoutError as e:
                 where = f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')}"
@@ -245,9 +258,11 @@ class WatchedTransaction:
 
     async def watch(self, keys: Sequence[str], reads: Sequence[Command]) -> list[Any]:
         """WATCH ``keys`` and run ``reads``, in one round trip. Returns the reads' replies."""
-        replies = await self._roundtrip([("WATCH", *keys), *reads])
+        watch: list[Command] = [("WATCH", *keys), *reads]
+        replies = await self._roundtrip(watch)
         await self._redirected(replies)
         _raise_nested(replies)
+        self._watched = (watch, replies[1:])  # to watch again after a NOSCRIPT (commit)
         return replies[1:]
 
     async def unwatch(self) -> None:
@@ -258,22 +273,37 @@ class WatchedTransaction:
     async def commit(self, commands: Sequence[Command]) -> list[Any] | None:
         """Apply ``commands`` atomically (one scripted batch in MULTI/EXEC).
 
-        Returns ``[]`` on success, or None if a watched key changed (nothing was written;
-        also when the server had not loaded the batch script yet: it is loaded now, and
-        the caller's retry succeeds). Raises the first error reply, for example WRONGTYPE
-        from a command of the batch (commands before it stay applied, as in Redis).
+        Returns ``[]`` on success, or None if a watched key changed (nothing was written).
+        If the server had not loaded the batch script (a restarted or newly promoted
+        server: scripts are not replicated), it is loaded, the keys are watched and read
+        again and, if the reads are unchanged, the commit is sent again (+2 round trips).
+        Raises the first error reply, for example WRONGTYPE from a command of the batch
+        (commands before it stay applied, as in Redis).
         """
-        replies = await self._roundtrip([("MULTI",), _batch(commands), ("EXEC",)])
+        wait = [self._wait.wait_command()] if self._wait is not None else []
+        replies = await self._roundtrip(
+            [("MULTI",), _batch(commands), ("EXEC",), *wait],
+            self._wait.timeout if self._wait is not None else 0.0,
+        )
         await self._redirected(replies)
-        _raise_nested(replies[:-1])
+        _raise_nested(replies[:2])
         self._clean = True
-        result = replies[-1]
+        result = replies[2]
         if isinstance(result, rex.ResponseError):
             raise result
         if result is None:
             return None
         if isinstance(result[0], rex.NoScriptError) or str(result[0]).startswith("NOSCRIPT"):
-            _raise_nested(await self._roundtrip([("SCRIPT", "LOAD", BATCH_SCRIPT)]))
-            return None
+            watch, seen = self._watched
+            self._watched = ([], [])  # once: a script flushed again counts as a lost race
+            replies = await self._roundtrip([("SCRIPT", "LOAD", BATCH_SCRIPT), *watch])
+            await self._redirected(replies)
+            _raise_nested(replies)
+            if not watch or replies[2:] != seen:
+                await self.unwatch()
+                return None
+            return await self.commit(commands)  # the reads the caller decided on still hold
         _raise_nested(result)
+        if self._wait is not None:  # the batch's first command names the task's key
+            self._wait.check(replies[3], _arg(commands[0][1]).decode(errors="replace"))
         return []

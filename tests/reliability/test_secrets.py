@@ -408,7 +408,8 @@ async def test_debug_logs_carry_no_message_artifact_or_token(
     assert any(markers.artifact in t for t in texts)
     ours = [r for r in caplog.records if r.name.startswith("a2a_redis")]
     assert {logging.DEBUG, logging.WARNING} <= {r.levelno for r in ours}
-    assert any("pub/sub" in r.getMessage() for r in ours)  # the outage was logged
+    # The outage was logged: by the listener's link, or by a store call retrying through it.
+    assert any(w in r.getMessage() for r in ours for w in ("pub/sub", "retrying", "failed"))
 
     # Outside the SDK's own loggers ("a2a.*", see the module docstring) no record carries
     # a marker: ours, redis-py's (its "push_response" logger included), asyncio's.
