@@ -31,7 +31,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from a2a_redis.cluster import CLUSTER_SCHEMES, Client, cluster_client
+from a2a_redis.cluster import CLUSTER_SCHEMES, Client, cluster_client, is_cluster
 from a2a_redis.durability import Durability
 from a2a_redis.errors import redis_errors
 from a2a_redis.event_stream import RedisTaskEventStream
@@ -76,6 +76,10 @@ class RedisBackend:
         encryption_key: bytes | str | None = None,
         durability: Durability | None = None,
     ) -> None:
+        if durability is not None and durability.waits and is_cluster(redis):
+            # Scripted writes (publish, queue appends, push configs) would need their WAIT
+            # on the slot's own connection; refuse now rather than at the first publish.
+            raise ValueError("durability (WAIT) is not supported on Redis Cluster yet")
         self.redis = redis
         self._owns_client = False
         self.task_store = VersionedRedisTaskStore(
