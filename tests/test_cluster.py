@@ -215,3 +215,37 @@ def test_cluster_url_forms():
     with pytest.raises(ValueError, match="one database"):
         cluster_client("redis+cluster://h1:7000/3")
     assert connect  # the helper builds cluster clients for test URLs
+
+
+async def test_one_pubsub_connection_per_shard_not_per_task(
+    shared_cluster: EmbeddedCluster, prefix: str
+):
+    """30 followed tasks spread over the 3 primaries: 3 pub/sub connections, SSUBSCRIBEd."""
+    async with RedisBackend.from_url(shared_cluster.url, prefix=prefix) as backend:
+        ids = [f"task-{i}" for i in range(30)]
+        owners = {
+            shared_cluster.node_for_slot(_slot_of(backend.task_store.keys.task(t))).port
+            for t in ids
+        }
+        assert len(owners) == 3  # the ids really spread over every shard
+
+        async def follow(task_id: str) -> None:
+            async for _ in backend.event_stream.subscribe(task_id, after=TaskVersion.MISSING):
+                return
+
+        followers = [asyncio.create_task(follow(t)) for t in ids]
+        try:
+            while backend.listener.stats()["tasks"] < 30 or not backend.listener.connected:
+                await asyncio.sleep(0.01)
+            stats = backend.listener.stats()
+            assert stats["tasks"] == 30 and stats["connections"] == 3
+            for primary in shared_cluster.primaries:  # shard channels, each on its own shard
+                channels = call(primary.port, "PUBSUB", "SHARDCHANNELS", f"{prefix}:*")
+                assert channels and all(
+                    shared_cluster.node_for_slot(_slot_of(c)) is primary for c in channels
+                )
+                assert call(primary.port, "PUBSUB", "CHANNELS", f"{prefix}:*") == []
+        finally:
+            for follower in followers:
+                follower.cancel()
+            await asyncio.gather(*followers, return_exceptions=True)
