@@ -32,6 +32,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from a2a_redis.cluster import CLUSTER_SCHEMES, Client, cluster_client, is_cluster
+from a2a_redis.codec import MAX_PAYLOAD_BYTES
 from a2a_redis.durability import Durability
 from a2a_redis.errors import redis_errors
 from a2a_redis.event_stream import RedisTaskEventStream
@@ -62,6 +63,7 @@ class RedisBackend:
         encryption_key: A Fernet key to encrypt push-notification configs at rest.
         durability: Replicas that must confirm every write before it is acknowledged
             (``WAIT``; see :class:`~a2a_redis.durability.Durability`). None: no WAIT.
+        max_payload_bytes: Largest encoded Task, event or push config written (8 MiB).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class RedisBackend:
         lease_ttl: float = 10.0,
         encryption_key: bytes | str | None = None,
         durability: Durability | None = None,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     ) -> None:
         if durability is not None and durability.waits and is_cluster(redis):
             # Scripted writes (publish, queue appends, push configs) would need their WAIT
@@ -89,6 +92,7 @@ class RedisBackend:
             terminal_ttl=terminal_ttl,
             stream_retention=stream_retention,
             durability=durability,
+            max_payload_bytes=max_payload_bytes,
         )
         self.listener = StreamListener(redis, self.task_store.keys)
         self.leases = LeaseKeeper(redis, self.task_store.keys, ttl=lease_ttl)
@@ -103,10 +107,11 @@ class RedisBackend:
             lease_ttl=lease_ttl,
             leases=self.leases,
             durability=durability,
+            max_payload_bytes=max_payload_bytes,
         )
         self.push_config_store = RedisPushNotificationConfigStore(
             redis, prefix=prefix, owner_resolver=owner_resolver, encryption_key=encryption_key,
-            durability=durability,
+            durability=durability, max_payload_bytes=max_payload_bytes,
         )  # fmt: skip
 
     @classmethod

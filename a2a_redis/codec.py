@@ -37,14 +37,16 @@ from a2a.utils.proto_utils import to_stream_response
 from a2a.utils.task import ListTasksCursor
 from google.protobuf.message import DecodeError
 
-from a2a_redis.errors import CorruptDataError, UnsupportedSchemaError
+from a2a_redis.errors import CorruptDataError, PayloadTooLargeError, UnsupportedSchemaError
 
 __all__ = [
     "CLOSED",
     "HEAD_FIELDS",
+    "MAX_PAYLOAD_BYTES",
     "SCHEMA_VERSION",
     "TERMINAL_STATES",
     "RecordHead",
+    "check_payload_size",
     "decode_event",
     "decode_head",
     "decode_locator",
@@ -64,6 +66,15 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 _SCHEMA = b"1"
+
+#: Default cap (``max_payload_bytes``) on one encoded payload: a Task record's protobuf,
+#: one stream entry's event, one push config. Redis would take 512 MB, but every save
+#: rewrites the whole Task, a ListTasks page reads up to its page size of them in one
+#: reply, and every event is also published whole to each replica's pub/sub connection,
+#: which Redis drops past ``client-output-buffer-limit pubsub`` (32 MB, or 8 MB for 60 s,
+#: by default). 8 MiB leaves room for inline files while keeping a burst of events under
+#: that limit and one call's transfer bounded; large files belong behind a URI.
+MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
 
 TERMINAL_STATES = frozenset(
     {
@@ -85,8 +96,11 @@ _NO_TS = b"\x00" + bytes(16)
 _MEMBER_HEAD = 17
 
 
-def _text(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogatepass")
+def _text(key: str, field: str, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        raise CorruptDataError(f"field {field!r} is not valid UTF-8", key=key) from None
 
 
 def _raw(text: str) -> bytes:
@@ -96,18 +110,34 @@ def _raw(text: str) -> bytes:
 def _check_schema(key: str, schema: bytes | None) -> None:
     if schema == _SCHEMA:
         return
-    if schema is not None and schema.isdigit() and int(schema) > SCHEMA_VERSION:
+    if (
+        schema is not None
+        and schema.isdigit()
+        and len(schema) < 10
+        and int(schema) > SCHEMA_VERSION
+    ):
         raise UnsupportedSchemaError(
             f"record has schema version {schema.decode()}, this release reads "
             f"{SCHEMA_VERSION}: upgrade a2a-redis",
             key=key,
         )
-    raise CorruptDataError(f"record has no valid schema version ({schema!r})", key=key)
+    raise CorruptDataError("record has no valid schema version", key=key)  # (bytes unshown)
+
+
+def check_payload_size(key: str, what: str, size: int, limit: int) -> None:
+    """Raise :class:`PayloadTooLargeError` naming ``key`` if ``size`` is over ``limit``."""
+    if size > limit:
+        raise PayloadTooLargeError(
+            f"{what} is {size} bytes encoded, over the {limit}-byte limit (max_payload_bytes)",
+            key=key,
+            size=size,
+            limit=limit,
+        )
 
 
 def _int(key: str, field: str, raw: bytes | None) -> int:
     try:
-        return int(raw) if raw is not None else 0
+        return int(raw) if raw is not None else 0  # (over 4,300 digits: ValueError too)
     except ValueError:
         raise CorruptDataError(f"field {field!r} is not an integer", key=key) from None
 
@@ -157,9 +187,9 @@ def decode_head(key: str, values: list[bytes | None]) -> RecordHead | None:
     if owner is None or version is None or member is None:
         raise CorruptDataError("record is missing its owner, version or index member", key=key)
     return RecordHead(
-        owner=_text(owner),
+        owner=_text(key, "o", owner),
         version=_int(key, "v", version),
-        context_id=_text(context_id or b""),
+        context_id=_text(key, "c", context_id or b""),
         state=_int(key, "s", state),
         member=member,
         write_id=write_id or b"",
@@ -262,19 +292,23 @@ def decode_locator(key: str, raw: bytes) -> tuple[str, int, bytes]:
         schema, context_id, state, member = msgpack.unpackb(raw)
         if schema != SCHEMA_VERSION:
             raise ValueError(f"schema {schema!r}")
-        return _text(context_id), int(state), bytes(member)
-    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        return _text(key, "locator", context_id), int(state), bytes(member)
+    except (ValueError, TypeError, AttributeError, msgpack.UnpackException) as e:
         raise CorruptDataError(f"invalid expiry locator: {e}", key=key) from e
 
 
 # -- stream entries --------------------------------------------------------------------------
-def encode_event(version: int, event: Event) -> dict[bytes, bytes]:
-    """The fields of a stream entry carrying ``event`` at task ``version``."""
-    return {
-        F_SCHEMA: _SCHEMA,
-        F_VERSION: b"%d" % version,
-        b"e": to_stream_response(event).SerializeToString(),
-    }
+def encode_event(
+    version: int, event: Event, *, key: str = "", limit: int = MAX_PAYLOAD_BYTES
+) -> dict[bytes, bytes]:
+    """The fields of a stream entry carrying ``event`` at task ``version``.
+
+    Raises :class:`PayloadTooLargeError` (naming ``key``, the stream) if the encoded event
+    is over ``limit`` bytes.
+    """
+    payload = to_stream_response(event).SerializeToString()
+    check_payload_size(key, "event", len(payload), limit)
+    return {F_SCHEMA: _SCHEMA, F_VERSION: b"%d" % version, b"e": payload}
 
 
 #: Marks, in a task's stream, where an event queue was closed (``RedisQueueManager``).

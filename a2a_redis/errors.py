@@ -7,6 +7,7 @@ versioned store raises on a version conflict exactly as the SDK's SQL store does
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,6 +18,8 @@ __all__ = [
     "ContentionError",
     "CorruptDataError",
     "DecryptionError",
+    "InvalidIdError",
+    "PayloadTooLargeError",
     "PoolExhaustedError",
     "RedisUnavailableError",
     "ReplicationTimeoutError",
@@ -34,6 +37,7 @@ class A2ARedisError(Exception):
     def __init__(self, message: str, *, key: str | None = None) -> None:
         super().__init__(message if key is None else f"{message} (key {key!r})")
         self.key = key
+        self.reason = message
 
 
 class RedisUnavailableError(A2ARedisError):
@@ -93,6 +97,27 @@ class ContentionError(A2ARedisError):
     """An unconditional write lost its optimistic transaction too many times in a row."""
 
 
+class InvalidIdError(A2ARedisError, ValueError):
+    """An id (task, context, owner, push config) that cannot name a key or a record.
+
+    Raised for an id longer than ``keys.MAX_ID_BYTES`` UTF-8 bytes, and for a task id that
+    is not valid UTF-8 where it must go into a protobuf string. ``key`` names the key it
+    would have built, its id elided.
+    """
+
+
+class PayloadTooLargeError(A2ARedisError, ValueError):
+    """An encoded payload (a Task, an event, a push config) is over ``max_payload_bytes``.
+
+    Nothing was written. ``size`` and ``limit`` are in bytes.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, size: int, limit: int) -> None:
+        super().__init__(message, key=key)
+        self.size = size
+        self.limit = limit
+
+
 def raise_if_pool_exhausted(error: Exception, operation: str = "", key: str | None = None) -> None:
     """Raise :class:`PoolExhaustedError` if ``error`` is the pool's, not the server's.
 
@@ -137,7 +162,13 @@ def redis_errors(operation: str, key: str, *, connection: bool = True) -> Iterat
         ) from e
     except rex.ResponseError as e:
         if str(e).startswith("WRONGTYPE"):
+            # Our batch script names the key ("WRONGTYPE <key> holds a ..."); Redis does not.
+            named = _NAMED_WRONGTYPE.match(str(e))
             raise CorruptDataError(
-                f"{operation}: a key of this task holds the wrong Redis type", key=key
+                f"{operation}: a key holds the wrong Redis type ({e})",
+                key=named.group(1) if named else key,
             ) from e
         raise
+
+
+_NAMED_WRONGTYPE = re.compile(r"WRONGTYPE (\S+) holds a ")

@@ -20,6 +20,11 @@ subscribers a heartbeat every ``lease_ttl / 3``. A subscriber of a task in a run
 ``lease_ttl`` raises :class:`~a2a_redis.listener.OwnerLostError`: the replica running the
 task is gone, and nobody will finish it unless a follow-up message or a cancel is sent.
 A task waiting for input (or authentication) has no owner, and its subscribers wait.
+
+An entry that cannot be decoded is never skipped silently: a subscriber that needs it
+(its version, when readable, is after ``after``) ends with the typed error,
+``CorruptDataError`` or ``UnsupportedSchemaError``, naming the stream's key and the entry
+id. The other subscribers of the task, and of every other task, carry on.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from a2a.server.events.event_queue import Event
 from a2a.types.a2a_pb2 import Message, TaskArtifactUpdateEvent
 
 from a2a_redis.cluster import Client, keys_for
-from a2a_redis.codec import F_STATE, ends_task_stream, version_int
+from a2a_redis.codec import F_STATE, MAX_PAYLOAD_BYTES, ends_task_stream, version_int
 from a2a_redis.durability import Durability, run_script
 from a2a_redis.errors import redis_errors
 from a2a_redis.leases import SETTLED_STATES, LeaseKeeper, lease_ttl_of
@@ -76,6 +81,13 @@ def runs(event: Event) -> bool | None:
     return None if status is None else status.state not in SETTLED_STATES
 
 
+def _needed(version: int, after: TaskVersion, delivered: int) -> bool:
+    """Whether a subscriber may need an undecodable entry of ``version`` (-1: unknown)."""
+    if version < 0:
+        return True
+    return TaskVersion(version).is_after(after) and not 0 < version <= delivered
+
+
 class _OwnerWatch:
     """Whether a subscriber expects its task's owner alive, and for how long it waits."""
 
@@ -108,6 +120,8 @@ class RedisTaskEventStream(TaskEventStream):
             ``OwnerLostError`` after about this long.
         durability: Replicas that must confirm each append (``WAIT``), when no
             ``task_store`` is given (otherwise the store's).
+        max_payload_bytes: Largest encoded event ``publish`` appends (default: the task
+            store's, else 8 MiB); a larger one raises ``PayloadTooLargeError``.
     """
 
     def __init__(
@@ -121,6 +135,7 @@ class RedisTaskEventStream(TaskEventStream):
         leases: LeaseKeeper | None = None,
         lease_ttl: float = 10.0,
         durability: Durability | None = None,
+        max_payload_bytes: int | None = None,
     ) -> None:
         if task_store is not None:
             if task_store.keys.prefix != prefix and prefix != "a2a":
@@ -129,11 +144,13 @@ class RedisTaskEventStream(TaskEventStream):
             self._ledger = task_store.ledger
             self._retention = task_store.stream_retention
             self._durability = task_store.durability
+            self._max_bytes = max_payload_bytes or task_store.max_payload_bytes
         else:
             self._keys = keys_for(redis, prefix)
             self._ledger = AppendLedger()
             self._retention = stream_retention or StreamRetention()
             self._durability = durability
+            self._max_bytes = max_payload_bytes or MAX_PAYLOAD_BYTES
         self._redis = redis
         self._owns_listener = listener is None
         self._listener = listener or StreamListener(redis, self._keys)
@@ -181,6 +198,7 @@ class RedisTaskEventStream(TaskEventStream):
         commands = append_commands(
             self._keys, task_id, version, event.event,
             terminal=ends_task_stream(event.event), retention=self._retention,
+            max_bytes=self._max_bytes,
         )  # fmt: skip
         key = self._keys.events(task_id)
         if not version or isinstance(event.event, Message):
@@ -251,7 +269,8 @@ class RedisTaskEventStream(TaskEventStream):
         while True:
             for row in rows:
                 decoded = decode_rows(key, [row])
-                if decoded and not TaskVersion(decoded[0].version).is_after(after):
+                version = decoded[0].version  # -1: unreadable, so needed
+                if version >= 0 and not TaskVersion(version).is_after(after):
                     found.reverse()
                     return found, parse_entry_id(row[0])
                 found += decoded
@@ -288,6 +307,9 @@ class RedisTaskEventStream(TaskEventStream):
         try:
             async for entry in entries:
                 event, version = entry.event, entry.version
+                error = entry.error
+                if error is not None and _needed(version, after, delivered):
+                    raise type(error)(error.reason, key=error.key)  # a copy per subscriber
                 del entry  # an idle subscriber must not pin the last event (nor below)
                 if event is None or not TaskVersion(version).is_after(after):
                     continue

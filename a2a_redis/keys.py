@@ -20,7 +20,12 @@ and scripts on a task stay in one slot; all index keys of one owner share ``{o:O
 Ids are percent-encoded: every byte of their UTF-8 form outside ``[A-Za-z0-9._-]``
 becomes ``%XX``. The encoding is injective, never yields ``{``, ``}``, ``:`` or glob
 characters, and so no id can break out of its tag, collide with another id, or reach
-another component of a key.
+another component of a key. Lone surrogates (which a Python ``str`` can carry but a
+protobuf string cannot) are encoded as their "surrogatepass" bytes, so they too have keys
+of their own.
+
+An id longer than :data:`MAX_ID_BYTES` UTF-8 bytes is refused with
+:class:`~a2a_redis.errors.InvalidIdError`: every key that would hold it raises instead.
 """
 
 from __future__ import annotations
@@ -28,7 +33,16 @@ from __future__ import annotations
 import functools
 import re
 
-__all__ = ["Keys", "encode_id"]
+from a2a_redis.errors import InvalidIdError
+
+__all__ = ["MAX_ID_BYTES", "Keys", "encode_id"]
+
+#: The longest id (task id, context id, owner, push config id), in UTF-8 bytes. The SDK's
+#: SQL store holds ids in 36 characters and owners in 255; 1 KiB leaves room for any real
+#: id (UUIDs, URNs, e-mail addresses, DNs) while bounding every key we build (an id is
+#: percent-encoded in up to five keys, at most three bytes per byte) and what a hostile
+#: caller can make each command carry.
+MAX_ID_BYTES = 1024
 
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 _HEX = "0123456789ABCDEF"
@@ -36,7 +50,11 @@ _PREFIX_RE = re.compile(r"^[A-Za-z0-9._\-:/]{1,64}$")
 
 
 def encode_id(value: str) -> str:
-    """Percent-encode ``value`` for use inside a key (injective; safe for tags and globs)."""
+    """Percent-encode ``value`` for use inside a key (injective; safe for tags and globs).
+
+    Raises :class:`~a2a_redis.errors.InvalidIdError` if ``value`` is longer than
+    :data:`MAX_ID_BYTES` bytes in UTF-8.
+    """
     if len(value) <= _CACHED_LEN:
         return _encode_cached(value)
     return _encode(value)
@@ -44,6 +62,8 @@ def encode_id(value: str) -> str:
 
 def _encode(value: str) -> str:
     raw = value.encode("utf-8", "surrogatepass")
+    if len(raw) > MAX_ID_BYTES:
+        raise InvalidIdError(f"an id of {len(raw)} bytes is over the {MAX_ID_BYTES}-byte limit")
     if all(b in _SAFE for b in raw):
         return raw.decode("ascii")
     out = []
@@ -55,7 +75,7 @@ def _encode(value: str) -> str:
     return "".join(out)
 
 
-_CACHED_LEN = 128
+_CACHED_LEN = 128  # characters: at most 512 bytes, always under MAX_ID_BYTES
 _encode_cached = functools.lru_cache(maxsize=4096)(_encode)
 
 
@@ -82,9 +102,16 @@ class Keys:
         #: The command that publishes on a wake channel: ``SPUBLISH`` or ``PUBLISH``.
         self.publish = "SPUBLISH" if sharded else "PUBLISH"
 
+    def _encode(self, value: str, what: str, where: str) -> str:
+        """``encode_id(value)``; an over-long id raises naming the key (``where``, elided)."""
+        try:
+            return encode_id(value)
+        except InvalidIdError as e:
+            raise InvalidIdError(f"{what}: {e}", key=self.prefix + where) from None
+
     # -- per task ------------------------------------------------------------------------
     def _task_base(self, task_id: str) -> str:
-        return f"{self.prefix}:{{t:{encode_id(task_id)}}}"
+        return f"{self.prefix}:{{t:{self._encode(task_id, 'task id', ':{t:...}')}}}"
 
     def task(self, task_id: str) -> str:
         """The hash holding the task record."""
@@ -108,7 +135,7 @@ class Keys:
 
     # -- per owner -----------------------------------------------------------------------
     def _owner_base(self, owner: str) -> str:
-        return f"{self.prefix}:{{o:{encode_id(owner)}}}"
+        return f"{self.prefix}:{{o:{self._encode(owner, 'owner', ':{o:...}')}}}"
 
     def index(self, owner: str, context_id: str = "", state: int = 0) -> str:
         """The owner's ListTasks index for an optional context id and state filter.
@@ -116,10 +143,13 @@ class Keys:
         An empty ``context_id`` and a zero ``state`` mean "no filter", as in the SDK.
         """
         base = self._owner_base(owner)
-        if context_id and state:
-            return f"{base}:ctxst:{encode_id(context_id)}:{state}"
         if context_id:
-            return f"{base}:ctx:{encode_id(context_id)}"
+            where = base[len(self.prefix) :] + ":ctx:..."
+            context = self._encode(context_id, "context id", where)
+        if context_id and state:
+            return f"{base}:ctxst:{context}:{state}"
+        if context_id:
+            return f"{base}:ctx:{context}"
         if state:
             return f"{base}:st:{state}"
         return f"{base}:all"

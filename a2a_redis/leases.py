@@ -75,7 +75,8 @@ def lease_ttl_of(token: bytes | None, default: float) -> float:
     if not token:
         return default
     _, _, ttl_ms = token.rpartition(b":")
-    return int(ttl_ms) / 1000 if ttl_ms.isdigit() and int(ttl_ms) > 0 else default
+    valid = ttl_ms.isdigit() and len(ttl_ms) < 10 and int(ttl_ms) > 0  # (int(): 4,300 digits)
+    return int(ttl_ms) / 1000 if valid else default
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +231,7 @@ class LeaseKeeper:
                 results = await pipe.execute(raise_on_error=False)
         for (task_id, lease), result in zip(batch, results, strict=True):
             if isinstance(result, Exception):  # this task's keys only (say, a corrupt lease)
-                logger.warning("renewal of task %s's lease failed: %s", task_id, result)
+                logger.warning("renewal of task %r's lease failed: %s", task_id, result)
             elif result == -1 and self._held.get(task_id) is lease:
                 del self._held[task_id]  # the task settled, whoever wrote it
-                logger.debug("task %s settled: its lease is dropped", task_id)
+                logger.debug("task %r settled: its lease is dropped", task_id)

@@ -14,6 +14,13 @@ past its position (``MAXLEN``) does it fail, with :class:`SubscriberLagError`.
 If the pub/sub connection drops, the listener reconnects with capped backoff, re-subscribes
 every channel (redis-py does this on connect) and then re-reads every feed from its last
 entry: nothing is lost, and subscribers de-duplicate by entry id. Meanwhile subscribers wait.
+
+A stream entry that cannot be decoded (foreign or corrupt bytes, a newer schema) keeps its
+place in the feed as a :class:`StreamEntry` whose ``error`` is set, and is logged at
+WARNING with its key and entry id: each reader that reaches it decides (the event stream
+fails the subscriber that needs it; a legacy remote tap closes). The listener and every
+other feed carry on. A wake-up that does not follow the feed's last entry, or whose entry
+does not decode, is not trusted: the feed reads the stream instead.
 """
 
 from __future__ import annotations
@@ -81,11 +88,12 @@ class OwnerLostError(A2ARedisError):
 
 @dataclass(frozen=True, slots=True)
 class StreamEntry:
-    """One decoded stream entry."""
+    """One decoded stream entry (or, with ``error`` set, one that could not be decoded)."""
 
     position: Position
-    version: int
-    event: Event | None  # None: the task's event queue was closed here
+    version: int  # -1: unknown (an undecodable entry whose version could not be read)
+    event: Event | None  # None: the task's event queue was closed here, or ``error``
+    error: CorruptDataError | None = None
 
 
 def format_position(position: Position) -> str:
@@ -94,16 +102,33 @@ def format_position(position: Position) -> str:
 
 
 def decode_rows(key: str, rows: Rows) -> list[StreamEntry]:
-    """Decode XRANGE rows; a corrupt entry is logged and skipped (its position still counts)."""
+    """Decode XRANGE rows.
+
+    An undecodable entry becomes a :class:`StreamEntry` carrying the typed error (naming
+    the key and the entry id; its version if that much can be read, else -1), logged at
+    WARNING without its bytes: readers decide what it means for them.
+    """
     out = []
     for entry_id, fields in rows:
+        position = parse_entry_id(entry_id)
         try:
             version, event = decode_event(key, fields)
         except CorruptDataError as e:
-            logger.warning("skipping corrupt stream entry %s: %s", entry_id, e)
+            where = format_position(position)
+            logger.warning("%s: stream entry %s cannot be read: %s", key, where, e.reason)
+            error = type(e)(f"stream entry {where} cannot be read: {e.reason}", key=key)
+            out.append(StreamEntry(position, _version_hint(fields), None, error))
             continue
-        out.append(StreamEntry(parse_entry_id(entry_id), version, event))
+        out.append(StreamEntry(position, version, event))
     return out
+
+
+def _version_hint(fields: dict[bytes, bytes]) -> int:
+    """The version an undecodable entry names, if it is of our schema; -1 if unknown."""
+    raw = fields.get(b"v")
+    if fields.get(b"f") != b"1" or raw is None or not raw.isdigit() or len(raw) > 18:
+        return -1
+    return int(raw)
 
 
 async def read_entries(
@@ -414,6 +439,7 @@ class StreamListener:
                     raise RedisUnavailableError(
                         "SUBSCRIBE was not confirmed in time", key=feed.channel
                     ) from e
+            with redis_errors("read the end of the task's stream", feed.key):
                 tail = cast(Rows, await self._redis.xrevrange(feed.key, count=1))
         finally:
             self._confirms.pop(channel, None)
@@ -552,11 +578,11 @@ class StreamListener:
                     await self._redis.nodes_manager.initialize()
                 feed.link = await self._link_for(channel)
                 await feed.link.subscribe(channel)
-                logger.warning("task %s's wake channel moved to %s", feed.task_id, feed.link.name)
+                logger.warning("task %r's wake channel moved to %s", feed.task_id, feed.link.name)
                 return
             except (rex.RedisError, rex.RedisClusterException, OSError) as e:
                 attempt += 1
-                logger.warning("moving task %s's wake channel failed: %s", feed.task_id, e)
+                logger.warning("moving task %r's wake channel failed: %s", feed.task_id, e)
                 await backoff(attempt, base=0.05, cap=2.0)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
@@ -606,18 +632,30 @@ class StreamListener:
     def _take_carried(self, feed: Feed, data: bytes) -> bool:
         """Deliver the entry a wake-up carries, without an XRANGE, when that is safe.
 
-        Every append publishes its entry in the same script as the XADD, and pub/sub
-        delivers in order, so the carried entry is the next one after ``feed.last`` unless
-        a fetch for this feed is pending or in flight (then the fetch must go first, and
-        this wake-up joins it). False means: fetch instead.
+        Every append publishes its entry in the same script as the XADD, with the id of
+        the entry it follows, and pub/sub delivers in order. So the carried entry is taken
+        when it follows ``feed.last`` exactly and no fetch for this feed is pending or in
+        flight (then the fetch must go first, and this wake-up joins it). An entry another
+        writer added without a wake-up, in between, makes the feed fetch: it is read, not
+        jumped over. False means: fetch instead.
         """
         if feed.last is None or feed.task_id in self._due or feed.task_id in self._in_flight:
             return False
         carried = unpack_wake(data)
         if carried is None:
             return False
-        entry_id, fields = carried
+        prev, entry_id, fields = carried
         position = parse_entry_id(entry_id)
         if position > feed.last:
-            feed.extend(decode_rows(feed.key, [(entry_id, fields)]), position)
+            if parse_entry_id(prev) != feed.last:
+                return False
+            try:
+                version, event = decode_event(feed.key, fields)
+            except CorruptDataError as e:  # not trusted: the stream itself decides
+                logger.warning(
+                    "%s: a wake-up carries an unreadable entry (%s); reading the stream",
+                    feed.channel, e.reason,
+                )  # fmt: skip
+                return False
+            feed.extend([StreamEntry(position, version, event)], position)
         return True

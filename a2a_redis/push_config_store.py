@@ -61,10 +61,12 @@ from google.protobuf.message import DecodeError
 from redis import exceptions as rex
 
 from a2a_redis.cluster import Client, keys_for
+from a2a_redis.codec import MAX_PAYLOAD_BYTES, check_payload_size
 from a2a_redis.durability import Durability, run_script
 from a2a_redis.errors import (
     CorruptDataError,
     DecryptionError,
+    InvalidIdError,
     UnsupportedSchemaError,
     redis_errors,
     require_binary_client,
@@ -129,12 +131,20 @@ def _raw(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-def _field(owner: str, config_id: str) -> bytes:
-    return _raw(_owner_prefix(owner) + encode_id(config_id))
+def _field(key: str, owner: str, config_id: str) -> bytes:
+    return _raw(_owner_prefix(key, owner) + _encode(key, "config id", config_id))
 
 
-def _owner_prefix(owner: str) -> str:
-    return encode_id(owner) + ":"
+def _owner_prefix(key: str, owner: str) -> str:
+    return _encode(key, "owner", owner) + ":"
+
+
+def _encode(key: str, what: str, value: str) -> str:
+    """``encode_id(value)``; an over-long id raises naming the hash it would go into."""
+    try:
+        return encode_id(value)
+    except InvalidIdError as e:
+        raise InvalidIdError(f"{what}: {e}", key=key) from None
 
 
 class RedisPushNotificationConfigStore(PushNotificationConfigStore):
@@ -153,6 +163,8 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
         ttl: Seconds to keep a task's configs after its last ``set_info``; None (the
             default) keeps them until deleted, like the task they belong to.
         durability: Replicas that must confirm each write (``WAIT``); None waits for none.
+        max_payload_bytes: Largest encoded config ``set_info`` accepts (default 8 MiB); a
+            larger one raises ``PayloadTooLargeError``.
     """
 
     def __init__(
@@ -164,6 +176,7 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
         encryption_key: bytes | str | None = None,
         ttl: float | None = None,
         durability: Durability | None = None,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     ) -> None:
         require_binary_client(redis)
         if ttl is not None and not ttl > 0:
@@ -171,6 +184,7 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
         self.redis = redis
         self.keys = keys_for(redis, prefix)
         self.owner_resolver = owner_resolver
+        self._max_bytes = max_payload_bytes
         self._ttl_ms = b"0" if ttl is None else b"%d" % max(1, round(ttl * 1000))
         self._fernet: Fernet | None = None
         if encryption_key is not None:
@@ -202,26 +216,33 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
         loaded the script yet adds two (NOSCRIPT, SCRIPT LOAD).
         """
         owner = self.owner_resolver(context)
+        key = self.keys.push_configs(task_id)
+        if not task_id.isascii():
+            try:  # a lone surrogate: a Python str carries it, a protobuf string cannot
+                task_id.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidIdError("task id is not valid UTF-8", key=key) from None
         config = normalize_push_notification_config(task_id, notification_config)
         owner_raw = _raw(owner)
         data = config.SerializeToString()
+        check_payload_size(key, "push config", len(data), self._max_bytes)
+        field = _field(key, owner, config.id)
         if self._fernet is not None:
             payload = self._fernet.encrypt(msgpack.packb([owner_raw, data]))
         else:
             payload = data
         head = b"\x95" + msgpack.packb(SCHEMA_VERSION)
         tail = b"".join(msgpack.packb(v) for v in (owner_raw, self._fernet is not None, payload))
-        key = self.keys.push_configs(task_id)
         try:
             with redis_errors("set push config", key):
-                args = [_field(owner, config.id), head, tail, self._ttl_ms]
+                args = [field, head, tail, self._ttl_ms]
                 await run_script(self.redis, self._set, [key], args, self._durability, key)
         except rex.ResponseError as e:
             if str(e).startswith(_CORRUPT):
                 raise CorruptDataError(f"set push config: {str(e)[12:]}", key=key) from e
             raise
         logger.debug(
-            "push config %s of task %s saved for owner %s (%s)",
+            "push config %r of task %r saved for owner %r (%s)",
             config.id,
             task_id,
             owner,
@@ -236,7 +257,8 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
 
         One round trip (HGETALL). Another owner's undecodable record does not affect it.
         """
-        return await self._read(task_id, _raw(_owner_prefix(self.owner_resolver(context))))
+        key = self.keys.push_configs(task_id)
+        return await self._read(task_id, _raw(_owner_prefix(key, self.owner_resolver(context))))
 
     async def get_info_for_dispatch(self, task_id: str) -> list[TaskPushNotificationConfig]:
         """Every owner's configs for the task, in the order they were last set.
@@ -260,13 +282,13 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
         owner = self.owner_resolver(context)
         key = self.keys.push_configs(task_id)
         if config_id is None:
-            args = [b"owner", _raw(_owner_prefix(owner))]
+            args = [b"owner", _raw(_owner_prefix(key, owner))]
         else:
-            args = [b"one", _field(owner, config_id)]
+            args = [b"one", _field(key, owner, config_id)]
         with redis_errors("delete push config", key):
             deleted = await run_script(self.redis, self._delete, [key], args, self._durability, key)
         logger.debug(
-            "deleted %s push config(s) (%s) of task %s for owner %s",
+            "deleted %s push config(s) (%r) of task %r for owner %r",
             deleted,
             "all" if config_id is None else config_id,
             task_id,
@@ -316,15 +338,20 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
             and isinstance(payload, bytes)
         ):
             raise CorruptDataError(f"push config {field!r} has malformed fields", key=key)
-        owner = owner_raw.decode("utf-8", "surrogatepass")
-        if _raw(encode_id(owner)) != owner_part:
+        try:
+            owner = owner_raw.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            raise CorruptDataError(
+                f"push config {field!r} has an undecodable owner", key=key
+            ) from None
+        if _raw(_encode(key, "owner", owner)) != owner_part:
             raise CorruptDataError(f"push config {field!r} names another owner", key=key)
         data = self._open(key, field, owner_raw, payload) if sealed else payload
         try:
             config = TaskPushNotificationConfig.FromString(data)
         except (DecodeError, RuntimeWarning) as e:
             raise CorruptDataError(f"push config {field!r} is not a valid config", key=key) from e
-        if config.task_id != task_id or _raw(encode_id(config.id)) != id_part:
+        if config.task_id != task_id or _raw(_encode(key, "config id", config.id)) != id_part:
             raise CorruptDataError(
                 f"push config {field!r} belongs to another task or config id", key=key
             )

@@ -13,7 +13,9 @@ It stands on the same per-task Streams and the same listener as ``RedisTaskEvent
 * **Any replica's** ``tap(task_id)`` returns a queue fed from the stream with every event
   enqueued from then on, exactly once and in order, ending (closed, after it drained) at the
   close mark. If the owner dies, no heartbeat comes and the tap closes after ``lease_ttl``:
-  taps never hang. ``tap`` returns None when no replica holds the task's lease.
+  taps never hang. ``tap`` returns None when no replica holds the task's lease. A tap that
+  meets an entry it cannot decode closes there (logged at WARNING with the key and entry
+  id), as on any other error: it never skips an event silently.
 * ``get`` and ``close`` concern the queues this replica owns; ``TaskQueueExists`` and
   ``NoTaskQueue`` are raised where ``InMemoryQueueManager`` raises them.
 """
@@ -30,7 +32,7 @@ from a2a.server.events.event_queue import DEFAULT_MAX_QUEUE_SIZE, Event, EventQu
 from a2a.server.events.queue_manager import NoTaskQueue, QueueManager, TaskQueueExists
 
 from a2a_redis.cluster import Client, keys_for
-from a2a_redis.codec import CLOSED, ends_task_stream
+from a2a_redis.codec import CLOSED, MAX_PAYLOAD_BYTES, ends_task_stream
 from a2a_redis.durability import Durability
 from a2a_redis.errors import A2ARedisError, redis_errors
 from a2a_redis.leases import LeaseKeeper, lease_ttl_of
@@ -116,6 +118,8 @@ class RedisQueueManager(QueueManager):
         leases: A shared :class:`LeaseKeeper` (``RedisBackend`` shares one per process;
             its ``ttl`` then replaces ``lease_ttl``); by default the manager makes its own.
         durability: Replicas that must confirm each append (``WAIT``); None waits for none.
+        max_payload_bytes: Largest encoded event appended to a task's stream (default
+            8 MiB); ``enqueue_event`` of a larger one raises ``PayloadTooLargeError``.
     """
 
     def __init__(
@@ -129,6 +133,7 @@ class RedisQueueManager(QueueManager):
         tap_max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
         leases: LeaseKeeper | None = None,
         durability: Durability | None = None,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     ) -> None:
         if lease_ttl <= 0:
             raise ValueError("lease_ttl must be positive seconds")
@@ -141,6 +146,7 @@ class RedisQueueManager(QueueManager):
         self._keeper = LeaseKeeper(redis, self._keys, ttl=lease_ttl) if leases is None else leases
         self._tap_size = tap_max_queue_size
         self._durability = durability
+        self._max_bytes = max_payload_bytes
         self._queues: dict[str, EventQueueLegacy] = {}  # queues this replica owns
         self._leases: dict[str, bytes] = {}  # owned queues still open -> their lease token
         self._taps: set[_RemoteTap] = set()
@@ -235,6 +241,7 @@ class RedisQueueManager(QueueManager):
         commands = append_commands(
             self._keys, task_id, 0, event,
             terminal=ends_task_stream(event), retention=self._retention,
+            max_bytes=self._max_bytes,
         )  # fmt: skip
         await run_atomically(
             self._redis, "append to the queue", self._keys.events(task_id), commands,
@@ -292,17 +299,19 @@ class RedisQueueManager(QueueManager):
         entries = self._listener.follow(task_id, start, idle_timeout=idle)
         try:
             async for entry in entries:
+                if entry.error is not None:
+                    raise entry.error
                 if entry.event is None:
                     break
                 try:  # a consumer that stops reading for lease_ttl is gone: let go
                     await asyncio.wait_for(tap.enqueue_event(entry.event), idle)
                 except asyncio.TimeoutError:
-                    logger.warning("task %s: a remote tap stopped reading; closing it", task_id)
+                    logger.warning("task %r: a remote tap stopped reading; closing it", task_id)
                     break
         except OwnerLostError:
-            logger.warning("task %s: its queue owner went silent; closing the tap", task_id)
+            logger.warning("task %r: its queue owner went silent; closing the tap", task_id)
         except A2ARedisError as e:
-            logger.warning("task %s: the remote tap failed: %s; closing it", task_id, e)
+            logger.warning("task %r: the remote tap failed: %s; closing it", task_id, e)
         finally:
             await entries.aclose()
             await tap.close()

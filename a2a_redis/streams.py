@@ -11,13 +11,14 @@ and every write to a task sets the stream's TTL: ``terminal_ttl`` once the task 
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 from a2a.server.events.event_queue import Event
 
-from a2a_redis.codec import encode_closed, encode_event
+from a2a_redis.codec import MAX_PAYLOAD_BYTES, encode_closed, encode_event
 from a2a_redis.keys import Keys
 from a2a_redis.transaction import BATCH_SCRIPT, WITH_ENTRY_ID, Command
 
@@ -74,11 +75,15 @@ def append_commands(
     *,
     terminal: bool,
     retention: StreamRetention,
+    max_bytes: int = MAX_PAYLOAD_BYTES,
 ) -> list[Command]:
-    """Commands (for a MULTI) that append ``event`` at ``version`` and wake live subscribers."""
+    """Commands (for a MULTI) that append ``event`` at ``version`` and wake live subscribers.
+
+    Raises ``PayloadTooLargeError`` if the encoded event is over ``max_bytes``.
+    """
     stream = keys.events(task_id)
     fields: list[bytes] = []
-    for name, value in encode_event(version, event).items():
+    for name, value in encode_event(version, event, key=stream, limit=max_bytes).items():
         fields += (name, value)
     return [
         ("XADD", stream, "MAXLEN", "~", retention.maxlen, "*", *fields),
@@ -101,8 +106,8 @@ if last then
     end
   end
 end
-""" + BATCH_SCRIPT.replace(b"local i = 1\n", b"local i = 2\n", 1)
-assert APPEND_IF_NEW_SCRIPT.count(b"local i = 2") == 1
+""" + BATCH_SCRIPT.replace(b"local first = 1\n", b"local first = 2\n", 1)
+assert APPEND_IF_NEW_SCRIPT.count(b"local first = 2") == 1
 
 #: Wake payload announcing that a task's stream was destroyed: its subscribers end.
 DESTROYED = b"destroyed"
@@ -139,18 +144,28 @@ def pack_fields(fields: list[bytes]) -> bytes:
     return packed
 
 
-def unpack_wake(data: bytes) -> tuple[bytes, dict[bytes, bytes]] | None:
-    """``(entry id, fields)`` from a wake-up that carries its entry, else None."""
-    entry_id, sep, packed = data.partition(b"\n")
-    if not sep or not entry_id[:1].isdigit():
+def unpack_wake(data: bytes) -> tuple[bytes, bytes, dict[bytes, bytes]] | None:
+    """``(previous entry id, entry id, fields)`` from a wake-up that carries its entry.
+
+    The previous id is that of the stream's last entry before this one ("0-0": none).
+    Anything else on the channel (garbage, a foreign message) is None: a bare wake-up.
+    """
+    ids, sep, packed = data.partition(b"\n")
+    prev, space, entry_id = ids.partition(b" ")
+    if not (sep and space and _ENTRY_ID.fullmatch(prev) and _ENTRY_ID.fullmatch(entry_id)):
         return None
     try:
         fields = msgpack.unpackb(packed)
     except (ValueError, TypeError, msgpack.UnpackException):
         return None
-    if not isinstance(fields, dict):
+    if not isinstance(fields, dict) or not all(
+        type(k) is bytes and type(v) is bytes for k, v in fields.items()
+    ):
         return None
-    return entry_id, fields
+    return prev, entry_id, fields
+
+
+_ENTRY_ID = re.compile(rb"[0-9]{1,20}-[0-9]{1,20}")
 
 
 class AppendLedger:

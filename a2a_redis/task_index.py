@@ -6,6 +6,11 @@ by state, and by both. Every member has score 0 and sorts by bytes in the SDK's 
 ``ZLEXCOUNT``: O(log N + page) for any combination of filters, ``status_timestamp_after``
 included (it is the lower bound of the range).
 
+A member that names a task with no record (or another owner's) is skipped with a WARNING,
+as a race with a delete can leave one for a moment. A member that cannot be decoded at all,
+like a record that cannot, fails the call with ``CorruptDataError`` naming the index key:
+a listing never hides a task silently, and the operator can remove the member (ZREM).
+
 Index upkeep happens in the same MULTI/EXEC as the task write (:meth:`TaskIndex.upkeep`).
 
 On Redis Cluster an owner's index keys (tag ``{o:OWNER}``) and a task's keys (tag
@@ -58,7 +63,7 @@ from a2a_redis.codec import (
     member_task_id,
     member_timestamp_floor,
 )
-from a2a_redis.errors import A2ARedisError, CorruptDataError, redis_errors
+from a2a_redis.errors import A2ARedisError, CorruptDataError, InvalidIdError, redis_errors
 from a2a_redis.keys import Keys
 from a2a_redis.transaction import Command, execute, run_atomically
 
@@ -158,22 +163,34 @@ class TaskIndex:
         )
         if not due:
             return 0
-        ids = sorted({m[8:].decode("utf-8", "surrogatepass") for m in due})
+        keys = sorted({k for k in map(self._mark_key, due) if k is not None})
         async with self._redis.pipeline(transaction=False) as pipe:
-            for task_id in ids:
-                pipe.hmget(self._keys.task(task_id), [F_OWNER, F_CONTEXT, F_STATE, F_MEMBER])
+            for key in keys:
+                pipe.hmget(key, [F_OWNER, F_CONTEXT, F_STATE, F_MEMBER])
             rows = await execute(pipe)
         commands: list[Command] = []
+        mine = owner.encode("utf-8", "surrogatepass")
         for owner_raw, context, state, member in rows:
-            if owner_raw is None or member is None or _text(owner_raw) != owner:
+            if owner_raw != mine or member is None:
                 continue  # deleted, or another owner's: nothing of ours to index
-            state_n = int(state) if state and state.isdigit() else 0
-            for key in self._keys.indexes(owner, _text(context or b""), state_n):
+            state_n = int(state) if state and state.isdigit() and len(state) < 10 else 0
+            try:
+                indexes = self._keys.indexes(owner, _text(context or b""), state_n)
+            except (UnicodeDecodeError, InvalidIdError):
+                continue  # a corrupt record: reading it says so
+            for key in indexes:
                 commands.append(("ZADD", key, 0, member))
         commands.append(("ZREM", pending, *due))
         await run_atomically(self._redis, "reconcile task index", pending, commands)
-        logger.warning("reconciled %d tasks whose index update was interrupted", len(ids))
+        logger.warning("reconciled %d tasks whose index update was interrupted", len(keys))
         return len(due)
+
+    def _mark_key(self, mark: bytes) -> str | None:
+        """The task key a pending mark names (None for a mark that cannot name one)."""
+        try:
+            return self._keys.task(_text(mark[8:]))
+        except (UnicodeDecodeError, InvalidIdError):
+            return None
 
     # -- purge ---------------------------------------------------------------------------
     async def purge_expired(self, owner: str) -> int:
@@ -193,22 +210,24 @@ class TaskIndex:
         for raw in due:
             try:
                 ctx, state, member = decode_locator(expiring, raw)
-                located.append((raw, ctx, state, member, member_task_id(expiring, member)))
-            except CorruptDataError as e:  # drop it: one bad entry must not block the owner
+                task_key = self._keys.task(member_task_id(expiring, member))
+                indexes = self._keys.indexes(owner, ctx, state)
+                located.append((raw, member, task_key, indexes))
+            except (CorruptDataError, InvalidIdError) as e:  # drop it: it must not block the owner
                 logger.warning("dropping an undecodable expiry entry: %s", e)
                 await self._redis.zrem(expiring, raw)
         if not located:
             return 0
         async with self._redis.pipeline(transaction=False) as pipe:
-            for *_, task_id in located:
-                pipe.exists(self._keys.task(task_id))
+            for _, _, task_key, _ in located:
+                pipe.exists(task_key)
             alive = await execute(pipe)
             purged = 0
-            for (raw, ctx, state, member, _), exists in zip(located, alive, strict=True):
+            for (raw, member, _, indexes), exists in zip(located, alive, strict=True):
                 if exists:  # clock skew: the record has not expired yet; next time
                     continue
                 purged += 1
-                for k in self._keys.indexes(owner, ctx, state):
+                for k in indexes:
                     pipe.zrem(k, member)
                 pipe.zrem(expiring, raw)
             if purged:
@@ -220,14 +239,17 @@ class TaskIndex:
     async def _legacy_bound(self, owner: str, index: str, low: bytes, token: str) -> bytes:
         """The inclusive upper bound named by a legacy (first-task-id) page token."""
         task_id = decode_page_token(token)
-        key = self._keys.task(task_id)
+        try:
+            key = self._keys.task(task_id)
+        except InvalidIdError:  # an id no task can have
+            raise InvalidParamsError(f"Invalid page token: {token[:64]}") from None
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hmget(key, [F_OWNER, F_MEMBER])
             owner_raw, member = (await execute(pipe))[0]
             if (
                 owner_raw is not None
                 and member is not None
-                and owner_raw.decode("utf-8", "surrogatepass") == owner
+                and owner_raw == owner.encode("utf-8", "surrogatepass")
                 and (low == b"-" or member >= low[1:])
             ):
                 pipe.zscore(index, member)
@@ -289,20 +311,26 @@ class TaskIndex:
         self, owner: str, index: str, members: list[bytes], params: ListTasksRequest
     ) -> tuple[list[Task], list[bytes]]:
         """The page's tasks, and (on a cluster) the entries that no longer match a record."""
-        ids = [member_task_id(index, m) for m in members]
-        if not ids:
+        named: list[tuple[str, str]] = []  # (task id, key)
+        for entry in members:
+            task_id = member_task_id(index, entry)  # CorruptDataError naming the index
+            try:
+                named.append((task_id, self._keys.task(task_id)))
+            except InvalidIdError:  # no task can have such an id: the member is corrupt
+                raise CorruptDataError("index member names an over-long id", key=index) from None
+        if not named:
             return [], []
         async with self._redis.pipeline(transaction=False) as pipe:
-            for task_id in ids:
-                pipe.hmget(self._keys.task(task_id), [F_SCHEMA, F_OWNER, F_TASK, F_MEMBER])
+            for _, key in named:
+                pipe.hmget(key, [F_SCHEMA, F_OWNER, F_TASK, F_MEMBER])
             rows = await execute(pipe)
         tasks: list[Task] = []
         stale: list[bytes] = []
-        for task_id, entry, (schema, owner_raw, payload, member) in zip(
-            ids, members, rows, strict=True
+        mine = owner.encode("utf-8", "surrogatepass")
+        for (task_id, key), entry, (schema, owner_raw, payload, member) in zip(
+            named, members, rows, strict=True
         ):
-            key = self._keys.task(task_id)
-            if owner_raw is None or _text(owner_raw) != owner:
+            if owner_raw is None or owner_raw != mine:
                 if self.split:
                     stale.append(entry)
                 else:

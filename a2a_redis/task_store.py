@@ -33,6 +33,7 @@ from a2a.server.events.event_queue import Event
 from a2a.server.owner_resolver import OwnerResolver, resolve_user_scope
 from a2a.server.tasks.task_store import TaskStore
 from a2a.types.a2a_pb2 import ListTasksRequest, ListTasksResponse, Task, TaskState
+from a2a.utils.proto_utils import to_stream_response
 from redis import exceptions as rex
 
 from a2a_redis.cluster import Client, SlotMovedError, is_cluster, keys_for
@@ -43,8 +44,10 @@ from a2a_redis.codec import (
     F_VERSION,
     F_WRITE,
     HEAD_FIELDS,
+    MAX_PAYLOAD_BYTES,
     TERMINAL_STATES,
     RecordHead,
+    check_payload_size,
     decode_head,
     decode_task,
     encode_record,
@@ -95,18 +98,22 @@ class _TaskRecords:
         stream_retention: StreamRetention,
         max_attempts: int,
         durability: Durability | None = None,
+        max_payload_bytes: int,
     ) -> None:
         require_binary_client(redis)
         if terminal_ttl is not None and terminal_ttl <= 0:
             raise ValueError("terminal_ttl must be positive seconds, or None to keep tasks")
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if max_payload_bytes < 1:
+            raise ValueError("max_payload_bytes must be a positive number of bytes")
         self.redis = redis
         self.keys = keys_for(redis, prefix)
         self.owner_resolver = owner_resolver
         self.terminal_ttl = terminal_ttl
         self.retention = stream_retention
         self.max_attempts = max_attempts
+        self.max_payload_bytes = max_payload_bytes
         self.index = TaskIndex(redis, self.keys, split=is_cluster(redis))
         self.ledger = AppendLedger()
         self.durability = durability
@@ -120,10 +127,10 @@ class _TaskRecords:
         schema, owner_raw, version, payload = cast("list[bytes | None]", row)
         if schema is None and owner_raw is None and payload is None:
             return None
-        if owner_raw is not None and owner_raw.decode("utf-8", "surrogatepass") != owner:
+        if owner_raw is not None and owner_raw != owner.encode("utf-8", "surrogatepass"):
             return None
         task = decode_task(key, task_id, schema, payload)
-        if version is None or not version.isdigit():
+        if version is None or not version.isdigit() or len(version) > 18:
             raise CorruptDataError("record has no valid version", key=key)
         return task, int(version)
 
@@ -167,8 +174,9 @@ class _TaskRecords:
             index_cmds = []
         if event is not None:
             cmds += append_commands(
-                self.keys, task.id, version, event, terminal=terminal, retention=self.retention
-            )
+                self.keys, task.id, version, event, terminal=terminal, retention=self.retention,
+                max_bytes=self.max_payload_bytes,
+            )  # fmt: skip
         else:
             cmds += retention_commands(
                 self.keys, task.id, terminal=terminal, retention=self.retention
@@ -190,6 +198,12 @@ class _TaskRecords:
         """
         key = self.keys.task(task.id)
         payload = task.SerializeToString()
+        # Refuse what cannot be written before any round trip: over-long ids, big payloads.
+        self.keys.indexes(owner, task.context_id, task.status.state)
+        check_payload_size(key, "task", len(payload), self.max_payload_bytes)
+        if event is not None:
+            size = to_stream_response(event).ByteSize()
+            check_payload_size(self.keys.events(task.id), "event", size, self.max_payload_bytes)
         write_id = os.urandom(8)
         mark = self.index.pending_mark(task.id, write_id) if self.index.split else b""
         # On a cluster the pending mark goes out with the first WATCH; commits wait for it.
@@ -210,14 +224,14 @@ class _TaskRecords:
                             f"Redis unavailable during save: {e}", key=key
                         ) from e
                     logger.warning(
-                        "save of task %s: %s; retrying (attempt %d)", task.id, e, attempt
+                        "save of task %r: %s; retrying (attempt %d)", task.id, e, attempt
                     )
                     await backoff(attempt, cap=0.5 if isinstance(e, SlotMovedError) else 0.05)
                     continue
                 if committed is not None:
                     version, expires_at, index_cmds = committed
                     break
-                logger.debug("save of task %s lost a race (attempt %d)", task.id, attempt)
+                logger.debug("save of task %r lost a race (attempt %d)", task.id, attempt)
                 await backoff(attempt)
             else:
                 raise ContentionError(
@@ -362,6 +376,8 @@ class VersionedRedisTaskStore(VersionedTaskStore):
         stream_retention: Cap and TTLs of each task's event stream.
         max_attempts: Optimistic-transaction attempts per write before giving up (default 8).
         durability: Replicas that must confirm each write (``WAIT``); None waits for none.
+        max_payload_bytes: Largest encoded Task, and event, a save accepts (default 8 MiB);
+            a larger one raises ``PayloadTooLargeError`` and writes nothing.
     """
 
     def __init__(
@@ -374,6 +390,7 @@ class VersionedRedisTaskStore(VersionedTaskStore):
         stream_retention: StreamRetention | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         durability: Durability | None = None,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     ) -> None:
         self._records = _TaskRecords(
             redis,
@@ -383,6 +400,7 @@ class VersionedRedisTaskStore(VersionedTaskStore):
             stream_retention=stream_retention or StreamRetention(),
             max_attempts=max_attempts,
             durability=durability,
+            max_payload_bytes=max_payload_bytes,
         )
         self._plain = RedisTaskStore._over(self._records)
 
@@ -400,6 +418,11 @@ class VersionedRedisTaskStore(VersionedTaskStore):
     def ledger(self) -> AppendLedger:
         """The in-process record of events this store appended (shared with the stream)."""
         return self._records.ledger
+
+    @property
+    def max_payload_bytes(self) -> int:
+        """The largest encoded Task or event this store writes."""
+        return self._records.max_payload_bytes
 
     @property
     def stream_retention(self) -> StreamRetention:
@@ -487,6 +510,7 @@ class RedisTaskStore(TaskStore):
         stream_retention: StreamRetention | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         durability: Durability | None = None,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     ) -> None:
         self._records = _TaskRecords(
             redis,
@@ -496,6 +520,7 @@ class RedisTaskStore(TaskStore):
             stream_retention=stream_retention or StreamRetention(),
             max_attempts=max_attempts,
             durability=durability,
+            max_payload_bytes=max_payload_bytes,
         )
 
     @classmethod

@@ -51,16 +51,41 @@ __all__ = [
 Command = tuple[Any, ...]
 
 #: Runs ARGV as a batch of commands: ``argc name arg ... argc name arg ...``. A (S)PUBLISH
-#: whose message starts with :data:`WITH_ENTRY_ID` publishes the id of the batch's last
-#: XADD, a newline, and the rest of the message: a wake-up that carries its entry.
-BATCH_SCRIPT = b"""local i = 1
-local added = ''
+#: whose message starts with :data:`WITH_ENTRY_ID` publishes the id of the entry that was
+#: last in the stream before the batch's last XADD ("0-0" if none), a space, that XADD's
+#: id, a newline, and the rest of the message: a wake-up that carries its entry, and says
+#: which entry it follows (so a reader can tell that nothing came in between).
+#: Redis does not roll a script back when a command fails, so the script first checks
+#: that every key it will write as a hash, zset or stream is of that type (or absent):
+#: otherwise it writes nothing and replies ``WRONGTYPE <key> ...``, naming the key.
+#: (``first`` is where the batch starts in ARGV: a script may prepend arguments.)
+BATCH_SCRIPT = b"""local first = 1
+local want = {HSET = 'hash', ZADD = 'zset', ZREM = 'zset', XADD = 'stream'}
+local i = first
+while i <= #ARGV do
+  local kind = want[ARGV[i + 1]]
+  if kind then
+    local key = ARGV[i + 2]
+    local held = redis.call('TYPE', key)['ok']
+    if held ~= 'none' and held ~= kind then
+      return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. held .. ', not a ' .. kind)
+    end
+  end
+  i = i + tonumber(ARGV[i]) + 1
+end
+i = first
+local added, prev = '', '0-0'
 while i <= #ARGV do
   local argc = tonumber(ARGV[i])
   local name = ARGV[i + 1]
   if (name == 'PUBLISH' or name == 'SPUBLISH') and string.sub(ARGV[i + 3], 1, 3) == '$E:' then
-    redis.call(name, ARGV[i + 2], added .. '\\n' .. string.sub(ARGV[i + 3], 4))
+    local ids = prev .. ' ' .. added .. '\\n'
+    redis.call(name, ARGV[i + 2], ids .. string.sub(ARGV[i + 3], 4))
   else
+    if name == 'XADD' then
+      local tail = redis.call('XREVRANGE', ARGV[i + 2], '+', '-', 'COUNT', 1)
+      prev = tail[1] and tail[1][1] or '0-0'
+    end
     local reply = redis.call(unpack(ARGV, i + 1, i + argc))
     if name == 'XADD' then added = reply end
   end
