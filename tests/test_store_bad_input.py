@@ -40,7 +40,7 @@ HOSTILE_IDS = [
     "nul\x00byte",
     "cr\r\nlf",
     "%",
-    "x" * 65_536,
+    "x" * 1024,  # the longest id (keys.MAX_ID_BYTES)
 ]
 
 
