@@ -122,6 +122,7 @@ class _TaskRecords:
     async def read(self, task_id: str, owner: str) -> tuple[Task, int] | None:
         """The owner's task and its version, or None. One round trip (HMGET)."""
         key = self.keys.task(task_id)
+        self.keys.expiring(owner)  # an over-long owner raises InvalidIdError, as everywhere
         with redis_errors("get task", key):
             row = await self.redis.hmget(key, [F_SCHEMA, F_OWNER, F_VERSION, F_TASK])
         schema, owner_raw, version, payload = cast("list[bytes | None]", row)
@@ -311,6 +312,7 @@ class _TaskRecords:
         Atomically; on a cluster the index entries just after (see ``task_index.py``).
         """
         key = self.keys.task(task_id)
+        self.keys.expiring(owner)  # an over-long owner raises InvalidIdError, as everywhere
         mark = self.index.pending_mark(task_id, os.urandom(8)) if self.index.split else b""
         if mark:
             await self.index.begin(owner, mark)
