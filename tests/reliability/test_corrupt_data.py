@@ -42,6 +42,7 @@ from a2a_redis import (
     RedisTaskEventStream,
     VersionedRedisTaskStore,
 )
+from a2a_redis.cluster import is_cluster
 from a2a_redis.codec import (
     decode_event,
     decode_head,
@@ -247,7 +248,11 @@ _PLANT = {
     "which", ["events", "all", "ctx", "st-old", "st-new", "ctxst-new", "expiring"]
 )
 async def test_a_write_meeting_a_wrong_typed_key_names_it_and_writes_nothing(
-    store: VersionedRedisTaskStore, redis: aioredis.Redis, which: str, planted: str
+    store: VersionedRedisTaskStore,
+    redis: aioredis.Redis,
+    which: str,
+    planted: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     keys, done = store.keys, S.TASK_STATE_COMPLETED
     task = make_task("t", context_id="c", state=S.TASK_STATE_WORKING, ts_ns=1)
@@ -267,6 +272,14 @@ async def test_a_write_meeting_a_wrong_typed_key_names_it_and_writes_nothing(
     await _PLANT[planted](redis, key)
     before = {k: await redis.dump(k) for k in await _keys(redis, keys)}
     final = make_task("t", context_id="c", state=done, ts_ns=2)  # every index entry moves
+    if is_cluster(redis) and which != "events":
+        # On a cluster the owner's indexes live in another slot, updated after the task's
+        # commit (task_index.py): the save stands, the index update fails naming the key.
+        with caplog.at_level("WARNING", logger="a2a_redis"):
+            assert await store.save(final, event=final, prev_version=v, context=ctx())
+        assert any(key in r.getMessage() for r in caplog.records)
+        assert await redis.dump(key) == before[key.encode()]  # that key untouched
+        return
     with pytest.raises(CorruptDataError) as info:
         await store.save(final, event=final, prev_version=v, context=ctx())
     assert info.value.key == key and key in str(info.value)

@@ -72,8 +72,9 @@ async def test_a_one_mib_id_is_refused_everywhere_and_writes_nothing(
                 await call
             assert info.value.key is not None and info.value.key.startswith(prefix + ":{")
             assert "x" * 64 not in str(info.value)  # the id is elided, never echoed
-        # A store reads a record by its task id only: an over-long owner owns nothing.
-        assert await c.store.get("t", ctx(huge)) is None
+        for call in (c.store.get("t", ctx(huge)), c.store.delete("t", ctx(huge))):
+            with pytest.raises(InvalidIdError):
+                await call
         assert await scan(redis, Keys(prefix).scan_pattern()) == set()
         assert c.owner_qm.stats() == {"queues": 0, "leases": 0, "taps": 0}
     finally:
@@ -170,8 +171,9 @@ async def test_hostile_ids_in_logs_are_quoted(
         await owner_qm.create_or_tap(evil)
         tap = await remote_qm.tap(evil)
         assert tap is not None
-        if owner_qm._renewer is not None:  # the owner goes silent (as if it died)
-            owner_qm._renewer.cancel()
+        renewer = owner_qm._keeper._renewer
+        assert renewer is not None
+        renewer.cancel()  # the owner goes silent, as if it died: no renewal, no heartbeat
         with pytest.raises(QueueShutDown):
             await asyncio.wait_for(tap.dequeue_event(), GUARD)
     finally:
