@@ -56,16 +56,18 @@ Command = tuple[Any, ...]
 #: id, a newline, and the rest of the message: a wake-up that carries its entry, and says
 #: which entry it follows (so a reader can tell that nothing came in between).
 #: Redis does not roll a script back when a command fails, so the script first checks
-#: that every key it will write as a hash, zset or stream is of that type (or absent):
-#: otherwise it writes nothing and replies ``WRONGTYPE <key> ...``, naming the key.
-#: (``first`` is where the batch starts in ARGV: a script may prepend arguments.)
+#: that every key it will write as a zset or a stream is of that type (or absent), once
+#: per key: otherwise it writes nothing and replies ``WRONGTYPE <key> ...``, naming the
+#: key. (The task hash needs no check: the read that precedes every write of it, under
+#: WATCH, has already met it.) ``first`` is where the batch starts in ARGV: a script may
+#: prepend arguments.
 BATCH_SCRIPT = b"""local first = 1
-local want = {HSET = 'hash', ZADD = 'zset', ZREM = 'zset', XADD = 'stream'}
+local want, seen = {ZADD = 'zset', ZREM = 'zset', XADD = 'stream'}, {}
 local i = first
 while i <= #ARGV do
-  local kind = want[ARGV[i + 1]]
-  if kind then
-    local key = ARGV[i + 2]
+  local kind, key = want[ARGV[i + 1]], ARGV[i + 2]
+  if kind and not seen[key] then
+    seen[key] = true
     local held = redis.call('TYPE', key)['ok']
     if held ~= 'none' and held ~= kind then
       return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. held .. ', not a ' .. kind)
