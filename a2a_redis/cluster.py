@@ -21,7 +21,7 @@ from typing import Any, TypeAlias, cast
 from urllib.parse import unquote, urlsplit
 
 from redis import exceptions as rex
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 
@@ -37,6 +37,7 @@ __all__ = [
     "cluster_client",
     "is_cluster",
     "keys_for",
+    "node_client",
     "note_redirect",
 ]
 
@@ -64,6 +65,18 @@ def is_cluster(redis: Any) -> bool:
 def keys_for(redis: Any, prefix: str) -> Keys:
     """The key builder for ``prefix`` on this client (shard channels on a cluster)."""
     return Keys(prefix, sharded=is_cluster(redis))
+
+
+def node_client(node: ClusterNode, address: str | None = None) -> Redis:
+    """A plain client of one cluster node, on its own pool (closing the client closes it).
+
+    ``address`` (``host:port``) names another node reached with the same credentials.
+    """
+    kwargs = dict(node.connection_kwargs)
+    if address is not None:
+        host, _, port = address.rpartition(":")
+        kwargs.update(host=host, port=int(port))
+    return Redis.from_pool(ConnectionPool(connection_class=node.connection_class, **kwargs))
 
 
 async def checkout(

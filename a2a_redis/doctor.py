@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis import exceptions as rex
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from a2a_redis.cluster import Client
+from a2a_redis.cluster import Client, node_client
 from a2a_redis.keys import Keys
 from a2a_redis.sentinel import report_topology
 
@@ -204,23 +204,13 @@ async def check(client: Client, keys: Keys, report: Report) -> None:
 
 
 # -- Redis Cluster -------------------------------------------------------------------------
-def _node_client(node: ClusterNode, address: str | None = None) -> Redis:
-    """A client of one cluster node (``address``: another node, same credentials)."""
-    kwargs = dict(node.connection_kwargs)
-    if address is not None:
-        host, _, port = address.rpartition(":")
-        kwargs.update(host=host, port=int(port))
-    pool = ConnectionPool(connection_class=node.connection_class, **kwargs)
-    return Redis.from_pool(pool)  # closing the client closes its pool
-
-
 async def _cluster(cluster: RedisCluster, keys: Keys, report: Report) -> None:
     """Topology and slot coverage, then every primary's and replica's own report."""
     await cluster.initialize()
     seed = cluster.get_nodes()[0]
     members = await _topology(seed, report)
     for address, role in members:
-        client = _node_client(seed, address)
+        client = node_client(seed, address)
         try:
             print(f"-- {role} {address}")
             await _server(client, report, replica_ok=role == "replica")
@@ -238,7 +228,7 @@ async def _cluster(cluster: RedisCluster, keys: Keys, report: Report) -> None:
 
 async def _topology(seed: ClusterNode, report: Report) -> list[tuple[str, str]]:
     """Print the primaries, their replicas and slot coverage; every node's (address, role)."""
-    first = _node_client(seed)
+    first = node_client(seed)
     try:
         info = (await first.execute_command("CLUSTER", "INFO")).decode()  # type: ignore[no-untyped-call]
         state = dict(line.split(":", 1) for line in info.split() if ":" in line)

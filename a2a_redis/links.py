@@ -17,10 +17,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis import exceptions as rex
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode
 
+from a2a_redis.cluster import node_client
 from a2a_redis.transaction import backoff
 
 __all__ = ["PubSubLink", "node_pubsub", "quiet_push", "server_pubsub"]
@@ -48,14 +49,14 @@ def server_pubsub(redis: Redis) -> tuple[PubSub, Callable[[], Awaitable[None]]]:
 
 def node_pubsub(node: ClusterNode) -> tuple[PubSub, Callable[[], Awaitable[None]]]:
     """A ``PubSub`` on its own connection to one cluster node, and its closer."""
-    pool = ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
-    pubsub = Redis(connection_pool=pool).pubsub(push_handler_func=quiet_push)
+    client = node_client(node)
+    pubsub = client.pubsub(push_handler_func=quiet_push)
 
     async def close() -> None:
         try:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
         finally:
-            await pool.disconnect()
+            await client.aclose()
 
     return pubsub, close
 
