@@ -379,3 +379,12 @@ async def channels_under(client: Any, pattern: str) -> list[bytes]:
         replies = await on_every_node(client, "PUBSUB", "SHARDCHANNELS", pattern)
         return [c for reply in replies.values() for c in reply]
     return list(await client.execute_command("PUBSUB", "CHANNELS", pattern))
+
+
+def numbered(
+    n: int, task_id: str = "t", state: int = TaskState.TASK_STATE_WORKING
+) -> TaskStatusUpdateEvent:
+    """A status update carrying its sequence number ``n`` (metadata ``n``), for order checks."""
+    event = TaskStatusUpdateEvent(task_id=task_id, context_id="ctx", metadata={"n": str(n)})
+    event.status.state = state  # type: ignore[assignment]
+    return event

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from a2a.server.cluster import TaskVersion, VersionedEvent
-from a2a.types.a2a_pb2 import ListTasksRequest, TaskState, TaskStatusUpdateEvent
+from a2a.types.a2a_pb2 import ListTasksRequest, TaskState
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
@@ -19,7 +19,7 @@ from a2a_redis import RedisBackend, VersionedRedisTaskStore, task_index
 from a2a_redis.codec import index_member
 from a2a_redis.embedded import EmbeddedCluster, EmbeddedServer, _command, call
 from a2a_redis.keys import Keys
-from tests.helpers import connect, ctx, make_task
+from tests.helpers import connect, ctx, make_task, numbered
 
 GUARD = 60  # seconds: a hang guard only
 S = TaskState
@@ -72,12 +72,6 @@ def move_slot(cluster: EmbeddedCluster, slot: int, target: EmbeddedServer) -> in
     return moved
 
 
-def working(task_id: str, n: int) -> TaskStatusUpdateEvent:
-    event = TaskStatusUpdateEvent(task_id=task_id, context_id="ctx", metadata={"n": str(n)})
-    event.status.state = S.TASK_STATE_WORKING
-    return event
-
-
 async def test_resharding_a_live_task_loses_and_duplicates_nothing(
     cluster: EmbeddedCluster, prefix: str
 ):
@@ -106,7 +100,7 @@ async def test_resharding_a_live_task_loses_and_duplicates_nothing(
         target = next(p for p in cluster.primaries if p is not source)
         moved = 0
         for n in range(total):
-            event = working("t", n)
+            event = numbered(n, "t")
             version = await writer.task_store.save(
                 task, event=event, prev_version=version, context=ctx()
             )
@@ -190,7 +184,7 @@ async def test_a_users_own_redis_cluster_client_works(shared_cluster: EmbeddedCl
                         return
 
             follower = asyncio.create_task(follow())
-            event = working("t", 1)
+            event = numbered(1, "t")
             v = await backend.task_store.save(task, event=event, prev_version=v, context=ctx())
             await backend.event_stream.publish("t", VersionedEvent(event, v))
             await asyncio.wait_for(follower, GUARD)

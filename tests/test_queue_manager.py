@@ -15,15 +15,9 @@ from a2a.types.a2a_pb2 import TaskState, TaskStatusUpdateEvent
 from a2a.utils._async_queue_compat import QueueShutDown
 
 from a2a_redis.queue_manager import RedisQueueManager
-from tests.helpers import connect
+from tests.helpers import connect, numbered
 
 GUARD = 20  # seconds: a hang guard only
-
-
-def status(n: int, state: int = TaskState.TASK_STATE_WORKING) -> TaskStatusUpdateEvent:
-    event = TaskStatusUpdateEvent(task_id="t", context_id="ctx", metadata={"n": str(n)})
-    event.status.state = state
-    return event
 
 
 async def drain(queue: EventQueueLegacy) -> list[TaskStatusUpdateEvent]:
@@ -80,11 +74,11 @@ async def test_add_twice_raises(manager: QueueManager):
 async def test_tap_receives_later_events(manager: QueueManager):
     queue = EventQueueLegacy()
     await manager.add("t", queue)
-    await queue.enqueue_event(status(0))
+    await queue.enqueue_event(numbered(0))
     child = await manager.tap("t")
     assert child is not None
-    await queue.enqueue_event(status(1))
-    await queue.enqueue_event(status(2))
+    await queue.enqueue_event(numbered(1))
+    await queue.enqueue_event(numbered(2))
     got, _ = await asyncio.gather(drain(child), close_draining(manager, "t", queue))
     assert [e.metadata["n"] for e in got] == ["1", "2"]
 
@@ -110,7 +104,7 @@ async def test_create_or_tap(manager: QueueManager):
     assert await manager.get("t") is queue
     child = await manager.create_or_tap("t")
     assert child is not queue
-    await queue.enqueue_event(status(7))
+    await queue.enqueue_event(numbered(7))
     assert (await asyncio.wait_for(child.dequeue_event(), GUARD)).metadata["n"] == "7"
 
 
@@ -125,11 +119,11 @@ async def test_remote_tap_gets_every_later_event_then_closes(managers):
     a, b = managers(), managers()
     assert await b.tap("t") is None  # no replica has it open
     queue = await a.create_or_tap("t")
-    await queue.enqueue_event(status(0))  # before the tap: not delivered to it
+    await queue.enqueue_event(numbered(0))  # before the tap: not delivered to it
     tap = await b.tap("t")
     assert tap is not None
     for n in range(1, 30):
-        await queue.enqueue_event(status(n))
+        await queue.enqueue_event(numbered(n))
     got, _ = await asyncio.gather(drain(tap), close_draining(a, "t", queue))
     assert [int(e.metadata["n"]) for e in got] == list(range(1, 30))
     assert await b.tap("t") is None  # closed everywhere
@@ -154,8 +148,8 @@ async def test_event_consumer_on_a_remote_tap_ends_at_the_final_event(managers):
         return [e.status.state async for e in consumer.consume_all()]  # type: ignore[union-attr]
 
     reader = asyncio.create_task(consume())
-    await queue.enqueue_event(status(1))
-    await queue.enqueue_event(status(2, TaskState.TASK_STATE_COMPLETED))
+    await queue.enqueue_event(numbered(1))
+    await queue.enqueue_event(numbered(2, state=TaskState.TASK_STATE_COMPLETED))
     states = await asyncio.wait_for(reader, GUARD)
     assert states == [TaskState.TASK_STATE_WORKING, TaskState.TASK_STATE_COMPLETED]
     await close_draining(a, "t", queue)
@@ -168,7 +162,7 @@ async def test_immediate_close_by_the_consumer_loses_nothing_for_remote_taps(man
     tap = await b.tap("t")
     assert tap is not None
     for n in range(20):
-        await queue.enqueue_event(status(n))
+        await queue.enqueue_event(numbered(n))
     await queue.close(immediate=True)
     assert [int(e.metadata["n"]) for e in await drain(tap)] == list(range(20))
 
@@ -183,7 +177,7 @@ async def test_owner_death_ends_remote_taps(real_url: str, real_redis, prefix: s
         queue = await a.create_or_tap("t")
         tap = await b.tap("t")
         assert tap is not None
-        await queue.enqueue_event(status(1))
+        await queue.enqueue_event(numbered(1))
         assert a._keeper._renewer is not None
         a._keeper._renewer.cancel()  # the owner "dies": no renewal, no heartbeat, no close mark
         assert [e.metadata["n"] for e in await drain(tap)] == ["1"]
@@ -217,7 +211,7 @@ async def test_fifty_tasks_each_with_a_remote_tap(managers):
 
     async def produce(i: int) -> None:
         for n in range(10):
-            await queues[i].enqueue_event(status(n))
+            await queues[i].enqueue_event(numbered(n))
         await close_draining(a, f"t{i}", queues[i])
 
     results = await asyncio.gather(*(drain(t) for t in taps if t), *(produce(i) for i in range(50)))
@@ -240,7 +234,7 @@ async def test_a_reopened_queue_is_tapped_past_the_previous_close_mark(managers)
     second = await a.create_or_tap("t")  # a follow-up reopens the queue
     tap = await b.tap("t")
     assert tap is not None
-    await second.enqueue_event(status(1))
+    await second.enqueue_event(numbered(1))
     got, _ = await asyncio.gather(drain(tap), close_draining(a, "t", second))
     assert [e.metadata["n"] for e in got] == ["1"]
 
@@ -251,7 +245,7 @@ async def test_an_abandoned_remote_tap_does_not_leak(managers):
     tap = await b.tap("t")
     assert tap is not None  # ... and nobody ever reads it
     for n in range(5):
-        await queue.enqueue_event(status(n))
+        await queue.enqueue_event(numbered(n))
     await close_draining(a, "t", queue)
     for _ in range(200):  # bounded wait for the pump to let go
         if b.stats()["taps"] == 0:

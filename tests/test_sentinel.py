@@ -22,7 +22,6 @@ from a2a.types.a2a_pb2 import (
     Role,
     TaskPushNotificationConfig,
     TaskState,
-    TaskStatusUpdateEvent,
 )
 from redis.asyncio.sentinel import Sentinel
 
@@ -43,7 +42,7 @@ from a2a_redis.sentinel import (
 from a2a_redis.task_store import VersionedRedisTaskStore
 from a2a_redis.transaction import WatchedTransaction
 from tests.deployments import SERVICE, SentinelDeployment
-from tests.helpers import ctx, free_port, make_task
+from tests.helpers import ctx, free_port, make_task, numbered
 
 GUARD = 30  # seconds: a hang guard only
 WORKING = TaskState.TASK_STATE_WORKING
@@ -150,12 +149,6 @@ async def admin(deployment: SentinelDeployment, prefix: str) -> aioredis.Redis:
     await client.aclose()
 
 
-def status(task_id: str, n: int) -> TaskStatusUpdateEvent:
-    event = TaskStatusUpdateEvent(task_id=task_id, context_id="ctx", metadata={"n": str(n)})
-    event.status.state = WORKING
-    return event
-
-
 def push_config(task_id: str) -> TaskPushNotificationConfig:
     return TaskPushNotificationConfig(task_id=task_id, id="hook", url="https://example.test/h")
 
@@ -179,7 +172,7 @@ async def exercise(backend: RedisBackend, task_id: str) -> None:
     follower = asyncio.create_task(first_event())
     while not backend.listener.stats()["subscribers"]:  # joined (bounded by the test timeout)
         await asyncio.sleep(0.01)
-    event = status(task_id, 1)
+    event = numbered(1, task_id)
     v2 = await backend.task_store.save(task, event=event, prev_version=v1, context=ctx())
     await backend.event_stream.publish(task_id, VersionedEvent(event, v2))
     got = await asyncio.wait_for(follower, GUARD)
@@ -292,7 +285,7 @@ async def test_every_acknowledged_write_is_on_the_replica_when_acknowledged(
         )
         assert await waits_of(first) == 1
         for version in range(2, 12):  # each save is on the replica as soon as it returns
-            event = status("t", version)
+            event = numbered(version, "t")
             await backend.task_store.save(
                 task, event=event, prev_version=TaskVersion(version - 1), context=ctx()
             )
@@ -318,7 +311,7 @@ async def test_every_acknowledged_write_is_on_the_replica_when_acknowledged(
         assert await waits_of(backend.push_config_store.delete_info("t", ctx(), "hook")) == 1
         queue = EventQueueLegacy()
         await backend.queue_manager.add("q", queue)
-        assert await waits_of(queue.enqueue_event(status("q", 1))) == 1
+        assert await waits_of(queue.enqueue_event(numbered(1, "q"))) == 1
         await queue.dequeue_event()  # the consumer's part: close() waits for the drain
         queue.task_done()
         assert await waits_of(backend.queue_manager.close("q")) == 1
@@ -366,7 +359,7 @@ async def test_a_write_the_replica_does_not_confirm_raises_naming_the_key_and_st
         try:
             with pytest.raises(ReplicationTimeoutError) as e:
                 await short.task_store.save(
-                    task, event=status("t", 2), prev_version=v1, context=ctx()
+                    task, event=numbered(2, "t"), prev_version=v1, context=ctx()
                 )
             assert e.value.key == keys.task("t")
             assert (e.value.acked, e.value.required) == (0, 1)
@@ -384,7 +377,7 @@ async def test_a_write_the_replica_does_not_confirm_raises_naming_the_key_and_st
 
             # A retry that finds its own earlier commit (a lost reply) confirms it with
             # WAIT too, rather than acknowledging a write no replica has.
-            write_id, event = os.urandom(8), status("t", 3)
+            write_id, event = os.urandom(8), numbered(3, "t")
 
             def decide(old: object) -> int:
                 return 3
@@ -511,7 +504,7 @@ async def test_a_save_on_a_server_without_the_batch_script_is_not_a_lost_race(
     task = make_task("t", state=WORKING)
     version = await store.save(task, event=task, prev_version=TaskVersion.MISSING, context=ctx())
     await admin.script_flush()  # as on a replica promoted by a failover
-    version = await store.save(task, event=status("t", 1), prev_version=version, context=ctx())
+    version = await store.save(task, event=numbered(1, "t"), prev_version=version, context=ctx())
     assert version == TaskVersion(2)
     stored = await store.get("t", ctx())
     assert stored is not None and stored.version == TaskVersion(2)

@@ -13,20 +13,14 @@ import asyncio
 import time
 
 from a2a.server.cluster import TaskVersion, VersionedEvent
-from a2a.types.a2a_pb2 import TaskState, TaskStatusUpdateEvent
+from a2a.types.a2a_pb2 import TaskState
 from redis.crc import key_slot
 
 from a2a_redis import RedisBackend, RedisUnavailableError
 from a2a_redis.embedded import EmbeddedCluster, EmbeddedServer, call
-from tests.helpers import ctx, make_task
+from tests.helpers import ctx, make_task, numbered
 
 GUARD = 60  # seconds: a hang guard only
-
-
-def working(n: int) -> TaskStatusUpdateEvent:
-    event = TaskStatusUpdateEvent(task_id="t", context_id="ctx", metadata={"n": str(n)})
-    event.status.state = TaskState.TASK_STATE_WORKING
-    return event
 
 
 def replicated(primary: EmbeddedServer) -> bool:
@@ -69,7 +63,7 @@ async def test_primary_killed_mid_stream_fails_over_and_loses_nothing(prefix: st
                         assert time.monotonic() < deadline
                         await asyncio.sleep(0.01)
                     primary.kill()
-                event = working(n)
+                event = numbered(n)
                 deadline = time.monotonic() + GUARD
                 while True:  # what an application does with a typed outage error
                     try:

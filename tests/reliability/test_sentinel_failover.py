@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from a2a.server.cluster import ConcurrentTaskModificationError, TaskVersion, VersionedEvent
-from a2a.types.a2a_pb2 import Task, TaskState, TaskStatusUpdateEvent
+from a2a.types.a2a_pb2 import Task, TaskState
 from redis.asyncio.sentinel import Sentinel
 
 from a2a_redis import (
@@ -29,16 +29,10 @@ from a2a_redis import (
 from a2a_redis.codec import decode_event, version_int
 from a2a_redis.keys import Keys
 from tests.deployments import SERVICE, SentinelDeployment
-from tests.helpers import ctx, make_task
+from tests.helpers import ctx, make_task, numbered
 
 GUARD = 60  # seconds: a hang guard only
 logger = logging.getLogger(__name__)
-
-
-def working(n: int) -> TaskStatusUpdateEvent:
-    event = TaskStatusUpdateEvent(task_id="t", context_id="ctx", metadata={"n": str(n)})
-    event.status.state = TaskState.TASK_STATE_WORKING
-    return event
 
 
 @dataclass
@@ -73,7 +67,7 @@ class Writer:
 
     async def _write(self, n: int) -> None:
         """Write event n until it is in; record how it went."""
-        event = working(n)
+        event = numbered(n)
         self.task.metadata["n"] = str(n)  # the record names the event that produced it
         while True:
             try:
@@ -267,7 +261,7 @@ async def test_a_demoted_master_sends_writers_to_the_new_one(prefix: str):
             while not b.listener.stats()["subscribers"]:
                 await asyncio.sleep(0.01)
             for n in range(5):  # pooled connections to the master that is about to step down
-                event = working(n)
+                event = numbered(n)
                 version = await a.task_store.save(
                     task, event=event, prev_version=version, context=ctx()
                 )
@@ -288,7 +282,7 @@ async def test_a_demoted_master_sends_writers_to_the_new_one(prefix: str):
             finally:
                 await old.aclose()
             for n in range(5, 10):  # outage errors allowed while it settles; nothing else
-                event = working(n)
+                event = numbered(n)
                 while True:
                     try:
                         version = await a.task_store.save(

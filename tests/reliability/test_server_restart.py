@@ -9,19 +9,13 @@ import asyncio
 
 import pytest
 from a2a.server.cluster import TaskVersion, VersionedEvent
-from a2a.types.a2a_pb2 import ListTasksRequest, TaskState, TaskStatusUpdateEvent
+from a2a.types.a2a_pb2 import ListTasksRequest, TaskState
 
 from a2a_redis import RedisBackend, RedisUnavailableError
 from a2a_redis.embedded import EmbeddedServer
-from tests.helpers import ctx, make_task
+from tests.helpers import ctx, make_task, numbered
 
 GUARD = 30  # seconds: a hang guard only
-
-
-def working(task_id: str, n: int) -> TaskStatusUpdateEvent:
-    event = TaskStatusUpdateEvent(task_id=task_id, context_id="ctx", metadata={"n": str(n)})
-    event.status.state = TaskState.TASK_STATE_WORKING
-    return event
 
 
 async def test_sigkill_and_restart_mid_stream_loses_nothing(prefix: str):
@@ -47,7 +41,7 @@ async def test_sigkill_and_restart_mid_stream_loses_nothing(prefix: str):
 
             async def write(n: int) -> None:
                 nonlocal version
-                event = working("t", n)
+                event = numbered(n, "t")
                 version = await a.task_store.save(
                     task, event=event, prev_version=version, context=ctx()
                 )

@@ -23,23 +23,17 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import pytest
 from a2a.server.cluster import TaskVersion, VersionedEvent
 from a2a.server.events.event_queue import EventQueueLegacy, QueueShutDown
-from a2a.types.a2a_pb2 import SubscribeToTaskRequest, TaskState, TaskStatusUpdateEvent
+from a2a.types.a2a_pb2 import SubscribeToTaskRequest, TaskState
 
 from a2a_redis import RedisBackend, SubscriberLagError
 from a2a_redis.listener import TURN, StreamEntry
 from a2a_redis.queue_manager import RedisQueueManager
 from a2a_redis.streams import StreamRetention
-from tests.helpers import agent_card, connect, ctx, make_task
+from tests.helpers import agent_card, connect, ctx, make_task, numbered
 
 S = TaskState
 GUARD = 60.0  # seconds: a hang guard only
 MAXLEN = 20  # the stream keeps about this many entries (Redis trims whole nodes of 100)
-
-
-def status(n: int) -> TaskStatusUpdateEvent:
-    event = TaskStatusUpdateEvent(task_id="t", context_id="ctx", metadata={"n": str(n)})
-    event.status.state = S.TASK_STATE_WORKING
-    return event
 
 
 @pytest.fixture
@@ -79,7 +73,7 @@ class Writer:
 
     async def write(self, count: int) -> None:
         for _ in range(count):
-            event = status(self.written)
+            event = numbered(self.written)
             self.version = await self.backend.task_store.save(
                 self.task, event=event, prev_version=self.version, context=ctx()
             )
@@ -256,7 +250,7 @@ async def test_legacy_a_remote_tap_nobody_reads_is_let_go_after_the_lease(
         assert stalled is not None and fast is not None
         fast_seen = asyncio.create_task(drain(fast))
         for n in range(100):
-            await queue.enqueue_event(status(n))
+            await queue.enqueue_event(numbered(n))
         for _ in range(int(GUARD * 20)):  # bounded: the stalled tap's pump gives up
             if b.stats()["taps"] == 1:
                 break
