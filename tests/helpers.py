@@ -39,7 +39,7 @@ from a2a.types import (
 from a2a.types.a2a_pb2 import Task, TaskState, TaskStatus, TaskStatusUpdateEvent
 from redis.asyncio.cluster import RedisCluster
 
-from a2a_redis.cluster import CLUSTER_SCHEMES, cluster_client
+from a2a_redis.cluster import CLUSTER_SCHEMES, cluster_client, node_client
 
 
 class NamedUser(User):
@@ -363,14 +363,32 @@ async def on_every_node(client: Any, *args: Any) -> Any:
 
 
 async def subscriber_count(client: Any, channel: str) -> int:
-    """Subscribers of a wake channel: PUBSUB NUMSUB, or SHARDNUMSUB on its cluster shard."""
+    """Subscribers of a wake channel: PUBSUB NUMSUB, or SHARDNUMSUB on its cluster shard.
+
+    The shard's count is asked of the node's own plain client: redis-py 8.2's cluster
+    client parses the SHARDNUMSUB reply twice and raises, where 8.1 returned it.
+    """
     if isinstance(client, RedisCluster):
         await client.initialize()
-        node = client.get_node_from_key(channel)
-        reply = await client.execute_command("PUBSUB", "SHARDNUMSUB", channel, target_nodes=node)
+        node_redis = node_client(client.get_node_from_key(channel))
+        try:
+            reply = await node_redis.execute_command("PUBSUB", "SHARDNUMSUB", channel)
+        finally:
+            await node_redis.aclose()
     else:
         reply = await client.execute_command("PUBSUB", "NUMSUB", channel)
-    return int(reply[1])
+    return numsub_count(reply)
+
+
+def numsub_count(reply: Any) -> int:
+    """The count in a (SHARD)NUMSUB reply for one channel, in any shape redis-py returns:
+    the server's flat ``[channel, n]`` or parsed ``[(channel, n)]`` pairs."""
+    pairs = (
+        reply
+        if reply and isinstance(reply[0], (list, tuple))
+        else zip(reply[::2], reply[1::2], strict=True)
+    )
+    return sum(int(n) for _, n in pairs)
 
 
 async def channels_under(client: Any, pattern: str) -> list[bytes]:
