@@ -27,6 +27,7 @@ from a2a_redis.push_config_store import RedisPushNotificationConfigStore
 from a2a_redis.queue_manager import RedisQueueManager
 from a2a_redis.streams import StreamRetention
 from a2a_redis.task_store import RedisTaskStore, VersionedRedisTaskStore
+from a2a_redis.version import __version__
 
 __all__ = [
     "A2ARedisError",
@@ -53,4 +54,5 @@ __all__ = [
     "TaskOwnedElsewhereError",
     "UnsupportedSchemaError",
     "VersionedRedisTaskStore",
+    "__version__",
 ]

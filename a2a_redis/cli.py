@@ -48,6 +48,7 @@ from a2a_redis.event_stream import RedisTaskEventStream
 from a2a_redis.keys import Keys
 from a2a_redis.sentinel import is_sentinel_url, sentinel_client
 from a2a_redis.task_store import VersionedRedisTaskStore
+from a2a_redis.version import __version__
 
 __all__ = ["main"]
 
@@ -342,6 +343,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         parents=[common],
     )
+    root.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser(
         "doctor",

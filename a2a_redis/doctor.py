@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from redis import exceptions as rex
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -22,6 +23,7 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 from a2a_redis.cluster import Client, node_client
 from a2a_redis.keys import Keys
 from a2a_redis.sentinel import report_topology
+from a2a_redis.version import __version__
 
 __all__ = ["KEY_SCAN_CAP", "Report", "check", "size"]
 
@@ -94,6 +96,7 @@ async def _server(client: Redis, report: Report, *, replica_ok: bool = False) ->
         mode = "cluster node"
     role = (await client.info("replication")).get("role", "?")
     report.line("server", name)
+    report.line("library", f"a2a-redis {__version__}, redis-py {redis.__version__}")
     report.line("mode", f"{mode}, role {'replica' if role == 'slave' else role}")
     if role == "slave" and not replica_ok:
         report.problem("this server is a read-only replica: every write will fail")
