@@ -214,6 +214,27 @@ def encode_record(
     }
 
 
+def decode_stored(
+    key: str, task_id: str, values: list[bytes | None]
+) -> tuple[str, Task, int] | None:
+    """Decode the HMGET of ``F_SCHEMA, F_OWNER, F_VERSION, F_TASK``: (owner, task, version).
+
+    None when the record is absent. The whole record is checked (schema first, then owner,
+    payload and version) before anyone compares owners, so a corrupt record raises
+    :class:`CorruptDataError` naming ``key`` to every caller and never passes for another
+    owner's task; the caller still shows a task only to its owner.
+    """
+    schema, owner, version, payload = values
+    if schema is None and owner is None and version is None and payload is None:
+        return None
+    task = decode_task(key, task_id, schema, payload)
+    if owner is None:
+        raise CorruptDataError("record has no owner", key=key)
+    if version is None or not version.isdigit() or len(version) > 18:
+        raise CorruptDataError("record has no valid version", key=key)
+    return _text(key, "o", owner), task, int(version)
+
+
 def decode_task(key: str, task_id: str, schema: bytes | None, payload: bytes | None) -> Task:
     """Decode a stored Task, checking the schema and that it is the task asked for."""
     _check_schema(key, schema)

@@ -54,7 +54,7 @@ def node_pubsub(node: ClusterNode) -> tuple[PubSub, Callable[[], Awaitable[None]
 
     async def close() -> None:
         try:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis-py 8.2
         finally:
             await client.aclose()
 

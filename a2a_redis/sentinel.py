@@ -201,7 +201,7 @@ def sentinel_client(
         "retry": Retry(NoBackoff(), 0),
         **parsed.sentinel_kwargs,
     }
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis-py 8.2
         parsed.sentinels,
         min_other_sentinels=parsed.min_other_sentinels,
         sentinel_kwargs=sentinel_kwargs,

@@ -49,7 +49,7 @@ from a2a_redis.codec import (
     RecordHead,
     check_payload_size,
     decode_head,
-    decode_task,
+    decode_stored,
     encode_record,
     index_member,
 )
@@ -57,7 +57,6 @@ from a2a_redis.durability import Durability
 from a2a_redis.errors import (
     A2ARedisError,
     ContentionError,
-    CorruptDataError,
     RedisUnavailableError,
     TaskOwnedElsewhereError,
     raise_if_pool_exhausted,
@@ -125,15 +124,10 @@ class _TaskRecords:
         self.keys.expiring(owner)  # an over-long owner raises InvalidIdError, as everywhere
         with redis_errors("get task", key):
             row = await self.redis.hmget(key, [F_SCHEMA, F_OWNER, F_VERSION, F_TASK])
-        schema, owner_raw, version, payload = cast("list[bytes | None]", row)
-        if schema is None and owner_raw is None and payload is None:
+        stored = decode_stored(key, task_id, cast("list[bytes | None]", row))
+        if stored is None or stored[0] != owner:
             return None
-        if owner_raw is not None and owner_raw != owner.encode("utf-8", "surrogatepass"):
-            return None
-        task = decode_task(key, task_id, schema, payload)
-        if version is None or not version.isdigit() or len(version) > 18:
-            raise CorruptDataError("record has no valid version", key=key)
-        return task, int(version)
+        return stored[1], stored[2]
 
     # -- write ---------------------------------------------------------------------------
     def _write_commands(

@@ -201,7 +201,7 @@ async def test_every_truncation_of_a_task_payload_is_a_typed_error_or_the_same_t
 @pytest.mark.parametrize(
     ("field", "value", "get_sees"),
     [
-        (b"o", b"\xff\xfe", None),  # an owner that is no one's: invisible, as another's
+        (b"o", b"\xff\xfe", CorruptDataError),  # undecodable, not "another owner's"
         (b"c", b"\xff\xfe", "task"),  # the context id is read from the payload by get
         (b"v", b"9" * 5000, CorruptDataError),  # int() refuses over 4,300 digits
         (b"f", b"9" * 5000, CorruptDataError),  # not a newer schema: garbage
@@ -233,6 +233,22 @@ async def test_record_fields_that_crash_a_naive_decoder_are_typed_errors(
     assert await redis.hget(key, field) == value  # refused: nothing was written
     stored = await store.get("fine", ctx())
     assert stored is not None and stored.version == TaskVersion(1)
+
+
+@pytest.mark.parametrize("caller", ["alice", "mallory"], ids=["its-owner", "another-owner"])
+async def test_garbage_in_every_field_is_corrupt_data_to_any_caller(
+    store: VersionedRedisTaskStore, redis: aioredis.Redis, caller: str
+) -> None:
+    """The schema and shape are checked before the owner: corruption never looks like
+    "another owner's task" (None), and the error shows none of the record's bytes."""
+    await store.save(make_task("t"), prev_version=MISSING, context=ctx())
+    key = store.keys.task("t")
+    fields = await redis.hkeys(key)
+    await redis.hset(key, mapping={f: SECRET for f in fields})
+    with pytest.raises(CorruptDataError) as info:
+        await store.get("t", ctx(caller))
+    assert info.value.key == key
+    assert SECRET.decode() not in str(info.value)
 
 
 # -- wrong key types ---------------------------------------------------------------------------
