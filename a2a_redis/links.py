@@ -21,10 +21,11 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode
 
+from a2a_redis import compat
 from a2a_redis.cluster import node_client
 from a2a_redis.transaction import backoff
 
-__all__ = ["PubSubLink", "node_pubsub", "quiet_push", "server_pubsub"]
+__all__ = ["PubSubLink", "node_pubsub", "server_pubsub"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,25 +33,16 @@ Dispatch = Callable[["PubSubLink", dict[str, Any]], None]
 Lost = Callable[["PubSubLink", BaseException], Awaitable[None]]
 
 
-async def quiet_push(response: Any) -> Any:
-    """Our handler of RESP3 pub/sub pushes: passes them on without logging.
-
-    redis-py's default handler logs every pub/sub message whole at DEBUG (logger
-    ``push_response``), and our wake-ups carry events: user text must not reach logs.
-    """
-    return response
-
-
 def server_pubsub(redis: Redis) -> tuple[PubSub, Callable[[], Awaitable[None]]]:
     """A ``PubSub`` on a connection of the client's pool, and its closer."""
-    pubsub = redis.pubsub(push_handler_func=quiet_push)
+    pubsub = compat.pubsub(redis)
     return pubsub, pubsub.aclose
 
 
 def node_pubsub(node: ClusterNode) -> tuple[PubSub, Callable[[], Awaitable[None]]]:
     """A ``PubSub`` on its own connection to one cluster node, and its closer."""
     client = node_client(node)
-    pubsub = client.pubsub(push_handler_func=quiet_push)
+    pubsub = compat.pubsub(client)
 
     async def close() -> None:
         try:

@@ -14,7 +14,7 @@ from a2a_redis.event_stream import RedisTaskEventStream
 from a2a_redis.listener import StreamListener
 from a2a_redis.streams import StreamRetention
 from a2a_redis.task_store import VersionedRedisTaskStore
-from tests.helpers import connect, ctx, make_task, on_every_node
+from tests.helpers import connect, ctx, make_task, on_every_node, subscriber_count
 
 S = TaskState
 MISSING = TaskVersion.MISSING
@@ -261,3 +261,39 @@ def status_event_for(task) -> TaskStatusUpdateEvent:
     event = TaskStatusUpdateEvent(task_id=task.id, context_id=task.context_id)
     event.status.state = task.status.state
     return event
+
+
+async def test_a_resp2_replica_without_hiredis_follows_live_events(
+    real_url: str, prefix: str
+) -> None:
+    """redis-py 8 speaks RESP3 by default; a user may choose ``protocol=2``, where redis-py's
+    pure-Python RESP2 parser takes no pub/sub push handler (``a2a_redis.compat``)."""
+    from redis._parsers import _AsyncRESP2Parser
+
+    resp2: dict[str, object] = {"protocol": 2}
+    if "cluster" not in real_url:  # RedisCluster takes no parser_class: hiredis parses there
+        resp2["parser_class"] = _AsyncRESP2Parser
+    a = Replica(connect(real_url), prefix)
+    b = Replica(connect(real_url, **resp2), prefix)
+    try:
+        versions = await produce(a, "t", [])
+        reader = asyncio.create_task(collect(b.stream, "t", versions[-1], 2))
+        async with asyncio.timeout(GUARD):
+            while not await subscriber_count(a.client, b.store.keys.wake("t")):
+                await asyncio.sleep(0.01)
+        task = make_task("t", state=S.TASK_STATE_WORKING)
+        version = versions[-1]
+        for state in (S.TASK_STATE_WORKING, S.TASK_STATE_COMPLETED):
+            event = TaskStatusUpdateEvent(task_id="t", context_id="ctx")
+            event.status.state = state
+            task.status.state = state
+            version = await a.store.save(task, event=event, prev_version=version, context=ctx())
+            await a.stream.publish("t", VersionedEvent(event, version))
+        got = await asyncio.wait_for(reader, GUARD)
+        assert [item.event.status.state for item in got] == [
+            S.TASK_STATE_WORKING,
+            S.TASK_STATE_COMPLETED,
+        ]
+    finally:
+        await a.close()
+        await b.close()

@@ -1,0 +1,56 @@
+"""What differs between the redis-py releases we support (6.2 to 8.x), handled in one place.
+
+- **RESP3 by default.** redis-py 8 speaks RESP3 unless told ``protocol=2``; 6.x and 7.x speak
+  RESP2. Our commands read replies whose shapes agree in both protocols, or normalize them
+  here.
+- **Pub/sub push handlers.** We give every ``PubSub`` our own push handler, because
+  redis-py's default logs each RESP3 push whole (user data). Before redis-py 8 the pure
+  Python RESP2 parser has no push hook, and ``PubSub.connect`` raises ``AttributeError``
+  on it: :class:`QuietPubSub` offers the handler only to a parser that takes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+__all__ = ["QuietPubSub", "pubsub", "quiet_push"]
+
+
+async def quiet_push(response: Any) -> Any:
+    """Our handler of RESP3 pub/sub pushes: passes them on without logging.
+
+    redis-py's default handler logs every pub/sub message whole (logger
+    ``push_response``), and our wake-ups carry events: user text must not reach logs.
+    """
+    return response
+
+
+class QuietPubSub(PubSub):
+    """redis-py's ``PubSub`` with :func:`quiet_push` as the push handler where one is taken.
+
+    redis-py installs ``push_handler_func`` on the connection's parser at every (re)connect.
+    A RESP2 parser has no pushes to log, and before redis-py 8 no hook to take one, so the
+    handler is offered only to a parser that has ``set_pubsub_push_handler``.
+    """
+
+    @property
+    def push_handler_func(self) -> Any:
+        """:func:`quiet_push`, or None for a connection whose parser takes no push handler."""
+        connection = self.connection
+        if connection is None or hasattr(connection._parser, "set_pubsub_push_handler"):
+            return quiet_push
+        return None
+
+    @push_handler_func.setter
+    def push_handler_func(self, _value: Any) -> None:
+        """Ignored: ``PubSub.__init__`` assigns it; the handler is always ours."""
+
+
+def pubsub(redis: Redis) -> QuietPubSub:
+    """A :class:`QuietPubSub` on ``redis``'s pool, made as ``Redis.pubsub()`` makes one."""
+    return QuietPubSub(
+        redis.connection_pool, event_dispatcher=getattr(redis, "_event_dispatcher", None)
+    )
