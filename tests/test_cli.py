@@ -7,6 +7,7 @@ they seed data through :func:`_run`, which runs its own event loop with its own 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from a2a.server.cluster import TaskVersion
 from a2a.server.context import ServerCallContext
@@ -32,6 +34,7 @@ from a2a.types.a2a_pb2 import (
     TaskStatusUpdateEvent,
 )
 
+import a2a_redis
 from a2a_redis import doctor
 from a2a_redis.cli import main
 from a2a_redis.embedded import EmbeddedServer
@@ -140,6 +143,8 @@ def test_doctor_reports_server_and_our_keys(
         assert re.search(r"^mode +cluster node, role master", out, re.M)
     else:
         assert re.search(r"^mode +standalone, role master", out, re.M)
+    library = f"a2a-redis {a2a_redis.__version__}, redis-py {redis.__version__}"
+    assert re.search(rf"^library +{re.escape(library)}$", out, re.M)
     assert re.search(r"^round trip +\d+\.\d+ ms \(median of 5 PINGs\)", out, re.M)
     assert re.search(r"^eviction +maxmemory-policy noeviction$", out, re.M)
     assert re.search(r"^persistence +AOF (on|off); RDB ", out, re.M)
@@ -171,6 +176,14 @@ def test_doctor_warns_loudly_about_eviction(capsys: pytest.CaptureFixture[str]) 
     assert "!!! WARNING: maxmemory-policy is 'allkeys-lru', not 'noeviction'" in out
     assert "SILENTLY DELETES KEYS" in out
     assert out.rstrip().endswith("1 problem(s) found")
+
+
+def test_version_comes_from_the_package_metadata(capsys: pytest.CaptureFixture[str]) -> None:
+    assert a2a_redis.__version__ == importlib.metadata.version("a2a-redis")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"a2a-redis {a2a_redis.__version__}\n"
 
 
 def test_doctor_help_documents_the_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
