@@ -1,8 +1,8 @@
 """What differs between the redis-py releases we support (6.2 to 8.x), handled in one place.
 
-- **RESP3 by default.** redis-py 8 speaks RESP3 unless told ``protocol=2``; 6.x and 7.x speak
-  RESP2. Our commands read replies whose shapes agree in both protocols, or normalize them
-  here.
+- **RESP3 by default.** redis-py 8 speaks RESP3 unless told ``protocol=2``, which a user
+  may choose. Our commands read replies whose shapes agree in both protocols, or normalize
+  them here (:func:`reply_pairs`).
 - **Pub/sub push handlers.** We give every ``PubSub`` our own push handler, because
   redis-py's default logs each RESP3 push whole (user data). Before redis-py 8 the pure
   Python RESP2 parser has no push hook, and ``PubSub.connect`` raises ``AttributeError``
@@ -11,12 +11,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-__all__ = ["QuietPubSub", "pubsub", "quiet_push"]
+__all__ = ["QuietPubSub", "pubsub", "quiet_push", "reply_pairs"]
 
 
 async def quiet_push(response: Any) -> Any:
@@ -54,3 +55,16 @@ def pubsub(redis: Redis) -> QuietPubSub:
     return QuietPubSub(
         redis.connection_pool, event_dispatcher=getattr(redis, "_event_dispatcher", None)
     )
+
+
+def reply_pairs(reply: dict[Any, Any] | Sequence[Any]) -> list[tuple[Any, Any]]:
+    """A reply of name-value pairs in whichever shape it came.
+
+    RESP3 sends a map (a dict); RESP2 a flat ``[name, value, ...]`` list; and some of
+    redis-py's parsers (``PUBSUB NUMSUB`` on 8.2) return ``[(name, value), ...]``.
+    """
+    if isinstance(reply, dict):
+        return list(reply.items())
+    if reply and isinstance(reply[0], (list, tuple)):
+        return [(name, value) for name, value in reply]
+    return list(zip(reply[::2], reply[1::2], strict=True))

@@ -34,6 +34,8 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 
+from a2a_redis.compat import reply_pairs
+
 if TYPE_CHECKING:
     from a2a_redis.doctor import Report
 
@@ -230,10 +232,7 @@ def _text(value: Any) -> str:
 
 def _fields(reply: Any) -> dict[str, str]:
     """A Sentinel reply (flat RESP2 pairs or a RESP3 map) as a dict of strings."""
-    if isinstance(reply, dict):
-        return {_text(k): _text(v) for k, v in reply.items()}
-    items = list(reply)
-    return {_text(k): _text(v) for k, v in zip(items[::2], items[1::2], strict=True)}
+    return {_text(k): _text(v) for k, v in reply_pairs(reply)}
 
 
 @dataclass

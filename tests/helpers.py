@@ -40,6 +40,7 @@ from a2a.types.a2a_pb2 import Task, TaskState, TaskStatus, TaskStatusUpdateEvent
 from redis.asyncio.cluster import RedisCluster
 
 from a2a_redis.cluster import CLUSTER_SCHEMES, cluster_client, node_client
+from a2a_redis.compat import reply_pairs
 
 
 class NamedUser(User):
@@ -381,14 +382,8 @@ async def subscriber_count(client: Any, channel: str) -> int:
 
 
 def numsub_count(reply: Any) -> int:
-    """The count in a (SHARD)NUMSUB reply for one channel, in any shape redis-py returns:
-    the server's flat ``[channel, n]`` or parsed ``[(channel, n)]`` pairs."""
-    pairs = (
-        reply
-        if reply and isinstance(reply[0], (list, tuple))
-        else zip(reply[::2], reply[1::2], strict=True)
-    )
-    return sum(int(n) for _, n in pairs)
+    """The subscriber count in a (SHARD)NUMSUB reply, in any shape redis-py returns it."""
+    return sum(int(n) for _, n in reply_pairs(reply))
 
 
 async def channels_under(client: Any, pattern: str) -> list[bytes]:
