@@ -1,7 +1,7 @@
 """a2a-redis: a Redis task store and event bus for multi-replica A2A agent servers."""
 
 from a2a_redis.backend import RedisBackend
-from a2a_redis.durability import Durability
+from a2a_redis.connection.durability import Durability
 from a2a_redis.errors import (
     A2ARedisError,
     ContentionError,
@@ -15,18 +15,18 @@ from a2a_redis.errors import (
     TaskOwnedElsewhereError,
     UnsupportedSchemaError,
 )
-from a2a_redis.event_stream import RedisTaskEventStream
-from a2a_redis.keys import Keys
-from a2a_redis.listener import (
+from a2a_redis.events.event_stream import RedisTaskEventStream
+from a2a_redis.events.listener import (
     ListenerClosedError,
     OwnerLostError,
     StreamListener,
     SubscriberLagError,
 )
-from a2a_redis.push_config_store import RedisPushNotificationConfigStore
-from a2a_redis.queue_manager import RedisQueueManager
-from a2a_redis.streams import StreamRetention
-from a2a_redis.task_store import RedisTaskStore, VersionedRedisTaskStore
+from a2a_redis.events.queue_manager import RedisQueueManager
+from a2a_redis.log.event_log import StreamRetention
+from a2a_redis.log.keys import Keys
+from a2a_redis.stores.push_config_store import RedisPushNotificationConfigStore
+from a2a_redis.stores.task_store import RedisTaskStore, VersionedRedisTaskStore
 from a2a_redis.version import __version__
 
 __all__ = [

@@ -31,18 +31,18 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from a2a_redis.cluster import CLUSTER_SCHEMES, Client, cluster_client, is_cluster
-from a2a_redis.codec import MAX_PAYLOAD_BYTES
-from a2a_redis.durability import Durability
+from a2a_redis.connection.cluster import CLUSTER_SCHEMES, Client, cluster_client, is_cluster
+from a2a_redis.connection.durability import Durability
+from a2a_redis.connection.sentinel import is_sentinel_url, sentinel_client
 from a2a_redis.errors import redis_errors
-from a2a_redis.event_stream import RedisTaskEventStream
-from a2a_redis.leases import LeaseKeeper
-from a2a_redis.listener import StreamListener
-from a2a_redis.push_config_store import RedisPushNotificationConfigStore
-from a2a_redis.queue_manager import RedisQueueManager
-from a2a_redis.sentinel import is_sentinel_url, sentinel_client
-from a2a_redis.streams import StreamRetention
-from a2a_redis.task_store import RedisTaskStore, VersionedRedisTaskStore
+from a2a_redis.events.event_stream import RedisTaskEventStream
+from a2a_redis.events.leases import LeaseKeeper
+from a2a_redis.events.listener import StreamListener
+from a2a_redis.events.queue_manager import RedisQueueManager
+from a2a_redis.log.codec import MAX_PAYLOAD_BYTES
+from a2a_redis.log.event_log import StreamRetention
+from a2a_redis.stores.push_config_store import RedisPushNotificationConfigStore
+from a2a_redis.stores.task_store import RedisTaskStore, VersionedRedisTaskStore
 
 __all__ = ["RedisBackend"]
 
@@ -62,7 +62,7 @@ class RedisBackend:
             (after the replica dies, remote subscribers end within about this long).
         encryption_key: A Fernet key to encrypt push-notification configs at rest.
         durability: Replicas that must confirm every write before it is acknowledged
-            (``WAIT``; see :class:`~a2a_redis.durability.Durability`). None: no WAIT.
+            (``WAIT``; see :class:`~a2a_redis.connection.durability.Durability`). None: no WAIT.
         max_payload_bytes: Largest encoded Task, event or push config written (8 MiB).
     """
 
@@ -140,7 +140,7 @@ class RedisBackend:
         A command that meets a closed connection is retried ``retries`` times (default 3)
         with a short jittered backoff. Nothing connects until first use; :meth:`ping` checks
         the server. ``redis+sentinel://`` and ``rediss+sentinel://`` URLs connect through
-        Sentinel (see :mod:`a2a_redis.sentinel`), with the same pool options.
+        Sentinel (see :mod:`a2a_redis.connection.sentinel`), with the same pool options.
         """
         if is_sentinel_url(url):
             backend = cls(

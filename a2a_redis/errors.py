@@ -82,9 +82,9 @@ class TaskOwnedElsewhereError(A2ARedisError):
 class ReplicationTimeoutError(A2ARedisError):
     """A write was applied on the primary, but too few replicas confirmed it in time.
 
-    Raised when a :class:`~a2a_redis.durability.Durability` asks for ``WAIT``: the write is
-    NOT rolled back (it is visible, and stays unless the primary fails before replicating
-    it); it is just not known to be on ``required`` replicas (``acked`` confirmed it).
+    Raised when a :class:`~a2a_redis.Durability` asks for ``WAIT``: the write is NOT rolled
+    back (it is visible, and stays unless the primary fails before replicating it); it is
+    just not known to be on ``required`` replicas (``acked`` confirmed it).
     """
 
     def __init__(self, message: str, *, key: str | None, acked: int, required: int) -> None:

@@ -27,8 +27,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from redis.utils import HIREDIS_AVAILABLE
 
-from a2a_redis.embedded import EmbeddedServer
-from a2a_redis.keys import Keys
+from a2a_redis.log.keys import Keys
+from a2a_redis.ops.embedded import EmbeddedServer
 
 LOCAL_URL = "redis://127.0.0.1:6379"
 URL_ENV = "A2A_BENCH_REDIS_URL"

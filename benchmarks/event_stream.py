@@ -53,9 +53,9 @@ from a2a.types.a2a_pb2 import Task, TaskState, TaskStatus, TaskStatusUpdateEvent
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from a2a_redis.codec import version_int
-from a2a_redis.event_stream import RedisTaskEventStream
-from a2a_redis.task_store import VersionedRedisTaskStore
+from a2a_redis.events.event_stream import RedisTaskEventStream
+from a2a_redis.log.codec import version_int
+from a2a_redis.stores.task_store import VersionedRedisTaskStore
 from benchmarks.common import Benchmark, Report, RunContext, measure_latencies, percentile
 
 CTX = ServerCallContext()  # the anonymous user: every task has owner ""

@@ -45,9 +45,9 @@ from a2a.types.a2a_pb2 import TaskState, TaskStatus, TaskStatusUpdateEvent
 from a2a.utils._async_queue_compat import QueueShutDown
 from redis.asyncio import Redis
 
-from a2a_redis.keys import Keys
-from a2a_redis.listener import StreamListener
-from a2a_redis.queue_manager import RedisQueueManager
+from a2a_redis.events.listener import StreamListener
+from a2a_redis.events.queue_manager import RedisQueueManager
+from a2a_redis.log.keys import Keys
 from benchmarks.common import (
     Benchmark,
     Report,

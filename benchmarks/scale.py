@@ -28,7 +28,7 @@ from a2a.server.context import ServerCallContext
 from a2a.types.a2a_pb2 import Task, TaskState, TaskStatus, TaskStatusUpdateEvent
 
 from a2a_redis import RedisBackend
-from a2a_redis.embedded import EmbeddedCluster, EmbeddedServer
+from a2a_redis.ops.embedded import EmbeddedCluster, EmbeddedServer
 from benchmarks.common import Benchmark, Report, RunContext, percentile
 
 CTX = ServerCallContext()

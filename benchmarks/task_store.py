@@ -46,7 +46,7 @@ from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from a2a_redis.task_store import VersionedRedisTaskStore
+from a2a_redis.stores.task_store import VersionedRedisTaskStore
 from benchmarks.common import (
     Benchmark,
     Report,

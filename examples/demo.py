@@ -38,8 +38,8 @@ from a2a.types import (
     TaskState,
 )
 
-from a2a_redis.embedded import EmbeddedServer
-from a2a_redis.keys import Keys
+from a2a_redis.log.keys import Keys
+from a2a_redis.ops.embedded import EmbeddedServer
 
 HERE = Path(__file__).resolve().parent
 

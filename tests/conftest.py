@@ -23,8 +23,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 import redis.asyncio as aioredis
 
-from a2a_redis.embedded import EmbeddedCluster, EmbeddedServer
-from a2a_redis.keys import Keys
+from a2a_redis.log.keys import Keys
+from a2a_redis.ops.embedded import EmbeddedCluster, EmbeddedServer
 from tests.helpers import connect
 
 MACHINE_URL = "redis://127.0.0.1:6379/0"

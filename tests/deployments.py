@@ -17,7 +17,7 @@ from types import TracebackType
 import redis
 import redis.asyncio as aioredis
 
-from a2a_redis.embedded import EmbeddedServer
+from a2a_redis.ops.embedded import EmbeddedServer
 
 SERVICE = "mymaster"
 #: A full resync starts at once (Valkey waits 5 s by default for more replicas to join).

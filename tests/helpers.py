@@ -39,8 +39,8 @@ from a2a.types import (
 from a2a.types.a2a_pb2 import Task, TaskState, TaskStatus, TaskStatusUpdateEvent
 from redis.asyncio.cluster import RedisCluster
 
-from a2a_redis.cluster import CLUSTER_SCHEMES, cluster_client, node_client
-from a2a_redis.compat import reply_pairs
+from a2a_redis.connection.cluster import CLUSTER_SCHEMES, cluster_client, node_client
+from a2a_redis.connection.compat import reply_pairs
 
 
 class NamedUser(User):

@@ -29,7 +29,7 @@ from a2a_redis import (
     RedisUnavailableError,
     VersionedRedisTaskStore,
 )
-from a2a_redis.embedded import EmbeddedServer
+from a2a_redis.ops.embedded import EmbeddedServer
 from tests.helpers import agent_card, connect, ctx, send_request
 
 CARD = agent_card()

@@ -35,11 +35,11 @@ from a2a.types.a2a_pb2 import (
 )
 
 import a2a_redis
-from a2a_redis import doctor
-from a2a_redis.cli import main
-from a2a_redis.embedded import EmbeddedServer
-from a2a_redis.keys import Keys
-from a2a_redis.task_store import VersionedRedisTaskStore
+from a2a_redis.log.keys import Keys
+from a2a_redis.ops import doctor
+from a2a_redis.ops.cli import main
+from a2a_redis.ops.embedded import EmbeddedServer
+from a2a_redis.stores.task_store import VersionedRedisTaskStore
 from tests.helpers import connect, subscriber_count
 
 from .helpers import make_task
@@ -467,7 +467,7 @@ def test_right_password_is_masked_in_output(
 # -- demo ----------------------------------------------------------------------------------
 def test_demo_runs_the_two_replica_demo() -> None:
     script = Path(sys.executable).with_name("a2a-redis")
-    argv = [str(script)] if script.exists() else [sys.executable, "-m", "a2a_redis.cli"]
+    argv = [str(script)] if script.exists() else [sys.executable, "-m", "a2a_redis.ops.cli"]
     env: dict[str, Any] = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     result = subprocess.run(
         [*argv, "demo"], capture_output=True, text=True, timeout=110, env=env, check=False

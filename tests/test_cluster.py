@@ -16,9 +16,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from a2a_redis import RedisBackend, VersionedRedisTaskStore, task_index
-from a2a_redis.codec import index_member
-from a2a_redis.embedded import EmbeddedCluster, EmbeddedServer, _command, call
-from a2a_redis.keys import Keys
+from a2a_redis.log.codec import index_member
+from a2a_redis.log.keys import Keys
+from a2a_redis.ops.embedded import EmbeddedCluster, EmbeddedServer, _command, call
 from tests.helpers import connect, ctx, make_task, numbered
 
 GUARD = 60  # seconds: a hang guard only
@@ -199,7 +199,7 @@ async def test_a_users_own_redis_cluster_client_works(shared_cluster: EmbeddedCl
 
 
 def test_cluster_url_forms():
-    from a2a_redis.cluster import cluster_client
+    from a2a_redis.connection.cluster import cluster_client
 
     client = cluster_client("rediss+cluster://user:p%40ss@h1:7000,h2:7001,[::1]:7002")
     seeds = [(n.host, n.port) for n in client.nodes_manager.startup_nodes.values()]

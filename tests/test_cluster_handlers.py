@@ -41,8 +41,8 @@ from a2a.types.a2a_pb2 import (
     TaskStatusUpdateEvent,
 )
 
-from a2a_redis.event_stream import RedisTaskEventStream
-from a2a_redis.task_store import VersionedRedisTaskStore
+from a2a_redis.events.event_stream import RedisTaskEventStream
+from a2a_redis.stores.task_store import VersionedRedisTaskStore
 from tests.helpers import Tap, agent_card, connect, ctx, state_of, task_id_of
 
 S = TaskState

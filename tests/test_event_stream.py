@@ -10,10 +10,10 @@ import redis.asyncio as aioredis
 from a2a.server.cluster import TaskVersion, VersionedEvent
 from a2a.types.a2a_pb2 import Message, TaskState, TaskStatusUpdateEvent
 
-from a2a_redis.event_stream import RedisTaskEventStream
-from a2a_redis.listener import StreamListener
-from a2a_redis.streams import StreamRetention
-from a2a_redis.task_store import VersionedRedisTaskStore
+from a2a_redis.events.event_stream import RedisTaskEventStream
+from a2a_redis.events.listener import StreamListener
+from a2a_redis.log.event_log import StreamRetention
+from a2a_redis.stores.task_store import VersionedRedisTaskStore
 from tests.helpers import connect, ctx, make_task, on_every_node, subscriber_count
 
 S = TaskState
@@ -232,7 +232,7 @@ async def test_subscriber_behind_a_trimmed_stream_gets_subscriber_lag_error(
     real_redis: aioredis.Redis, prefix: str
 ):
     """Trimmed (MAXLEN) past its position, a slow subscriber fails loudly, never skips."""
-    from a2a_redis.listener import SubscriberLagError
+    from a2a_redis.events.listener import SubscriberLagError
 
     store = VersionedRedisTaskStore(
         real_redis, prefix=prefix, stream_retention=StreamRetention(maxlen=10)
@@ -267,7 +267,7 @@ async def test_a_resp2_replica_without_hiredis_follows_live_events(
     real_url: str, prefix: str
 ) -> None:
     """redis-py 8 speaks RESP3 by default; a user may choose ``protocol=2``, where redis-py's
-    pure-Python RESP2 parser takes no pub/sub push handler (``a2a_redis.compat``)."""
+    pure-Python RESP2 parser takes no pub/sub push handler (``a2a_redis.connection.compat``)."""
     from redis._parsers import _AsyncRESP2Parser
 
     resp2: dict[str, object] = {"protocol": 2}

@@ -40,8 +40,8 @@ from a2a.types import (
     TaskStatusUpdateEvent,
 )
 
-from a2a_redis.queue_manager import RedisQueueManager
-from a2a_redis.task_store import VersionedRedisTaskStore
+from a2a_redis.events.queue_manager import RedisQueueManager
+from a2a_redis.stores.task_store import VersionedRedisTaskStore
 from tests.helpers import (
     ReplicaProcess,
     Tap,

@@ -28,8 +28,8 @@ from a2a_redis.errors import (
     RedisUnavailableError,
     UnsupportedSchemaError,
 )
-from a2a_redis.keys import Keys, encode_id
-from a2a_redis.push_config_store import DecryptionError, RedisPushNotificationConfigStore
+from a2a_redis.log.keys import Keys, encode_id
+from a2a_redis.stores.push_config_store import DecryptionError, RedisPushNotificationConfigStore
 from tests.helpers import ctx
 
 URL = "https://hooks.example.com/secret-path-7f3a"

@@ -14,7 +14,7 @@ from a2a.server.events.queue_manager import NoTaskQueue, QueueManager, TaskQueue
 from a2a.types.a2a_pb2 import TaskState, TaskStatusUpdateEvent
 from a2a.utils._async_queue_compat import QueueShutDown
 
-from a2a_redis.queue_manager import RedisQueueManager
+from a2a_redis.events.queue_manager import RedisQueueManager
 from tests.helpers import connect, numbered
 
 GUARD = 20  # seconds: a hang guard only
@@ -256,7 +256,7 @@ async def test_an_abandoned_remote_tap_does_not_leak(managers):
 
 
 async def test_a_lease_lost_in_an_outage_is_taken_again(managers, redis, prefix):
-    from a2a_redis.keys import Keys
+    from a2a_redis.log.keys import Keys
 
     a, b = managers(lease_ttl=0.3), managers(lease_ttl=0.3)
     await a.create_or_tap("t")

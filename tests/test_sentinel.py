@@ -31,16 +31,16 @@ from a2a_redis import (
     RedisUnavailableError,
     ReplicationTimeoutError,
 )
-from a2a_redis.cli import main as cli
-from a2a_redis.codec import F_VERSION
-from a2a_redis.keys import Keys
-from a2a_redis.sentinel import (
+from a2a_redis.connection.sentinel import (
     SentinelBlockingConnectionPool,
     is_sentinel_url,
     parse_sentinel_url,
 )
-from a2a_redis.task_store import VersionedRedisTaskStore
-from a2a_redis.transaction import WatchedTransaction
+from a2a_redis.connection.transaction import WatchedTransaction
+from a2a_redis.log.codec import F_VERSION
+from a2a_redis.log.keys import Keys
+from a2a_redis.ops.cli import main as cli
+from a2a_redis.stores.task_store import VersionedRedisTaskStore
 from tests.deployments import SERVICE, SentinelDeployment
 from tests.helpers import ctx, free_port, make_task, numbered
 

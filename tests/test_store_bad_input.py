@@ -12,7 +12,6 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from a2a_redis.embedded import EmbeddedServer
 from a2a_redis.errors import (
     A2ARedisError,
     CorruptDataError,
@@ -20,8 +19,9 @@ from a2a_redis.errors import (
     RedisUnavailableError,
     UnsupportedSchemaError,
 )
-from a2a_redis.keys import Keys, encode_id
-from a2a_redis.task_store import VersionedRedisTaskStore
+from a2a_redis.log.keys import Keys, encode_id
+from a2a_redis.ops.embedded import EmbeddedServer
+from a2a_redis.stores.task_store import VersionedRedisTaskStore
 from tests.helpers import connect, ctx, make_task, on_every_node
 
 MISSING = TaskVersion.MISSING

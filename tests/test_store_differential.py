@@ -41,7 +41,7 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from a2a_redis.errors import TaskOwnedElsewhereError
-from a2a_redis.task_store import VersionedRedisTaskStore
+from a2a_redis.stores.task_store import VersionedRedisTaskStore
 from tests.helpers import ctx, make_task
 
 # -- pools -------------------------------------------------------------------------------------

@@ -12,9 +12,9 @@ import redis.asyncio as aioredis
 from a2a.server.cluster import ConcurrentTaskModificationError, TaskVersion
 from a2a.types.a2a_pb2 import TaskState, TaskStatusUpdateEvent
 
-from a2a_redis.codec import decode_event
 from a2a_redis.errors import TaskOwnedElsewhereError
-from a2a_redis.task_store import VersionedRedisTaskStore
+from a2a_redis.log.codec import decode_event
+from a2a_redis.stores.task_store import VersionedRedisTaskStore
 from tests.helpers import connect, ctx, make_task
 
 S = TaskState

@@ -16,10 +16,10 @@ from a2a.types.a2a_pb2 import (
     TaskStatusUpdateEvent,
 )
 
-from a2a_redis.codec import decode_event
 from a2a_redis.errors import TaskOwnedElsewhereError
-from a2a_redis.streams import StreamRetention
-from a2a_redis.task_store import RedisTaskStore, VersionedRedisTaskStore
+from a2a_redis.log.codec import decode_event
+from a2a_redis.log.event_log import StreamRetention
+from a2a_redis.stores.task_store import RedisTaskStore, VersionedRedisTaskStore
 from tests.helpers import ctx, make_task
 
 S = TaskState

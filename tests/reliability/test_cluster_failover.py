@@ -17,7 +17,7 @@ from a2a.types.a2a_pb2 import TaskState
 from redis.crc import key_slot
 
 from a2a_redis import RedisBackend, RedisUnavailableError
-from a2a_redis.embedded import EmbeddedCluster, EmbeddedServer, call
+from a2a_redis.ops.embedded import EmbeddedCluster, EmbeddedServer, call
 from tests.helpers import ctx, make_task, numbered
 
 GUARD = 60  # seconds: a hang guard only

@@ -15,8 +15,8 @@ from a2a.server.cluster import (
 from a2a.types.a2a_pb2 import Task, TaskState, TaskStatusUpdateEvent
 
 from a2a_redis import RedisBackend, RedisUnavailableError
-from a2a_redis.codec import decode_event
-from a2a_redis.embedded import EmbeddedServer
+from a2a_redis.log.codec import decode_event
+from a2a_redis.ops.embedded import EmbeddedServer
 from tests.helpers import ctx, make_task
 
 GUARD = 60  # seconds: a hang guard only

@@ -51,7 +51,7 @@ from a2a.types.a2a_pb2 import (
 from a2a.utils.errors import A2AError
 
 from a2a_redis import RedisBackend
-from a2a_redis.codec import decode_event, version_int
+from a2a_redis.log.codec import decode_event, version_int
 from tests.helpers import agent_card, ctx, make_task, send_request, state_of
 
 S = TaskState

@@ -42,8 +42,9 @@ from a2a_redis import (
     RedisTaskEventStream,
     VersionedRedisTaskStore,
 )
-from a2a_redis.cluster import is_cluster
-from a2a_redis.codec import (
+from a2a_redis.connection.cluster import is_cluster
+from a2a_redis.events.listener import decode_rows
+from a2a_redis.log.codec import (
     decode_event,
     decode_head,
     decode_locator,
@@ -51,8 +52,7 @@ from a2a_redis.codec import (
     member_cursor,
     member_task_id,
 )
-from a2a_redis.listener import decode_rows
-from a2a_redis.streams import unpack_wake
+from a2a_redis.log.event_log import unpack_wake
 from tests.helpers import ctx, make_task
 
 MISSING = TaskVersion.MISSING
@@ -384,7 +384,7 @@ async def test_a_garbage_index_member_fails_list_naming_the_index(
 async def test_an_undecodable_expiry_entry_with_an_over_long_id_is_dropped(
     store: VersionedRedisTaskStore, redis: aioredis.Redis
 ) -> None:
-    from a2a_redis.codec import encode_locator
+    from a2a_redis.log.codec import encode_locator
 
     bad = encode_locator("c" * 2000, 3, b"\x00" + bytes(16) + b"x" * 2000)
     await redis.zadd(store.keys.expiring("alice"), {bad: 1})  # due

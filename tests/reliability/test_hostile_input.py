@@ -51,9 +51,9 @@ from a2a_redis import (
     RedisTaskEventStream,
     VersionedRedisTaskStore,
 )
-from a2a_redis.embedded import EmbeddedServer
-from a2a_redis.keys import MAX_ID_BYTES, Keys
-from a2a_redis.push_config_store import _field
+from a2a_redis.log.keys import MAX_ID_BYTES, Keys
+from a2a_redis.ops.embedded import EmbeddedServer
+from a2a_redis.stores.push_config_store import _field
 from tests.helpers import ctx, make_task
 
 MISSING = TaskVersion.MISSING

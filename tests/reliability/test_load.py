@@ -37,8 +37,8 @@ from a2a.types.a2a_pb2 import (
 )
 
 from a2a_redis import RedisBackend
-from a2a_redis.embedded import EmbeddedServer
-from a2a_redis.keys import _encode_cached
+from a2a_redis.log.keys import _encode_cached
+from a2a_redis.ops.embedded import EmbeddedServer
 from tests.helpers import Tap, agent_card, channels_under, ctx, send_request, state_of, task_id_of
 
 S = TaskState
@@ -193,10 +193,10 @@ LOOP_NOISE = (
 )
 #: Per-task and per-subscriber objects of ours, the SDK's and asyncio's: none may be left.
 PER_TASK = (
-    "a2a_redis.listener.Feed",
-    "a2a_redis.listener.StreamEntry",
-    "a2a_redis.leases._Lease",
-    "a2a_redis.event_stream._OwnerWatch",
+    "a2a_redis.events.listener.Feed",
+    "a2a_redis.events.listener.StreamEntry",
+    "a2a_redis.events.leases._Lease",
+    "a2a_redis.events.event_stream._OwnerWatch",
     "a2a.server.agent_execution.active_task.ActiveTask",
     "a2a.server.tasks.task_manager.TaskManager",
     "a2a_pb2.Task",

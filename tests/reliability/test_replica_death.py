@@ -36,8 +36,8 @@ from a2a.types.a2a_pb2 import TaskStatusUpdateEvent
 from a2a.utils.errors import A2AError, InternalError
 
 from a2a_redis import OwnerLostError, RedisBackend
-from a2a_redis.embedded import EmbeddedServer
-from a2a_redis.keys import Keys
+from a2a_redis.log.keys import Keys
+from a2a_redis.ops.embedded import EmbeddedServer
 from tests.helpers import (
     ReplicaProcess,
     chunks,

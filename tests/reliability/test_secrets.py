@@ -57,10 +57,10 @@ from a2a.utils.errors import TaskNotFoundError
 from cryptography.fernet import Fernet
 
 from a2a_redis import RedisBackend
-from a2a_redis.codec import F_TASK
-from a2a_redis.embedded import EmbeddedServer
 from a2a_redis.errors import CorruptDataError, RedisUnavailableError
-from a2a_redis.keys import Keys
+from a2a_redis.log.codec import F_TASK
+from a2a_redis.log.keys import Keys
+from a2a_redis.ops.embedded import EmbeddedServer
 from tests.helpers import ScriptedAgent, Tap, ctx, push_card, state_of
 
 S = TaskState

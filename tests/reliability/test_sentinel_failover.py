@@ -26,8 +26,8 @@ from a2a_redis import (
     RedisUnavailableError,
     ReplicationTimeoutError,
 )
-from a2a_redis.codec import decode_event, version_int
-from a2a_redis.keys import Keys
+from a2a_redis.log.codec import decode_event, version_int
+from a2a_redis.log.keys import Keys
 from tests.deployments import SERVICE, SentinelDeployment
 from tests.helpers import ctx, make_task, numbered
 

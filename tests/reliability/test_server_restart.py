@@ -12,7 +12,7 @@ from a2a.server.cluster import TaskVersion, VersionedEvent
 from a2a.types.a2a_pb2 import ListTasksRequest, TaskState
 
 from a2a_redis import RedisBackend, RedisUnavailableError
-from a2a_redis.embedded import EmbeddedServer
+from a2a_redis.ops.embedded import EmbeddedServer
 from tests.helpers import ctx, make_task, numbered
 
 GUARD = 30  # seconds: a hang guard only

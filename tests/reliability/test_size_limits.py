@@ -34,8 +34,8 @@ from a2a_redis import (
     RedisTaskEventStream,
     VersionedRedisTaskStore,
 )
-from a2a_redis.codec import MAX_PAYLOAD_BYTES
-from a2a_redis.keys import Keys
+from a2a_redis.log.codec import MAX_PAYLOAD_BYTES
+from a2a_redis.log.keys import Keys
 from tests.helpers import ctx, make_task
 from tests.reliability.test_hostile_input import GUARD, MIB, MISSING, Components, first_event, scan
 

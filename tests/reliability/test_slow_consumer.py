@@ -26,9 +26,9 @@ from a2a.server.events.event_queue import EventQueueLegacy, QueueShutDown
 from a2a.types.a2a_pb2 import SubscribeToTaskRequest, TaskState
 
 from a2a_redis import RedisBackend, SubscriberLagError
-from a2a_redis.listener import TURN, StreamEntry
-from a2a_redis.queue_manager import RedisQueueManager
-from a2a_redis.streams import StreamRetention
+from a2a_redis.events.listener import TURN, StreamEntry
+from a2a_redis.events.queue_manager import RedisQueueManager
+from a2a_redis.log.event_log import StreamRetention
 from tests.helpers import agent_card, connect, ctx, make_task, numbered
 
 S = TaskState

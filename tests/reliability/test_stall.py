@@ -9,7 +9,7 @@ from a2a.server.cluster import TaskVersion, VersionedEvent
 from a2a.types.a2a_pb2 import TaskState, TaskStatusUpdateEvent
 
 from a2a_redis import RedisBackend
-from a2a_redis.embedded import EmbeddedServer
+from a2a_redis.ops.embedded import EmbeddedServer
 from tests.helpers import ctx, make_task
 
 GUARD = 30  # seconds: a hang guard only

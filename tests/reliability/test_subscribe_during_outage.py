@@ -20,8 +20,8 @@ import asyncio
 import pytest
 
 from a2a_redis import RedisBackend, RedisUnavailableError
-from a2a_redis.embedded import EmbeddedServer
-from a2a_redis.listener import Position, StreamEntry
+from a2a_redis.events.listener import Position, StreamEntry
+from a2a_redis.ops.embedded import EmbeddedServer
 
 GUARD = 30.0  # seconds: a hang guard only
 ROUNDS = 8  # before the fix, about 6 rounds in 10 ended with the AttributeError

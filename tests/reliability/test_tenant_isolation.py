@@ -71,9 +71,9 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from a2a_redis import RedisBackend
-from a2a_redis.codec import TERMINAL_STATES, member_task_id
-from a2a_redis.keys import Keys
-from a2a_redis.push_config_store import RedisPushNotificationConfigStore
+from a2a_redis.log.codec import TERMINAL_STATES, member_task_id
+from a2a_redis.log.keys import Keys
+from a2a_redis.stores.push_config_store import RedisPushNotificationConfigStore
 from tests.helpers import ROOT, ScriptedAgent, Tap, connect, ctx, push_card
 
 S = TaskState

@@ -31,12 +31,12 @@ from typing import cast
 from a2a.server.events.event_queue import DEFAULT_MAX_QUEUE_SIZE, Event, EventQueueLegacy
 from a2a.server.events.queue_manager import NoTaskQueue, QueueManager, TaskQueueExists
 
-from a2a_redis.cluster import Client, keys_for
-from a2a_redis.codec import CLOSED, MAX_PAYLOAD_BYTES, ends_task_stream
-from a2a_redis.durability import Durability
+from a2a_redis.connection.cluster import Client, keys_for
+from a2a_redis.connection.durability import Durability
+from a2a_redis.connection.transaction import run_atomically
 from a2a_redis.errors import A2ARedisError, redis_errors
-from a2a_redis.leases import LeaseKeeper, lease_ttl_of
-from a2a_redis.listener import (
+from a2a_redis.events.leases import LeaseKeeper, lease_ttl_of
+from a2a_redis.events.listener import (
     OwnerLostError,
     Position,
     Rows,
@@ -44,13 +44,13 @@ from a2a_redis.listener import (
     StreamListener,
     decode_rows,
 )
-from a2a_redis.streams import (
+from a2a_redis.log.codec import CLOSED, MAX_PAYLOAD_BYTES, ends_task_stream
+from a2a_redis.log.event_log import (
     StreamRetention,
     append_commands,
     close_commands,
     parse_entry_id,
 )
-from a2a_redis.transaction import run_atomically
 
 __all__ = ["RedisQueueManager"]
 

@@ -25,7 +25,7 @@ from redis import exceptions as rex
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-from a2a_redis.cluster import Client, is_cluster
+from a2a_redis.connection.cluster import Client, is_cluster
 from a2a_redis.errors import ReplicationTimeoutError
 
 __all__ = ["Durability", "run_script"]

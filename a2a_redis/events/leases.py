@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from a2a.types.a2a_pb2 import TaskState
 from redis.asyncio.cluster import RedisCluster
 
-from a2a_redis.cluster import Client
-from a2a_redis.codec import F_STATE, TERMINAL_STATES
+from a2a_redis.connection.cluster import Client
 from a2a_redis.errors import redis_errors
-from a2a_redis.keys import Keys
-from a2a_redis.streams import HEARTBEAT
+from a2a_redis.log.codec import F_STATE, TERMINAL_STATES
+from a2a_redis.log.event_log import HEARTBEAT
+from a2a_redis.log.keys import Keys
 
 __all__ = ["SETTLED_STATES", "LeaseKeeper", "lease_ttl_of"]
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 from a2a.server.events.event_queue import Event
 
-from a2a_redis.codec import MAX_PAYLOAD_BYTES, encode_closed, encode_event
-from a2a_redis.keys import Keys
-from a2a_redis.transaction import BATCH_SCRIPT, WITH_ENTRY_ID, Command
+from a2a_redis.connection.transaction import BATCH_SCRIPT, WITH_ENTRY_ID, Command
+from a2a_redis.log.codec import MAX_PAYLOAD_BYTES, encode_closed, encode_event
+from a2a_redis.log.keys import Keys
 
 __all__ = [
     "APPEND_IF_NEW_SCRIPT",

@@ -46,8 +46,10 @@ from a2a.utils.constants import DEFAULT_LIST_TASKS_PAGE_SIZE
 from a2a.utils.errors import InvalidParamsError
 from a2a.utils.task import decode_list_tasks_cursor, decode_page_token, encode_list_tasks_cursor
 
-from a2a_redis.cluster import Client
-from a2a_redis.codec import (
+from a2a_redis.connection.cluster import Client
+from a2a_redis.connection.transaction import Command, execute, run_atomically
+from a2a_redis.errors import A2ARedisError, CorruptDataError, InvalidIdError, redis_errors
+from a2a_redis.log.codec import (
     F_CONTEXT,
     F_MEMBER,
     F_OWNER,
@@ -63,9 +65,7 @@ from a2a_redis.codec import (
     member_task_id,
     member_timestamp_floor,
 )
-from a2a_redis.errors import A2ARedisError, CorruptDataError, InvalidIdError, redis_errors
-from a2a_redis.keys import Keys
-from a2a_redis.transaction import Command, execute, run_atomically
+from a2a_redis.log.keys import Keys
 
 __all__ = ["TaskIndex"]
 

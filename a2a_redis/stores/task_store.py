@@ -36,8 +36,19 @@ from a2a.types.a2a_pb2 import ListTasksRequest, ListTasksResponse, Task, TaskSta
 from a2a.utils.proto_utils import to_stream_response
 from redis import exceptions as rex
 
-from a2a_redis.cluster import Client, SlotMovedError, is_cluster, keys_for
-from a2a_redis.codec import (
+from a2a_redis.connection.cluster import Client, SlotMovedError, is_cluster, keys_for
+from a2a_redis.connection.durability import Durability
+from a2a_redis.connection.transaction import Command, WatchedTransaction, backoff
+from a2a_redis.errors import (
+    A2ARedisError,
+    ContentionError,
+    RedisUnavailableError,
+    TaskOwnedElsewhereError,
+    raise_if_pool_exhausted,
+    redis_errors,
+    require_binary_client,
+)
+from a2a_redis.log.codec import (
     F_OWNER,
     F_SCHEMA,
     F_TASK,
@@ -53,26 +64,15 @@ from a2a_redis.codec import (
     encode_record,
     index_member,
 )
-from a2a_redis.durability import Durability
-from a2a_redis.errors import (
-    A2ARedisError,
-    ContentionError,
-    RedisUnavailableError,
-    TaskOwnedElsewhereError,
-    raise_if_pool_exhausted,
-    redis_errors,
-    require_binary_client,
-)
-from a2a_redis.keys import Keys
-from a2a_redis.streams import (
+from a2a_redis.log.event_log import (
     AppendLedger,
     StreamRetention,
     append_commands,
     destroy_commands,
     retention_commands,
 )
-from a2a_redis.task_index import TaskIndex
-from a2a_redis.transaction import Command, WatchedTransaction, backoff
+from a2a_redis.log.keys import Keys
+from a2a_redis.stores.task_index import TaskIndex
 
 __all__ = ["RedisTaskStore", "VersionedRedisTaskStore"]
 

@@ -60,9 +60,8 @@ from a2a.types.a2a_pb2 import TaskPushNotificationConfig
 from google.protobuf.message import DecodeError
 from redis import exceptions as rex
 
-from a2a_redis.cluster import Client, keys_for
-from a2a_redis.codec import MAX_PAYLOAD_BYTES, check_payload_size
-from a2a_redis.durability import Durability, run_script
+from a2a_redis.connection.cluster import Client, keys_for
+from a2a_redis.connection.durability import Durability, run_script
 from a2a_redis.errors import (
     CorruptDataError,
     DecryptionError,
@@ -71,7 +70,8 @@ from a2a_redis.errors import (
     redis_errors,
     require_binary_client,
 )
-from a2a_redis.keys import encode_id
+from a2a_redis.log.codec import MAX_PAYLOAD_BYTES, check_payload_size
+from a2a_redis.log.keys import encode_id
 
 if TYPE_CHECKING:
     from cryptography.fernet import Fernet

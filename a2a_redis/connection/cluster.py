@@ -26,7 +26,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 
 from a2a_redis.errors import PoolExhaustedError
-from a2a_redis.keys import Keys
+from a2a_redis.log.keys import Keys
 
 __all__ = [
     "CLUSTER_SCHEMES",

@@ -32,8 +32,8 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 
-from a2a_redis.cluster import REDIRECTS, Client, SlotMovedError, checkout, note_redirect
-from a2a_redis.durability import Durability, run_script
+from a2a_redis.connection.cluster import REDIRECTS, Client, SlotMovedError, checkout, note_redirect
+from a2a_redis.connection.durability import Durability, run_script
 from a2a_redis.errors import raise_if_pool_exhausted, redis_errors
 
 __all__ = [
@@ -197,7 +197,7 @@ class WatchedTransaction:
     or ``await tx.unwatch()``. ``key`` names the slot: on a Redis Cluster the connection
     comes from the primary owning it (every key of the transaction must share its hash
     tag), and a redirect (``MOVED``, ``ASK``, ``TRYAGAIN``) raises
-    :class:`~a2a_redis.cluster.SlotMovedError` after updating the slot map, so that the
+    :class:`~a2a_redis.connection.cluster.SlotMovedError` after updating the slot map, so that the
     caller's retry goes to the new owner. Elsewhere it comes from the client's pool. With
     ``durability``, a successful commit is confirmed by ``WAIT`` in the same round trip
     (``ReplicationTimeoutError`` if too few replicas).

@@ -4,7 +4,7 @@ Each task's stream (``keys.events``) is the ordered, replayable record of its ev
 with the task version it produced. ``VersionedRedisTaskStore.save`` appends saved events in
 its own transaction; :meth:`RedisTaskEventStream.publish` appends only what the store did not
 (Message replies; or everything, when paired with another store). Live delivery goes through
-one :class:`~a2a_redis.listener.StreamListener` per process (one pub/sub connection).
+one :class:`~a2a_redis.events.listener.StreamListener` per process (one pub/sub connection).
 
 ``subscribe(task_id, after=v)`` yields every event whose version ``is_after(v)``, in stream
 order, exactly once: it joins the live feed first, then replays the backlog from the
@@ -17,7 +17,7 @@ Replica death: the replica that publishes a running task's events holds the task
 (``leases.py``): one loop per process renews all its leases and sends each task's
 subscribers a heartbeat every ``lease_ttl / 3``. A subscriber of a task in a running state
 (submitted or working) that hears neither an event nor a heartbeat for the owner's
-``lease_ttl`` raises :class:`~a2a_redis.listener.OwnerLostError`: the replica running the
+``lease_ttl`` raises :class:`~a2a_redis.events.listener.OwnerLostError`: the replica running the
 task is gone, and nobody will finish it unless a follow-up message or a cancel is sent.
 A task waiting for input (or authentication) has no owner, and its subscribers wait.
 
@@ -36,12 +36,12 @@ from a2a.server.cluster import TaskEventStream, TaskVersion, VersionedEvent
 from a2a.server.events.event_queue import Event
 from a2a.types.a2a_pb2 import Message, TaskArtifactUpdateEvent
 
-from a2a_redis.cluster import Client, keys_for
-from a2a_redis.codec import F_STATE, MAX_PAYLOAD_BYTES, ends_task_stream, version_int
-from a2a_redis.durability import Durability, run_script
+from a2a_redis.connection.cluster import Client, keys_for
+from a2a_redis.connection.durability import Durability, run_script
+from a2a_redis.connection.transaction import batch_args, run_atomically
 from a2a_redis.errors import redis_errors
-from a2a_redis.leases import SETTLED_STATES, LeaseKeeper, lease_ttl_of
-from a2a_redis.listener import (
+from a2a_redis.events.leases import SETTLED_STATES, LeaseKeeper, lease_ttl_of
+from a2a_redis.events.listener import (
     FETCH_BATCH,
     Position,
     Rows,
@@ -51,7 +51,8 @@ from a2a_redis.listener import (
     decode_rows,
     read_entries,
 )
-from a2a_redis.streams import (
+from a2a_redis.log.codec import F_STATE, MAX_PAYLOAD_BYTES, ends_task_stream, version_int
+from a2a_redis.log.event_log import (
     APPEND_IF_NEW_SCRIPT,
     AppendLedger,
     StreamRetention,
@@ -59,8 +60,7 @@ from a2a_redis.streams import (
     destroy_commands,
     parse_entry_id,
 )
-from a2a_redis.task_store import VersionedRedisTaskStore
-from a2a_redis.transaction import batch_args, run_atomically
+from a2a_redis.stores.task_store import VersionedRedisTaskStore
 
 __all__ = ["RedisTaskEventStream"]
 
@@ -294,7 +294,7 @@ class RedisTaskEventStream(TaskEventStream):
         subscriber of the task), 1+ for the backlog (its first page read together with the
         task's state and lease); then none per event (the feed reads).
 
-        Raises :class:`~a2a_redis.listener.OwnerLostError` if the task is running (its
+        Raises :class:`~a2a_redis.events.listener.OwnerLostError` if the task is running (its
         stored state, then the events' states, say so) and neither an event nor a heartbeat
         comes from the replica running it for that replica's ``lease_ttl``: it died.
         """

@@ -21,9 +21,9 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode
 
-from a2a_redis import compat
-from a2a_redis.cluster import node_client
-from a2a_redis.transaction import backoff
+from a2a_redis.connection import compat
+from a2a_redis.connection.cluster import node_client
+from a2a_redis.connection.transaction import backoff
 
 __all__ = ["PubSubLink", "node_pubsub", "server_pubsub"]
 

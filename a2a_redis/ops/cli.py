@@ -40,14 +40,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from redis import exceptions as rex
 from redis.asyncio import Redis
 
-from a2a_redis import doctor
-from a2a_redis.cluster import CLUSTER_SCHEMES, Client, cluster_client
-from a2a_redis.codec import TERMINAL_STATES, version_int
+from a2a_redis.connection.cluster import CLUSTER_SCHEMES, Client, cluster_client
+from a2a_redis.connection.sentinel import is_sentinel_url, sentinel_client
 from a2a_redis.errors import A2ARedisError
-from a2a_redis.event_stream import RedisTaskEventStream
-from a2a_redis.keys import Keys
-from a2a_redis.sentinel import is_sentinel_url, sentinel_client
-from a2a_redis.task_store import VersionedRedisTaskStore
+from a2a_redis.events.event_stream import RedisTaskEventStream
+from a2a_redis.log.codec import TERMINAL_STATES, version_int
+from a2a_redis.log.keys import Keys
+from a2a_redis.ops import doctor
+from a2a_redis.stores.task_store import VersionedRedisTaskStore
 from a2a_redis.version import __version__
 
 __all__ = ["main"]

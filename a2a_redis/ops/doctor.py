@@ -4,7 +4,7 @@ Server name and version, mode and role, round trip, memory and ``maxmemory-polic
 loud warning unless ``noeviction``: eviction silently deletes tasks), persistence, and our
 keys under a prefix (count, memory, by kind). On a Redis Cluster: the topology, slot
 coverage (a warning for uncovered slots or a failed state), primaries without replicas,
-replicas without persistence, then each node's own report. Used by :mod:`a2a_redis.cli`.
+replicas without persistence, then each node's own report. Used by :mod:`a2a_redis.ops.cli`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from a2a_redis.cluster import Client, node_client
-from a2a_redis.keys import Keys
-from a2a_redis.sentinel import report_topology
+from a2a_redis.connection.cluster import Client, node_client
+from a2a_redis.connection.sentinel import report_topology
+from a2a_redis.log.keys import Keys
 from a2a_redis.version import __version__
 
 __all__ = ["KEY_SCAN_CAP", "Report", "check", "size"]

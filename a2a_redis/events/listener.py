@@ -39,18 +39,18 @@ from redis import exceptions as rex
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 
-from a2a_redis.cluster import Client
-from a2a_redis.codec import decode_event
+from a2a_redis.connection.cluster import Client
+from a2a_redis.connection.links import PubSubLink, node_pubsub, server_pubsub
+from a2a_redis.connection.transaction import backoff
 from a2a_redis.errors import (
     A2ARedisError,
     CorruptDataError,
     RedisUnavailableError,
     redis_errors,
 )
-from a2a_redis.keys import Keys
-from a2a_redis.links import PubSubLink, node_pubsub, server_pubsub
-from a2a_redis.streams import DESTROYED, HEARTBEAT, parse_entry_id, unpack_wake
-from a2a_redis.transaction import backoff
+from a2a_redis.log.codec import decode_event
+from a2a_redis.log.event_log import DESTROYED, HEARTBEAT, parse_entry_id, unpack_wake
+from a2a_redis.log.keys import Keys
 
 __all__ = [
     "Feed",

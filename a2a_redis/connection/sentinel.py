@@ -34,10 +34,10 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 
-from a2a_redis.compat import reply_pairs
+from a2a_redis.connection.compat import reply_pairs
 
 if TYPE_CHECKING:
-    from a2a_redis.doctor import Report
+    from a2a_redis.ops.doctor import Report
 
 __all__ = [
     "SENTINEL_SCHEMES",
