@@ -8,20 +8,18 @@ from a2a_redis.errors import (
     CorruptDataError,
     DecryptionError,
     InvalidIdError,
+    ListenerClosedError,
+    OwnerLostError,
     PayloadTooLargeError,
     PoolExhaustedError,
     RedisUnavailableError,
     ReplicationTimeoutError,
+    SubscriberLagError,
     TaskOwnedElsewhereError,
     UnsupportedSchemaError,
 )
 from a2a_redis.events.event_stream import RedisTaskEventStream
-from a2a_redis.events.listener import (
-    ListenerClosedError,
-    OwnerLostError,
-    StreamListener,
-    SubscriberLagError,
-)
+from a2a_redis.events.listener import StreamListener
 from a2a_redis.events.queue_manager import RedisQueueManager
 from a2a_redis.log.event_log import StreamRetention
 from a2a_redis.log.keys import Keys

@@ -19,10 +19,13 @@ __all__ = [
     "CorruptDataError",
     "DecryptionError",
     "InvalidIdError",
+    "ListenerClosedError",
+    "OwnerLostError",
     "PayloadTooLargeError",
     "PoolExhaustedError",
     "RedisUnavailableError",
     "ReplicationTimeoutError",
+    "SubscriberLagError",
     "TaskOwnedElsewhereError",
     "UnsupportedSchemaError",
     "raise_if_pool_exhausted",
@@ -116,6 +119,18 @@ class PayloadTooLargeError(A2ARedisError, ValueError):
         super().__init__(message, key=key)
         self.size = size
         self.limit = limit
+
+
+class SubscriberLagError(A2ARedisError):
+    """A subscriber fell behind further than the task's stream retains (``MAXLEN``)."""
+
+
+class ListenerClosedError(A2ARedisError):
+    """The listener (its backend) was closed while a subscriber was waiting."""
+
+
+class OwnerLostError(A2ARedisError):
+    """Nothing (no entry, no heartbeat) came from a task's queue owner for too long."""
 
 
 def raise_if_pool_exhausted(error: Exception, operation: str = "", key: str | None = None) -> None:

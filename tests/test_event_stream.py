@@ -232,7 +232,7 @@ async def test_subscriber_behind_a_trimmed_stream_gets_subscriber_lag_error(
     real_redis: aioredis.Redis, prefix: str
 ):
     """Trimmed (MAXLEN) past its position, a slow subscriber fails loudly, never skips."""
-    from a2a_redis.events.listener import SubscriberLagError
+    from a2a_redis.errors import SubscriberLagError
 
     store = VersionedRedisTaskStore(
         real_redis, prefix=prefix, stream_retention=StreamRetention(maxlen=10)

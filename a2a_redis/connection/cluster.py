@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import contextvars
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias, TypeGuard, cast
 from urllib.parse import unquote, urlsplit
 
 from redis import exceptions as rex
@@ -57,7 +57,7 @@ class SlotMovedError(rex.ConnectionError):
     """
 
 
-def is_cluster(redis: Any) -> bool:
+def is_cluster(redis: Any) -> TypeGuard[RedisCluster]:
     """True for a ``redis.asyncio.cluster.RedisCluster``."""
     return isinstance(redis, RedisCluster)
 

@@ -1,11 +1,19 @@
-"""Pub/sub connections for the listener: one per server, or one per Redis Cluster shard.
+"""Pub/sub transport: one connection per server, or one per Redis Cluster shard.
 
-A :class:`PubSubLink` is one pub/sub connection and the channels subscribed on it, with
-its own reader. It hands every message to the listener, re-subscribes its channels after
-a reconnect (the listener then backfills from the streams), and never gives up while the
-listener is open. On a single server the listener has one link (``SUBSCRIBE``); on a
-cluster it has one per primary that owns a subscribed task (``SSUBSCRIBE``: a wake-up
-reaches only the shard owning the task), whatever the number of tasks.
+:class:`PubSubRouter` is the listener's transport, as a backend is to encode/broadcaster's
+``Broadcast``: it subscribes and unsubscribes channels, hands every message over, and says
+when a channel's subscription was (re)confirmed. It never sees what the channels mean.
+On a single server it holds one :class:`PubSubLink` (``SUBSCRIBE``); on a cluster one per
+primary that serves a subscribed channel (``SSUBSCRIBE``: a wake-up reaches only the
+shard owning the task), whatever the number of channels, and it moves a channel to its
+new shard when its slot moves.
+
+A :class:`PubSubLink` is one pub/sub connection, its channels and its reader. It
+re-subscribes its channels after a reconnect and never gives up while it is open.
+
+This replaces redis-py's ``PubSub.on_connect`` re-subscription with our own, because we
+must also know when a channel was re-subscribed (to backfill from the stream) and route
+shard channels to the node that owns their slot.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from redis import exceptions as rex
@@ -22,10 +30,11 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode
 
 from a2a_redis.connection import compat
-from a2a_redis.connection.cluster import node_client
+from a2a_redis.connection.cluster import Client, is_cluster, node_client
 from a2a_redis.connection.transaction import backoff
+from a2a_redis.errors import RedisUnavailableError
 
-__all__ = ["PubSubLink", "node_pubsub", "server_pubsub"]
+__all__ = ["PubSubLink", "PubSubRouter", "node_pubsub", "server_pubsub"]
 
 logger = logging.getLogger(__name__)
 
@@ -188,3 +197,189 @@ class PubSubLink:
         if close is not None:
             with contextlib.suppress(Exception):
                 await close()
+
+
+OnMessage = Callable[[bytes, Any], None]
+OnSubscribed = Callable[[bytes], None]
+
+
+class PubSubRouter:
+    """The pub/sub links of one process, and which channel is on which.
+
+    Args:
+        redis: The shared client (a single server's pub/sub takes one connection of its
+            pool; a cluster's links open their own). Not owned.
+        on_message: Called with ``(channel, data)`` for every message on a channel.
+        on_subscribed: Called with the channel each time the server confirms its
+            subscription: first, after a reconnect, and after a slot move. Messages
+            published while it was not subscribed were missed.
+        heartbeat: Seconds of pub/sub silence after which a PING checks a connection.
+        subscribe_timeout: Seconds :meth:`subscribe` waits for the server's confirmation.
+    """
+
+    def __init__(
+        self,
+        redis: Client,
+        *,
+        on_message: OnMessage,
+        on_subscribed: OnSubscribed,
+        heartbeat: float = 15.0,
+        subscribe_timeout: float = 10.0,
+    ) -> None:
+        self._redis = redis
+        self._on_message = on_message
+        self._on_subscribed = on_subscribed
+        self._heartbeat = heartbeat
+        self._subscribe_timeout = subscribe_timeout
+        self._cluster = redis if is_cluster(redis) else None
+        self._links: dict[str, PubSubLink] = {}  # "" (one server) or a cluster node's name
+        self._link_of: dict[bytes, PubSubLink] = {}  # channels we want, and their link
+        self._confirms: dict[bytes, asyncio.Future[None]] = {}
+        self._retired_reconnects = 0
+        self._background: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def connected(self) -> bool:
+        """True while every link is up (False before the first subscription)."""
+        return bool(self._links) and all(link.connected for link in self._links.values())
+
+    @property
+    def reconnects(self) -> int:
+        """How many times a pub/sub connection was re-established."""
+        return self._retired_reconnects + sum(link.reconnects for link in self._links.values())
+
+    @property
+    def connections(self) -> int:
+        """Pub/sub connections held (one, or one per cluster shard in use)."""
+        return len(self._links)
+
+    def is_up(self, channel: bytes) -> bool:
+        """Whether the connection ``channel`` is subscribed on is up now."""
+        link = self._link_of.get(channel)
+        return link is not None and link.connected
+
+    async def subscribe(self, channel: bytes) -> None:
+        """Subscribe ``channel`` and wait for the server's confirmation.
+
+        Raises :class:`~a2a_redis.errors.RedisUnavailableError` if it is not confirmed
+        within ``subscribe_timeout``, and redis-py's errors if the connection fails.
+        """
+        confirmed = asyncio.get_running_loop().create_future()
+        self._confirms[channel] = confirmed
+        try:
+            link = await self._link_for(channel)
+            self._link_of[channel] = link
+            await link.subscribe(channel)
+            try:
+                await asyncio.wait_for(asyncio.shield(confirmed), self._subscribe_timeout)
+            except asyncio.TimeoutError as e:
+                raise RedisUnavailableError(
+                    "SUBSCRIBE was not confirmed in time", key=channel.decode(errors="replace")
+                ) from e
+        finally:
+            self._confirms.pop(channel, None)
+
+    async def unsubscribe(self, channel: bytes) -> None:
+        """Drop ``channel`` (best effort: a lost connection forgets it anyway)."""
+        link = self._link_of.pop(channel, None)
+        if link is not None and not self._closed:
+            await link.unsubscribe(channel)
+
+    async def aclose(self) -> None:
+        """Close every link."""
+        self._closed = True
+        for task in list(self._background):
+            task.cancel()
+        for link in list(self._links.values()):
+            await link.aclose()
+
+    # -- routing -------------------------------------------------------------------------
+    async def _link_for(self, channel: bytes) -> PubSubLink:
+        """The link a channel belongs on: the one link, or its cluster shard's."""
+        node: ClusterNode | None = None
+        name = ""
+        if self._cluster is not None:
+            await self._cluster.initialize()
+            node = self._cluster.get_node_from_key(channel)  # type: ignore[arg-type]
+            assert node is not None
+            name = node.name
+        link = self._links.get(name)
+        if link is None or link.closed:
+            if link is not None:
+                self._retired_reconnects += link.reconnects
+            redis, at = self._redis, node
+
+            def connect() -> tuple[PubSub, Callable[[], Awaitable[None]]]:
+                return server_pubsub(redis) if at is None else node_pubsub(at)  # type: ignore[arg-type]
+
+            link = PubSubLink(
+                name,
+                connect,
+                sharded=self._cluster is not None,
+                dispatch=self._dispatch,
+                lost=self._lost,
+                heartbeat=self._heartbeat,
+            )
+            self._links[name] = link
+        return link
+
+    async def _lost(self, link: PubSubLink, error: BaseException) -> None:
+        """A link failed. On a cluster: re-read the slot map, move channels that moved."""
+        cluster = self._cluster
+        if cluster is None or self._closed:
+            return
+        if isinstance(error, rex.MovedError):
+            await cluster.nodes_manager.move_slot(error)
+        else:
+            await cluster.nodes_manager.initialize()
+        for channel in list(link.channels):
+            node = cluster.get_node_from_key(channel)  # type: ignore[arg-type]
+            if node is not None and node.name != link.name:
+                link.channels.discard(channel)
+                if self._link_of.get(channel) is link:
+                    self._spawn(self._move(channel))
+
+    async def _move(self, channel: bytes) -> None:
+        """Subscribe a channel on the shard that serves it now (confirmed: on_subscribed)."""
+        attempt = 0
+        while not self._closed and channel in self._link_of:
+            try:
+                if self._cluster is not None:
+                    await self._cluster.nodes_manager.initialize()
+                link = await self._link_for(channel)
+                self._link_of[channel] = link
+                await link.subscribe(channel)
+                logger.warning("a wake channel moved to %s", link.name)
+                return
+            except (rex.RedisError, rex.RedisClusterException, OSError) as e:
+                attempt += 1
+                logger.warning("moving a wake channel failed: %s", e)
+                await backoff(attempt, base=0.05, cap=2.0)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _dispatch(self, link: PubSubLink, message: dict[str, Any]) -> None:
+        kind, channel = message.get("type"), message.get("channel")
+        if isinstance(kind, bytes):
+            kind = kind.decode()
+        if not isinstance(channel, bytes):
+            return
+        if kind == "sunsubscribe" and channel in link.channels:
+            # Not ours (unsubscribe() forgets the channel first): the slot moved elsewhere.
+            link.channels.discard(channel)
+            if self._link_of.get(channel) is link:
+                self._spawn(self._move(channel))
+            return
+        if kind in ("subscribe", "ssubscribe"):
+            confirmed = self._confirms.get(channel)
+            if confirmed is not None and not confirmed.done():
+                confirmed.set_result(None)
+            if channel in self._link_of:
+                self._on_subscribed(channel)
+            return
+        if kind in ("message", "smessage"):
+            self._on_message(channel, message.get("data"))

@@ -37,6 +37,7 @@ from a2a_redis.connection.durability import Durability, run_script
 from a2a_redis.errors import raise_if_pool_exhausted, redis_errors
 
 __all__ = [
+    "BATCH_BODY",
     "BATCH_SCRIPT",
     "WITH_ENTRY_ID",
     "Command",
@@ -60,9 +61,9 @@ Command = tuple[Any, ...]
 #: per key: otherwise it writes nothing and replies ``WRONGTYPE <key> ...``, naming the
 #: key. (The task hash needs no check: the read that precedes every write of it, under
 #: WATCH, has already met it.) ``first`` is where the batch starts in ARGV: a script may
-#: prepend arguments.
-BATCH_SCRIPT = b"""local first = 1
-local want, seen = {ZADD = 'zset', ZREM = 'zset', XADD = 'stream'}, {}
+#: prepend arguments: :data:`BATCH_BODY` is the script without its first line, for scripts
+#: that begin with their own checks and set ``first`` themselves.
+BATCH_BODY = b"""local want, seen = {ZADD = 'zset', ZREM = 'zset', XADD = 'stream'}, {}
 local i = first
 while i <= #ARGV do
   local kind, key = want[ARGV[i + 1]], ARGV[i + 2]
@@ -95,6 +96,7 @@ while i <= #ARGV do
 end
 return 1
 """
+BATCH_SCRIPT = b"local first = 1\n" + BATCH_BODY
 WITH_ENTRY_ID = b"$E:"
 _BATCH_SHA = hashlib.sha1(BATCH_SCRIPT).hexdigest().encode()  # Redis names scripts by SHA-1
 # redis-py 8 reads without its own per-reply timeout when given math.inf; Python 3.11 has

@@ -41,24 +41,22 @@ from a2a_redis.connection.durability import Durability, run_script
 from a2a_redis.connection.transaction import batch_args, run_atomically
 from a2a_redis.errors import redis_errors
 from a2a_redis.events.leases import SETTLED_STATES, LeaseKeeper, lease_ttl_of
-from a2a_redis.events.listener import (
-    FETCH_BATCH,
-    Position,
-    Rows,
-    StreamEntry,
-    StreamListener,
-    check_not_trimmed,
-    decode_rows,
-    read_entries,
-)
+from a2a_redis.events.listener import StreamListener
 from a2a_redis.log.codec import F_STATE, MAX_PAYLOAD_BYTES, ends_task_stream, version_int
 from a2a_redis.log.event_log import (
     APPEND_IF_NEW_SCRIPT,
+    FETCH_BATCH,
     AppendLedger,
+    Position,
+    Rows,
+    StreamEntry,
     StreamRetention,
     append_commands,
+    check_not_trimmed,
+    decode_rows,
     destroy_commands,
     parse_entry_id,
+    read_entries,
 )
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
 

@@ -34,21 +34,18 @@ from a2a.server.events.queue_manager import NoTaskQueue, QueueManager, TaskQueue
 from a2a_redis.connection.cluster import Client, keys_for
 from a2a_redis.connection.durability import Durability
 from a2a_redis.connection.transaction import run_atomically
-from a2a_redis.errors import A2ARedisError, redis_errors
+from a2a_redis.errors import A2ARedisError, OwnerLostError, redis_errors
 from a2a_redis.events.leases import LeaseKeeper, lease_ttl_of
-from a2a_redis.events.listener import (
-    OwnerLostError,
+from a2a_redis.events.listener import StreamListener
+from a2a_redis.log.codec import CLOSED, MAX_PAYLOAD_BYTES, ends_task_stream
+from a2a_redis.log.event_log import (
     Position,
     Rows,
     StreamEntry,
-    StreamListener,
-    decode_rows,
-)
-from a2a_redis.log.codec import CLOSED, MAX_PAYLOAD_BYTES, ends_task_stream
-from a2a_redis.log.event_log import (
     StreamRetention,
     append_commands,
     close_commands,
+    decode_rows,
     parse_entry_id,
 )
 

@@ -47,20 +47,26 @@ __all__ = [
     "TERMINAL_STATES",
     "RecordHead",
     "check_payload_size",
+    "check_schema",
+    "close_mark_of",
     "decode_event",
     "decode_head",
     "decode_locator",
+    "decode_stored",
     "decode_task",
+    "decode_text",
     "encode_closed",
     "encode_event",
     "encode_locator",
     "encode_record",
     "ends_task_stream",
+    "entry_version_hint",
     "index_member",
     "member_cursor",
     "member_for_cursor",
     "member_task_id",
     "member_timestamp_floor",
+    "utf8",
     "version_int",
 ]
 
@@ -88,6 +94,8 @@ TERMINAL_STATES = frozenset(
 F_SCHEMA, F_OWNER, F_VERSION, F_TASK = b"f", b"o", b"v", b"d"
 F_CONTEXT, F_STATE, F_MEMBER, F_WRITE, F_EXPIRES = b"c", b"s", b"m", b"w", b"x"
 
+E_EVENT, E_KIND, E_OPENING = b"e", b"k", b"o"  # stream entries (with F_SCHEMA, F_VERSION)
+
 #: The fields a write reads before deciding (everything but the payload).
 HEAD_FIELDS = (F_SCHEMA, F_OWNER, F_VERSION, F_CONTEXT, F_STATE, F_MEMBER, F_WRITE, F_EXPIRES)
 
@@ -96,32 +104,36 @@ _NO_TS = b"\x00" + bytes(16)
 _MEMBER_HEAD = 17
 
 
-def _text(key: str, field: str, raw: bytes) -> str:
+def decode_text(key: str, field: str, raw: bytes) -> str:
+    """Stored UTF-8 (lone surrogates passed through) as text; CorruptDataError if invalid."""
     try:
         return raw.decode("utf-8", "surrogatepass")
     except UnicodeDecodeError:
         raise CorruptDataError(f"field {field!r} is not valid UTF-8", key=key) from None
 
 
-def _raw(text: str) -> bytes:
+def utf8(text: str) -> bytes:
+    """``text`` as UTF-8, lone surrogates passed through: how every id and owner is stored."""
     return text.encode("utf-8", "surrogatepass")
 
 
-def _check_schema(key: str, schema: bytes | None) -> None:
-    if schema == _SCHEMA:
+def check_schema(key: str, schema: bytes | int | None, what: str = "record") -> None:
+    """Accept :data:`SCHEMA_VERSION` (as a hash field's digits or a msgpack integer).
+
+    A newer version raises :class:`UnsupportedSchemaError`, anything else
+    :class:`CorruptDataError`, both naming ``key`` (never showing the bytes found).
+    """
+    if schema == _SCHEMA or (type(schema) is int and schema == SCHEMA_VERSION):
         return
-    if (
-        schema is not None
-        and schema.isdigit()
-        and len(schema) < 10
-        and int(schema) > SCHEMA_VERSION
-    ):
+    if isinstance(schema, bytes) and schema.isdigit() and len(schema) < 10:
+        schema = int(schema)
+    if type(schema) is int and schema > SCHEMA_VERSION:
         raise UnsupportedSchemaError(
-            f"record has schema version {schema.decode()}, this release reads "
+            f"{what} has schema version {schema}, this release reads "
             f"{SCHEMA_VERSION}: upgrade a2a-redis",
             key=key,
         )
-    raise CorruptDataError("record has no valid schema version", key=key)  # (bytes unshown)
+    raise CorruptDataError(f"{what} has no valid schema version", key=key)
 
 
 def check_payload_size(key: str, what: str, size: int, limit: int) -> None:
@@ -183,13 +195,13 @@ def decode_head(key: str, values: list[bytes | None]) -> RecordHead | None:
     if all(v is None for v in values):
         return None
     schema, owner, version, context_id, state, member, write_id, expires = values
-    _check_schema(key, schema)
+    check_schema(key, schema)
     if owner is None or version is None or member is None:
         raise CorruptDataError("record is missing its owner, version or index member", key=key)
     return RecordHead(
-        owner=_text(key, "o", owner),
+        owner=decode_text(key, "o", owner),
         version=_int(key, "v", version),
-        context_id=_text(key, "c", context_id or b""),
+        context_id=decode_text(key, "c", context_id or b""),
         state=_int(key, "s", state),
         member=member,
         write_id=write_id or b"",
@@ -203,10 +215,10 @@ def encode_record(
     """The hash fields of a task record (``payload`` is ``task.SerializeToString()``)."""
     return {
         F_SCHEMA: _SCHEMA,
-        F_OWNER: _raw(owner),
+        F_OWNER: utf8(owner),
         F_VERSION: b"%d" % version,
         F_TASK: payload,
-        F_CONTEXT: _raw(task.context_id),
+        F_CONTEXT: utf8(task.context_id),
         F_STATE: b"%d" % task.status.state,
         F_MEMBER: index_member(task),
         F_WRITE: write_id,
@@ -232,12 +244,12 @@ def decode_stored(
         raise CorruptDataError("record has no owner", key=key)
     if version is None or not version.isdigit() or len(version) > 18:
         raise CorruptDataError("record has no valid version", key=key)
-    return _text(key, "o", owner), task, int(version)
+    return decode_text(key, "o", owner), task, int(version)
 
 
 def decode_task(key: str, task_id: str, schema: bytes | None, payload: bytes | None) -> Task:
     """Decode a stored Task, checking the schema and that it is the task asked for."""
-    _check_schema(key, schema)
+    check_schema(key, schema)
     if payload is None:
         raise CorruptDataError("record has no task payload", key=key)
     try:
@@ -256,7 +268,7 @@ def _member(has_ts: bool, ts_ns: int, task_id: str) -> bytes:
     # "surrogatepass" keeps code point order for the lone surrogates a cursor can carry.
     ts = min(max(ts_ns + _TS_OFFSET, 0), (1 << 128) - 1)
     head = b"\x01" + ts.to_bytes(16, "big") if has_ts else _NO_TS
-    return head + task_id.encode("utf-8", "surrogatepass")
+    return head + utf8(task_id)
 
 
 def index_member(task: Task) -> bytes:
@@ -303,7 +315,7 @@ def member_cursor(key: str, member: bytes) -> ListTasksCursor:
 
 def encode_locator(context_id: str, state: int, member: bytes) -> bytes:
     """A msgpack envelope naming every index entry of one task (schema-versioned)."""
-    packed: bytes = msgpack.packb([SCHEMA_VERSION, _raw(context_id), state, member])
+    packed: bytes = msgpack.packb([SCHEMA_VERSION, utf8(context_id), state, member])
     return packed
 
 
@@ -313,7 +325,7 @@ def decode_locator(key: str, raw: bytes) -> tuple[str, int, bytes]:
         schema, context_id, state, member = msgpack.unpackb(raw)
         if schema != SCHEMA_VERSION:
             raise ValueError(f"schema {schema!r}")
-        return _text(key, "locator", context_id), int(state), bytes(member)
+        return decode_text(key, "locator", context_id), int(state), bytes(member)
     except (ValueError, TypeError, AttributeError, msgpack.UnpackException) as e:
         raise CorruptDataError(f"invalid expiry locator: {e}", key=key) from e
 
@@ -329,7 +341,7 @@ def encode_event(
     """
     payload = to_stream_response(event).SerializeToString()
     check_payload_size(key, "event", len(payload), limit)
-    return {F_SCHEMA: _SCHEMA, F_VERSION: b"%d" % version, b"e": payload}
+    return {F_SCHEMA: _SCHEMA, F_VERSION: b"%d" % version, E_EVENT: payload}
 
 
 #: Marks, in a task's stream, where an event queue was closed (``RedisQueueManager``).
@@ -338,16 +350,29 @@ CLOSED = b"closed"
 
 def encode_closed(token: bytes) -> dict[bytes, bytes]:
     """The fields of the entry marking the close of the queue opened with lease ``token``."""
-    return {F_SCHEMA: _SCHEMA, F_VERSION: b"0", b"k": CLOSED, b"o": token}
+    return {F_SCHEMA: _SCHEMA, F_VERSION: b"0", E_KIND: CLOSED, E_OPENING: token}
+
+
+def close_mark_of(fields: dict[bytes, bytes], token: bytes) -> bool:
+    """Whether an entry is the close mark of the queue opened with lease ``token``."""
+    return fields.get(E_KIND) == CLOSED and fields.get(E_OPENING) == token
+
+
+def entry_version_hint(fields: dict[bytes, bytes]) -> int:
+    """The version an undecodable entry names, if it is of our schema; -1 if unknown."""
+    raw = fields.get(F_VERSION)
+    if fields.get(F_SCHEMA) != _SCHEMA or raw is None or not raw.isdigit() or len(raw) > 18:
+        return -1
+    return int(raw)
 
 
 def decode_event(key: str, fields: dict[bytes, bytes]) -> tuple[int, Event | None]:
     """Decode a stream entry into ``(version, event)``; the event is None for a close mark."""
-    _check_schema(key, fields.get(F_SCHEMA))
+    check_schema(key, fields.get(F_SCHEMA))
     version = _int(key, "v", fields.get(F_VERSION))
-    if fields.get(b"k") == CLOSED:
+    if fields.get(E_KIND) == CLOSED:
         return version, None
-    payload = fields.get(b"e")
+    payload = fields.get(E_EVENT)
     if payload is None:
         raise CorruptDataError("stream entry has no event", key=key)
     try:

@@ -1,8 +1,13 @@
-"""Per-task Redis Streams: the one place that writes a task's event log.
+"""A task's event log: its Redis Stream, the wake-ups that announce it, and how both are read.
 
-The task store appends each saved event here inside its own MULTI/EXEC, and the event stream
-appends what the store did not persist; both use :func:`append_commands`, so an entry always
-has the same format (see ``codec.encode_event``), the same cap and the same retention.
+Writers: the task store appends each saved event inside its own MULTI/EXEC, the event stream
+appends what the store did not persist, and the legacy queue manager appends its queue's
+events and close mark; all use the commands built here, so an entry always has the same
+format (``codec.encode_event``), the same cap and the same retention, and its wake-up
+carries it. Readers (the event stream's backlog, the listener's live fetches, a lagging
+subscriber's catch-up) use :func:`read_entries`, :func:`decode_rows` and
+:func:`check_not_trimmed`: an entry that does not decode becomes a :class:`StreamEntry`
+with its typed error, never a silent skip.
 
 Retention: every append trims the stream to about ``maxlen`` entries (``XADD MAXLEN ~``),
 and every write to a task sets the stream's TTL: ``terminal_ttl`` once the task is terminal
@@ -11,31 +16,52 @@ and every write to a task sets the stream's TTL: ``terminal_ttl`` once the task 
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any, cast
 
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 from a2a.server.events.event_queue import Event
+from redis import exceptions as rex
 
-from a2a_redis.connection.transaction import BATCH_SCRIPT, WITH_ENTRY_ID, Command
-from a2a_redis.log.codec import MAX_PAYLOAD_BYTES, encode_closed, encode_event
+from a2a_redis.connection.cluster import Client
+from a2a_redis.connection.transaction import BATCH_BODY, WITH_ENTRY_ID, Command
+from a2a_redis.errors import CorruptDataError, SubscriberLagError
+from a2a_redis.log.codec import (
+    MAX_PAYLOAD_BYTES,
+    decode_event,
+    encode_closed,
+    encode_event,
+    entry_version_hint,
+)
 from a2a_redis.log.keys import Keys
 
 __all__ = [
     "APPEND_IF_NEW_SCRIPT",
     "DESTROYED",
+    "FETCH_BATCH",
     "HEARTBEAT",
     "AppendLedger",
+    "Position",
+    "Rows",
+    "StreamEntry",
     "StreamRetention",
     "append_commands",
+    "check_not_trimmed",
     "close_commands",
+    "decode_rows",
     "destroy_commands",
+    "format_position",
     "pack_fields",
     "parse_entry_id",
+    "read_entries",
     "retention_commands",
     "unpack_wake",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,38 +107,8 @@ def append_commands(
 
     Raises ``PayloadTooLargeError`` if the encoded event is over ``max_bytes``.
     """
-    stream = keys.events(task_id)
-    fields: list[bytes] = []
-    for name, value in encode_event(version, event, key=stream, limit=max_bytes).items():
-        fields += (name, value)
-    return [
-        ("XADD", stream, "MAXLEN", "~", retention.maxlen, "*", *fields),
-        *retention_commands(keys, task_id, terminal=terminal, retention=retention),
-        (keys.publish, keys.wake(task_id), WITH_ENTRY_ID + pack_fields(fields)),
-    ]
-
-
-#: Runs a batch as ``transaction.BATCH_SCRIPT`` does (its ARGV from the second on), unless
-#: the stream KEYS[1] already ends at task version ARGV[1] or later: then the event is a copy
-#: of one already logged (the SDK republishes a task it reloaded after losing a race to
-#: another replica's write), and the script returns 0 without appending it.
-APPEND_IF_NEW_SCRIPT = b"""local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
-if last then
-  local fields = last[2]
-  for j = 1, #fields, 2 do
-    if fields[j] == 'v' then
-      if (tonumber(fields[j + 1]) or 0) >= tonumber(ARGV[1]) then return 0 end
-      break
-    end
-  end
-end
-""" + BATCH_SCRIPT.replace(b"local first = 1\n", b"local first = 2\n", 1)
-assert APPEND_IF_NEW_SCRIPT.count(b"local first = 2") == 1
-
-#: Wake payload announcing that a task's stream was destroyed: its subscribers end.
-DESTROYED = b"destroyed"
-#: Wake payload by which a queue's owner says it is alive (no entry to read).
-HEARTBEAT = b"hb"
+    fields = encode_event(version, event, key=keys.events(task_id), limit=max_bytes)
+    return _entry_commands(keys, task_id, fields, terminal=terminal, retention=retention)
 
 
 def close_commands(
@@ -122,15 +118,50 @@ def close_commands(
 
     ``token`` names the opening of the queue being closed (its lease token).
     """
-    stream = keys.events(task_id)
-    fields: list[bytes] = []
-    for name, value in encode_closed(token).items():
-        fields += (name, value)
+    return _entry_commands(keys, task_id, encode_closed(token), terminal=True, retention=retention)
+
+
+def _entry_commands(
+    keys: Keys,
+    task_id: str,
+    entry: dict[bytes, bytes],
+    *,
+    terminal: bool,
+    retention: StreamRetention,
+) -> list[Command]:
+    """XADD ``entry`` (capped), set the stream's TTL, and publish a wake-up carrying it."""
+    fields = [part for item in entry.items() for part in item]
     return [
-        ("XADD", stream, "MAXLEN", "~", retention.maxlen, "*", *fields),
-        *retention_commands(keys, task_id, terminal=True, retention=retention),
+        ("XADD", keys.events(task_id), "MAXLEN", "~", retention.maxlen, "*", *fields),
+        *retention_commands(keys, task_id, terminal=terminal, retention=retention),
         (keys.publish, keys.wake(task_id), WITH_ENTRY_ID + pack_fields(fields)),
     ]
+
+
+#: Runs a batch as ``transaction.BATCH_SCRIPT`` does (its ARGV from the second on), unless
+#: the stream KEYS[1] already ends at task version ARGV[1] or later: then the event is a copy
+#: of one already logged (the SDK republishes a task it reloaded after losing a race to
+#: another replica's write), and the script returns 0 without appending it.
+APPEND_IF_NEW_SCRIPT = (
+    b"""local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+if last then
+  local fields = last[2]
+  for j = 1, #fields, 2 do
+    if fields[j] == 'v' then
+      if (tonumber(fields[j + 1]) or 0) >= tonumber(ARGV[1]) then return 0 end
+      break
+    end
+  end
+end
+local first = 2
+"""
+    + BATCH_BODY
+)
+
+#: Wake payload announcing that a task's stream was destroyed: its subscribers end.
+DESTROYED = b"destroyed"
+#: Wake payload by which a queue's owner says it is alive (no entry to read).
+HEARTBEAT = b"hb"
 
 
 def destroy_commands(keys: Keys, task_id: str) -> list[Command]:
@@ -199,7 +230,98 @@ class AppendLedger:
         return True
 
 
-def parse_entry_id(entry_id: bytes) -> tuple[int, int]:
+# -- reading -----------------------------------------------------------------------------
+FETCH_BATCH = 512  # entries per XRANGE
+#: A stream entry's id as a comparable ``(ms, seq)``.
+Position = tuple[int, int]
+#: XRANGE rows: ``(entry id, fields)``.
+Rows = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def parse_entry_id(entry_id: bytes) -> Position:
     """A stream entry id ``b"ms-seq"`` as a comparable tuple."""
     ms, _, seq = entry_id.partition(b"-")
     return int(ms), int(seq or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEntry:
+    """One decoded stream entry (or, with ``error`` set, one that could not be decoded)."""
+
+    position: Position
+    version: int  # -1: unknown (an undecodable entry whose version could not be read)
+    event: Event | None  # None: the task's event queue was closed here, or ``error``
+    error: CorruptDataError | None = None
+
+
+def format_position(position: Position) -> str:
+    """A position as a stream entry id."""
+    return f"{position[0]}-{position[1]}"
+
+
+def decode_rows(key: str, rows: Rows) -> list[StreamEntry]:
+    """Decode XRANGE rows.
+
+    An undecodable entry becomes a :class:`StreamEntry` carrying the typed error (naming
+    the key and the entry id; its version if that much can be read, else -1), logged at
+    WARNING without its bytes: readers decide what it means for them.
+    """
+    out = []
+    for entry_id, fields in rows:
+        position = parse_entry_id(entry_id)
+        try:
+            version, event = decode_event(key, fields)
+        except CorruptDataError as e:
+            where = format_position(position)
+            logger.warning("%s: stream entry %s cannot be read: %s", key, where, e.reason)
+            error = type(e)(f"stream entry {where} cannot be read: {e.reason}", key=key)
+            out.append(StreamEntry(position, entry_version_hint(fields), None, error))
+            continue
+        out.append(StreamEntry(position, version, event))
+    return out
+
+
+async def read_entries(
+    redis: Client, key: str, after: Position, *, check_trim: bool = False, count: int = FETCH_BATCH
+) -> tuple[list[StreamEntry], Position]:
+    """Entries after ``after`` (one batch of ``count``), and the position of the last row read.
+
+    With ``check_trim`` (one more round trip), raises :class:`SubscriberLagError` if
+    entries after ``after`` were trimmed away before they could be read.
+    """
+    rows = cast(
+        Rows, await redis.xrange(key, min="(" + format_position(after), max="+", count=count)
+    )
+    if check_trim and after != (0, 0):
+        await check_not_trimmed(redis, key, after)
+    last = parse_entry_id(rows[-1][0]) if rows else after
+    return decode_rows(key, rows), last
+
+
+async def check_not_trimmed(redis: Client, key: str, after: Position) -> None:
+    """Raise :class:`SubscriberLagError` if entries after ``after`` may have been trimmed.
+
+    ``after`` (0, 0) asks whether anything was ever trimmed. Otherwise ``after`` is the
+    position of an entry this reader has seen: if the stream now starts beyond it, that
+    entry was trimmed (``MAXLEN``), and so may have been its successors. This errs on the
+    side of telling: a reader is never left to skip events silently. (``XINFO STREAM``'s
+    ``max-deleted-entry-id`` does not help: trimming does not move it, only XDEL does.)
+    """
+    try:
+        info: dict[Any, Any] = await redis.xinfo_stream(key)
+    except rex.ResponseError:
+        return  # no such stream (expired or destroyed): nothing was trimmed after us
+    first = info.get("first-entry")
+    if first is None:
+        return
+    if after == (0, 0):
+        added, length = info.get("entries-added"), info.get("length")
+        lost = added is not None and length is not None and int(added) > int(length)
+    else:
+        lost = parse_entry_id(first[0]) > after
+    if lost:
+        raise SubscriberLagError(
+            f"events after {format_position(after)} were trimmed (MAXLEN) before this "
+            "reader could read them",
+            key=key,
+        )

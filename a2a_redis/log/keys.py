@@ -34,6 +34,7 @@ import functools
 import re
 
 from a2a_redis.errors import InvalidIdError
+from a2a_redis.log.codec import utf8
 
 __all__ = ["MAX_ID_BYTES", "Keys", "encode_id"]
 
@@ -61,7 +62,7 @@ def encode_id(value: str) -> str:
 
 
 def _encode(value: str) -> str:
-    raw = value.encode("utf-8", "surrogatepass")
+    raw = utf8(value)
     if len(raw) > MAX_ID_BYTES:
         raise InvalidIdError(f"an id of {len(raw)} bytes is over the {MAX_ID_BYTES}-byte limit")
     if all(b in _SAFE for b in raw):

@@ -66,11 +66,17 @@ from a2a_redis.errors import (
     CorruptDataError,
     DecryptionError,
     InvalidIdError,
-    UnsupportedSchemaError,
     redis_errors,
     require_binary_client,
 )
-from a2a_redis.log.codec import MAX_PAYLOAD_BYTES, check_payload_size
+from a2a_redis.log.codec import (
+    MAX_PAYLOAD_BYTES,
+    SCHEMA_VERSION,
+    check_payload_size,
+    check_schema,
+    decode_text,
+    utf8,
+)
 from a2a_redis.log.keys import encode_id
 
 if TYPE_CHECKING:
@@ -80,7 +86,6 @@ __all__ = ["SCHEMA_VERSION", "DecryptionError", "RedisPushNotificationConfigStor
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 _SEQ = b"#seq"
 _CORRUPT = "A2A_CORRUPT"
 
@@ -127,12 +132,8 @@ return n
 """
 
 
-def _raw(text: str) -> bytes:
-    return text.encode("utf-8", "surrogatepass")
-
-
 def _field(key: str, owner: str, config_id: str) -> bytes:
-    return _raw(_owner_prefix(key, owner) + _encode(key, "config id", config_id))
+    return utf8(_owner_prefix(key, owner) + _encode(key, "config id", config_id))
 
 
 def _owner_prefix(key: str, owner: str) -> str:
@@ -223,7 +224,7 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
             except UnicodeEncodeError:
                 raise InvalidIdError("task id is not valid UTF-8", key=key) from None
         config = normalize_push_notification_config(task_id, notification_config)
-        owner_raw = _raw(owner)
+        owner_raw = utf8(owner)
         data = config.SerializeToString()
         check_payload_size(key, "push config", len(data), self._max_bytes)
         field = _field(key, owner, config.id)
@@ -258,7 +259,7 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
         One round trip (HGETALL). Another owner's undecodable record does not affect it.
         """
         key = self.keys.push_configs(task_id)
-        return await self._read(task_id, _raw(_owner_prefix(key, self.owner_resolver(context))))
+        return await self._read(task_id, utf8(_owner_prefix(key, self.owner_resolver(context))))
 
     async def get_info_for_dispatch(self, task_id: str) -> list[TaskPushNotificationConfig]:
         """Every owner's configs for the task, in the order they were last set.
@@ -282,7 +283,7 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
         owner = self.owner_resolver(context)
         key = self.keys.push_configs(task_id)
         if config_id is None:
-            args = [b"owner", _raw(_owner_prefix(key, owner))]
+            args = [b"owner", utf8(_owner_prefix(key, owner))]
         else:
             args = [b"one", _field(key, owner, config_id)]
         with redis_errors("delete push config", key):
@@ -321,15 +322,9 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
             raise CorruptDataError(f"push config {field!r} is not an envelope: {e}", key=key) from e
         if not isinstance(envelope, list) or not envelope:
             raise CorruptDataError(f"push config {field!r} is not an envelope", key=key)
-        schema = envelope[0]
-        if isinstance(schema, int) and schema > SCHEMA_VERSION:
-            raise UnsupportedSchemaError(
-                f"push config has schema version {schema}, this release reads "
-                f"{SCHEMA_VERSION}: upgrade a2a-redis",
-                key=key,
-            )
-        if schema != SCHEMA_VERSION or len(envelope) != 5:
-            raise CorruptDataError(f"push config {field!r} has no valid schema", key=key)
+        check_schema(key, envelope[0], f"push config {field!r}")
+        if len(envelope) != 5:
+            raise CorruptDataError(f"push config {field!r} is not an envelope", key=key)
         _, seq, owner_raw, sealed, payload = envelope
         if not (
             isinstance(seq, int)
@@ -338,20 +333,15 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
             and isinstance(payload, bytes)
         ):
             raise CorruptDataError(f"push config {field!r} has malformed fields", key=key)
-        try:
-            owner = owner_raw.decode("utf-8", "surrogatepass")
-        except UnicodeDecodeError:
-            raise CorruptDataError(
-                f"push config {field!r} has an undecodable owner", key=key
-            ) from None
-        if _raw(_encode(key, "owner", owner)) != owner_part:
+        owner = decode_text(key, f"push config {field!r} owner", owner_raw)
+        if utf8(_encode(key, "owner", owner)) != owner_part:
             raise CorruptDataError(f"push config {field!r} names another owner", key=key)
         data = self._open(key, field, owner_raw, payload) if sealed else payload
         try:
             config = TaskPushNotificationConfig.FromString(data)
         except (DecodeError, RuntimeWarning) as e:
             raise CorruptDataError(f"push config {field!r} is not a valid config", key=key) from e
-        if config.task_id != task_id or _raw(_encode(key, "config id", config.id)) != id_part:
+        if config.task_id != task_id or utf8(_encode(key, "config id", config.id)) != id_part:
             raise CorruptDataError(
                 f"push config {field!r} belongs to another task or config id", key=key
             )

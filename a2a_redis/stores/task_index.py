@@ -59,11 +59,13 @@ from a2a_redis.log.codec import (
     RecordHead,
     decode_locator,
     decode_task,
+    decode_text,
     encode_locator,
     member_cursor,
     member_for_cursor,
     member_task_id,
     member_timestamp_floor,
+    utf8,
 )
 from a2a_redis.log.keys import Keys
 
@@ -130,7 +132,7 @@ class TaskIndex:
     @staticmethod
     def pending_mark(task_id: str, write_id: bytes) -> bytes:
         """The pending mark of one write: its write id, then the task id."""
-        return write_id + task_id.encode("utf-8", "surrogatepass")
+        return write_id + utf8(task_id)
 
     async def begin(self, owner: str, mark: bytes) -> None:
         """Mark a write as pending in the owner's slot, before it commits (one round trip)."""
@@ -169,14 +171,15 @@ class TaskIndex:
                 pipe.hmget(key, [F_OWNER, F_CONTEXT, F_STATE, F_MEMBER])
             rows = await execute(pipe)
         commands: list[Command] = []
-        mine = owner.encode("utf-8", "surrogatepass")
+        mine = utf8(owner)
         for owner_raw, context, state, member in rows:
             if owner_raw != mine or member is None:
                 continue  # deleted, or another owner's: nothing of ours to index
             state_n = int(state) if state and state.isdigit() and len(state) < 10 else 0
             try:
-                indexes = self._keys.indexes(owner, _text(context or b""), state_n)
-            except (UnicodeDecodeError, InvalidIdError):
+                context_id = decode_text(pending, "c", context or b"")
+                indexes = self._keys.indexes(owner, context_id, state_n)
+            except (CorruptDataError, InvalidIdError):
                 continue  # a corrupt record: reading it says so
             for key in indexes:
                 commands.append(("ZADD", key, 0, member))
@@ -188,8 +191,8 @@ class TaskIndex:
     def _mark_key(self, mark: bytes) -> str | None:
         """The task key a pending mark names (None for a mark that cannot name one)."""
         try:
-            return self._keys.task(_text(mark[8:]))
-        except (UnicodeDecodeError, InvalidIdError):
+            return self._keys.task(decode_text("", "pending mark", mark[8:]))
+        except (CorruptDataError, InvalidIdError):
             return None
 
     # -- purge ---------------------------------------------------------------------------
@@ -249,7 +252,7 @@ class TaskIndex:
             if (
                 owner_raw is not None
                 and member is not None
-                and owner_raw == owner.encode("utf-8", "surrogatepass")
+                and owner_raw == utf8(owner)
                 and (low == b"-" or member >= low[1:])
             ):
                 pipe.zscore(index, member)
@@ -326,7 +329,7 @@ class TaskIndex:
             rows = await execute(pipe)
         tasks: list[Task] = []
         stale: list[bytes] = []
-        mine = owner.encode("utf-8", "surrogatepass")
+        mine = utf8(owner)
         for (task_id, key), entry, (schema, owner_raw, payload, member) in zip(
             named, members, rows, strict=True
         ):
@@ -348,7 +351,3 @@ class TaskIndex:
                 continue
             tasks.append(task)
         return tasks, stale
-
-
-def _text(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogatepass")

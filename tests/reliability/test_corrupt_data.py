@@ -43,7 +43,6 @@ from a2a_redis import (
     VersionedRedisTaskStore,
 )
 from a2a_redis.connection.cluster import is_cluster
-from a2a_redis.events.listener import decode_rows
 from a2a_redis.log.codec import (
     decode_event,
     decode_head,
@@ -52,7 +51,7 @@ from a2a_redis.log.codec import (
     member_cursor,
     member_task_id,
 )
-from a2a_redis.log.event_log import unpack_wake
+from a2a_redis.log.event_log import decode_rows, unpack_wake
 from tests.helpers import ctx, make_task
 
 MISSING = TaskVersion.MISSING

@@ -193,7 +193,7 @@ LOOP_NOISE = (
 )
 #: Per-task and per-subscriber objects of ours, the SDK's and asyncio's: none may be left.
 PER_TASK = (
-    "a2a_redis.events.listener.Feed",
+    "a2a_redis.events.listener.TaskFeed",
     "a2a_redis.events.listener.StreamEntry",
     "a2a_redis.events.leases._Lease",
     "a2a_redis.events.event_stream._OwnerWatch",

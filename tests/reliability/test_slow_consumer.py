@@ -26,9 +26,9 @@ from a2a.server.events.event_queue import EventQueueLegacy, QueueShutDown
 from a2a.types.a2a_pb2 import SubscribeToTaskRequest, TaskState
 
 from a2a_redis import RedisBackend, SubscriberLagError
-from a2a_redis.events.listener import TURN, StreamEntry
+from a2a_redis.events.listener import SUBSCRIBER_BATCH
 from a2a_redis.events.queue_manager import RedisQueueManager
-from a2a_redis.log.event_log import StreamRetention
+from a2a_redis.log.event_log import StreamEntry, StreamRetention
 from tests.helpers import agent_card, connect, ctx, make_task, numbered
 
 S = TaskState
@@ -148,7 +148,7 @@ async def test_a_subscriber_that_never_reads_fails_late_and_holds_back_no_one(pa
 @pytest.mark.parametrize("maxlen", [5_000])
 async def test_subscribers_stalled_mid_burst_hold_at_most_one_turn_each(pair):
     """Behind by a burst, a subscriber is handed entries a turn at a time: if it stalls
-    there, it holds at most TURN entries, not the burst (the rest stays in Redis)."""
+    there, it holds at most SUBSCRIBER_BATCH entries, not the burst (the rest stays in Redis)."""
     a, b = pair
     writer = Writer(a)
     start = await writer.start()
@@ -177,7 +177,7 @@ async def test_subscribers_stalled_mid_burst_hold_at_most_one_turn_each(pair):
     for s in stalled:
         await s.aclose()
     held = with_them - entries()
-    assert held <= 5 * TURN, held  # (before the turn: about 5 x 300)
+    assert held <= 5 * SUBSCRIBER_BATCH, held  # (before the turn: about 5 x 300)
     await keeper_gen.aclose()
 
 

@@ -20,7 +20,7 @@ import asyncio
 import pytest
 
 from a2a_redis import RedisBackend, RedisUnavailableError
-from a2a_redis.events.listener import Position, StreamEntry
+from a2a_redis.log.event_log import Position, StreamEntry
 from a2a_redis.ops.embedded import EmbeddedServer
 
 GUARD = 30.0  # seconds: a hang guard only
