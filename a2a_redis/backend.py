@@ -27,13 +27,11 @@ from a2a.server.request_handlers import (
 )
 from a2a.types import AgentCard
 from redis import exceptions as rex
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 
-from a2a_redis.connection.cluster import CLUSTER_SCHEMES, Client, cluster_client, is_cluster
+from a2a_redis.connection.clients import client_from_url
+from a2a_redis.connection.cluster import Client, is_cluster
 from a2a_redis.connection.durability import Durability
-from a2a_redis.connection.sentinel import is_sentinel_url, sentinel_client
+from a2a_redis.connection.pool import PoolSettings
 from a2a_redis.errors import redis_errors
 from a2a_redis.events.event_stream import RedisTaskEventStream
 from a2a_redis.events.leases import LeaseKeeper
@@ -41,12 +39,11 @@ from a2a_redis.events.listener import StreamListener
 from a2a_redis.events.queue_manager import RedisQueueManager
 from a2a_redis.log.codec import MAX_PAYLOAD_BYTES
 from a2a_redis.log.event_log import StreamRetention
+from a2a_redis.options import DEFAULT_LEASE_TTL, Options
 from a2a_redis.stores.push_config_store import RedisPushNotificationConfigStore
 from a2a_redis.stores.task_store import RedisTaskStore, VersionedRedisTaskStore
 
 __all__ = ["RedisBackend"]
-
-_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class RedisBackend:
@@ -74,7 +71,7 @@ class RedisBackend:
         owner_resolver: OwnerResolver = resolve_user_scope,
         terminal_ttl: float | None = None,
         stream_retention: StreamRetention | None = None,
-        lease_ttl: float = 10.0,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
         encryption_key: bytes | str | None = None,
         durability: Durability | None = None,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
@@ -85,34 +82,28 @@ class RedisBackend:
             raise ValueError("durability (WAIT) is not supported on Redis Cluster yet")
         self.redis = redis
         self._owns_client = False
-        self.task_store = VersionedRedisTaskStore(
-            redis,
+        self.options = options = Options(
             prefix=prefix,
             owner_resolver=owner_resolver,
             terminal_ttl=terminal_ttl,
-            stream_retention=stream_retention,
+            stream_retention=stream_retention or StreamRetention(),
+            lease_ttl=lease_ttl,
             durability=durability,
             max_payload_bytes=max_payload_bytes,
         )
+        self.task_store = VersionedRedisTaskStore.from_options(redis, options)
         self.listener = StreamListener(redis, self.task_store.keys)
         self.leases = LeaseKeeper(redis, self.task_store.keys, ttl=lease_ttl)
-        self.event_stream = RedisTaskEventStream(
-            redis, task_store=self.task_store, listener=self.listener, leases=self.leases
-        )
-        self.queue_manager = RedisQueueManager(
-            redis,
-            prefix=prefix,
-            listener=self.listener,
-            stream_retention=self.task_store.stream_retention,
-            lease_ttl=lease_ttl,
+        self.event_stream = RedisTaskEventStream.from_options(
+            redis, options, ledger=self.task_store.ledger, listener=self.listener,
             leases=self.leases,
-            durability=durability,
-            max_payload_bytes=max_payload_bytes,
-        )
-        self.push_config_store = RedisPushNotificationConfigStore(
-            redis, prefix=prefix, owner_resolver=owner_resolver, encryption_key=encryption_key,
-            durability=durability, max_payload_bytes=max_payload_bytes,
         )  # fmt: skip
+        self.queue_manager = RedisQueueManager.from_options(
+            redis, options, listener=self.listener, leases=self.leases
+        )
+        self.push_config_store = RedisPushNotificationConfigStore.from_options(
+            redis, options, encryption_key=encryption_key
+        )
 
     @classmethod
     def from_url(
@@ -129,62 +120,29 @@ class RedisBackend:
     ) -> RedisBackend:
         """Connect to a Redis URL; the backend owns the client it creates.
 
-        ``redis://``, ``rediss://`` (TLS) or ``unix://`` (password and db in it), or a Redis
+        ``redis://``, ``rediss://`` (TLS) or ``unix://`` (password and db in it), a Redis
         Cluster: ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` for
         TLS; ``max_connections`` then bounds concurrent operations, each node's pool has
-        that size, and ``pool_timeout`` is how long an operation waits for its turn).
+        that size, and ``pool_timeout`` is how long an operation waits for its turn), or
+        ``redis+sentinel://`` and ``rediss+sentinel://`` through Sentinel (see
+        :mod:`a2a_redis.connection.sentinel`).
 
         The backend owns the pool it creates: ``max_connections`` (default 64) shared by
         every component, waiting up to ``pool_timeout`` seconds for a free connection
         (one is held by the pub/sub listener). ``options`` go to :class:`RedisBackend`.
         A command that meets a closed connection is retried ``retries`` times (default 3)
         with a short jittered backoff. Nothing connects until first use; :meth:`ping` checks
-        the server. ``redis+sentinel://`` and ``rediss+sentinel://`` URLs connect through
-        Sentinel (see :mod:`a2a_redis.connection.sentinel`), with the same pool options.
+        the server.
         """
-        if is_sentinel_url(url):
-            backend = cls(
-                sentinel_client(
-                    url, max_connections=max_connections, pool_timeout=pool_timeout,
-                    socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout,
-                    health_check_interval=health_check_interval, retries=retries,
-                ),
-                **options,
-            )  # fmt: skip
-            backend._owns_client = True
-            return backend
-        if url.startswith(tuple(f"{s}://" for s in CLUSTER_SCHEMES)):
-            client: Client = cluster_client(
-                url,
-                max_connections=max_connections,
-                pool_timeout=pool_timeout,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_connect_timeout,
-                health_check_interval=health_check_interval,
-                retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.5), retries),
-            )
-            backend = cls(client, **options)
-            backend._owns_client = True
-            return backend
-        if not url.startswith(_SCHEMES):
-            raise ValueError(
-                f"unsupported Redis URL {url.split('://')[0]!r}://: use redis://, rediss:// "
-                "(TLS), unix:// or redis+cluster://"
-            )
-        pool = BlockingConnectionPool.from_url(
-            url,
+        settings = PoolSettings(
             max_connections=max_connections,
-            timeout=pool_timeout,
+            pool_timeout=pool_timeout,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_connect_timeout,
             health_check_interval=health_check_interval,
-            # A pooled connection the server closed while idle (its `timeout`, a proxy, a
-            # restart) is reopened and the command re-sent, as redis-py's own Redis(...)
-            # does by default; a pool built from a URL would otherwise get no retry at all.
-            # (Task-store writes use their own transaction and write id, not this.)
-            retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.5), retries),
+            retries=retries,
         )
-        backend = cls(Redis.from_pool(pool), **options)
+        backend = cls(client_from_url(url, settings), **options)
         backend._owns_client = True
         return backend
 

@@ -134,7 +134,9 @@ async def test_url_forms_password_db_and_unix_socket(prefix: str):
 
 
 def test_unsupported_url_scheme_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"redis://, rediss:// .* unix:// or redis\+cluster://"):
+    with pytest.raises(
+        ValueError, match=r"redis://, rediss:// .* unix://, redis\+cluster:// or redis\+sentinel://"
+    ):
         RedisBackend.from_url("http://localhost:6379")
 
 

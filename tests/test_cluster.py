@@ -15,7 +15,8 @@ from a2a.types.a2a_pb2 import ListTasksRequest, TaskState
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from a2a_redis import RedisBackend, VersionedRedisTaskStore, task_index
+from a2a_redis import RedisBackend, VersionedRedisTaskStore
+from a2a_redis.stores import task_index
 from a2a_redis.log.codec import index_member
 from a2a_redis.log.keys import Keys
 from a2a_redis.ops.embedded import EmbeddedCluster, EmbeddedServer, _command, call

@@ -26,7 +26,6 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 
 from a2a_redis.errors import PoolExhaustedError
-from a2a_redis.log.keys import Keys
 
 __all__ = [
     "CLUSTER_SCHEMES",
@@ -36,7 +35,6 @@ __all__ = [
     "checkout",
     "cluster_client",
     "is_cluster",
-    "keys_for",
     "node_client",
     "note_redirect",
 ]
@@ -60,11 +58,6 @@ class SlotMovedError(rex.ConnectionError):
 def is_cluster(redis: Any) -> TypeGuard[RedisCluster]:
     """True for a ``redis.asyncio.cluster.RedisCluster``."""
     return isinstance(redis, RedisCluster)
-
-
-def keys_for(redis: Any, prefix: str) -> Keys:
-    """The key builder for ``prefix`` on this client (shard channels on a cluster)."""
-    return Keys(prefix, sharded=is_cluster(redis))
 
 
 def node_client(node: ClusterNode, address: str | None = None) -> Redis:

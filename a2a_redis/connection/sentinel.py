@@ -32,9 +32,10 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS, SSLConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.backoff import NoBackoff
 
 from a2a_redis.connection.compat import reply_pairs
+from a2a_redis.connection.pool import PoolSettings
 
 if TYPE_CHECKING:
     from a2a_redis.ops.doctor import Report
@@ -179,26 +180,18 @@ class SentinelBlockingConnectionPool(SentinelConnectionPool, BlockingConnectionP
                 await self.sentinel_manager.aclose()
 
 
-def sentinel_client(
-    url: str,
-    *,
-    max_connections: int = 64,
-    pool_timeout: float = 10.0,
-    socket_timeout: float = 10.0,
-    socket_connect_timeout: float = 5.0,
-    health_check_interval: float = 30.0,
-    retries: int = 3,
-) -> Redis:
+def sentinel_client(url: str, settings: PoolSettings | None = None) -> Redis:
     """A client of the master a Sentinel URL names, on a blocking Sentinel-managed pool.
 
-    The pool options mean what they mean in ``RedisBackend.from_url``; options in the URL
-    override them. Nothing connects until first use. The client owns the pool and the
-    Sentinel connections: ``await client.aclose()`` closes both.
+    ``settings`` are the pool's (see ``PoolSettings``); options in the URL override them.
+    Nothing connects until first use. The client owns the pool and the Sentinel
+    connections: ``await client.aclose()`` closes both.
     """
+    s = settings or PoolSettings()
     parsed = parse_sentinel_url(url)
     sentinel_kwargs: dict[str, Any] = {
-        "socket_timeout": socket_timeout,
-        "socket_connect_timeout": socket_connect_timeout,
+        "socket_timeout": s.socket_timeout,
+        "socket_connect_timeout": s.socket_connect_timeout,
         # a Sentinel that does not answer is skipped for the next one, not retried
         "retry": Retry(NoBackoff(), 0),
         **parsed.sentinel_kwargs,
@@ -209,14 +202,14 @@ def sentinel_client(
         sentinel_kwargs=sentinel_kwargs,
     )
     options: dict[str, Any] = {
-        "max_connections": max_connections,
-        "timeout": pool_timeout,
-        "socket_timeout": socket_timeout,
-        "socket_connect_timeout": socket_connect_timeout,
-        "health_check_interval": health_check_interval,
-        # as RedisBackend.from_url: a closed pooled connection is reopened (asking the
+        "max_connections": s.max_connections,
+        "timeout": s.pool_timeout,
+        "socket_timeout": s.socket_timeout,
+        "socket_connect_timeout": s.socket_connect_timeout,
+        "health_check_interval": s.health_check_interval,
+        # as for the other URLs: a closed pooled connection is reopened (asking the
         # Sentinels for the master again) and the command re-sent
-        "retry": Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.5), retries),
+        "retry": s.retry(),
         **parsed.connection_kwargs,
     }
     pool = SentinelBlockingConnectionPool(

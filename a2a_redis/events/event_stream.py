@@ -30,13 +30,14 @@ id. The other subscribers of the task, and of every other task, carry on.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 from typing import cast
 
 from a2a.server.cluster import TaskEventStream, TaskVersion, VersionedEvent
 from a2a.server.events.event_queue import Event
 from a2a.types.a2a_pb2 import Message, TaskArtifactUpdateEvent
 
-from a2a_redis.connection.cluster import Client, keys_for
+from a2a_redis.connection.cluster import Client
 from a2a_redis.connection.durability import Durability, run_script
 from a2a_redis.connection.transaction import batch_args, run_atomically
 from a2a_redis.errors import redis_errors
@@ -58,6 +59,8 @@ from a2a_redis.log.event_log import (
     parse_entry_id,
     read_entries,
 )
+from a2a_redis.log.keys import Keys
+from a2a_redis.options import DEFAULT_LEASE_TTL, Options
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
 
 __all__ = ["RedisTaskEventStream"]
@@ -131,30 +134,69 @@ class RedisTaskEventStream(TaskEventStream):
         stream_retention: StreamRetention | None = None,
         listener: StreamListener | None = None,
         leases: LeaseKeeper | None = None,
-        lease_ttl: float = 10.0,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
         durability: Durability | None = None,
         max_payload_bytes: int | None = None,
     ) -> None:
         if task_store is not None:
             if task_store.keys.prefix != prefix and prefix != "a2a":
                 raise ValueError("prefix differs from the task store's prefix")
-            self._keys = task_store.keys
-            self._ledger = task_store.ledger
-            self._retention = task_store.stream_retention
-            self._durability = task_store.durability
-            self._max_bytes = max_payload_bytes or task_store.max_payload_bytes
+            options = replace(
+                task_store.options,
+                lease_ttl=lease_ttl,
+                max_payload_bytes=max_payload_bytes or task_store.options.max_payload_bytes,
+            )
         else:
-            self._keys = keys_for(redis, prefix)
-            self._ledger = AppendLedger()
-            self._retention = stream_retention or StreamRetention()
-            self._durability = durability
-            self._max_bytes = max_payload_bytes or MAX_PAYLOAD_BYTES
+            options = Options(
+                prefix=prefix,
+                stream_retention=stream_retention or StreamRetention(),
+                lease_ttl=lease_ttl,
+                durability=durability,
+                max_payload_bytes=max_payload_bytes or MAX_PAYLOAD_BYTES,
+            )
+        ledger = task_store.ledger if task_store is not None else None
+        self._setup(redis, options, ledger, listener, leases)
+
+    @classmethod
+    def from_options(
+        cls,
+        redis: Client,
+        options: Options,
+        *,
+        ledger: AppendLedger | None = None,
+        listener: StreamListener | None = None,
+        leases: LeaseKeeper | None = None,
+    ) -> RedisTaskEventStream:
+        """An event stream over ``redis`` with the backend's shared ``options``.
+
+        ``ledger`` is the paired task store's (``VersionedRedisTaskStore.ledger``), so that
+        ``publish`` skips what the store appended already.
+        """
+        stream = cls.__new__(cls)
+        stream._setup(redis, options, ledger, listener, leases)
+        return stream
+
+    def _setup(
+        self,
+        redis: Client,
+        options: Options,
+        ledger: AppendLedger | None,
+        listener: StreamListener | None,
+        leases: LeaseKeeper | None,
+    ) -> None:
         self._redis = redis
+        self._keys = Keys.for_client(redis, options.prefix)
+        self._ledger = AppendLedger() if ledger is None else ledger
+        self._retention = options.stream_retention
+        self._durability = options.durability
+        self._max_bytes = options.max_payload_bytes
         self._owns_listener = listener is None
-        self._listener = listener or StreamListener(redis, self._keys)
+        self._listener = StreamListener(redis, self._keys) if listener is None else listener
         self._append_if_new = redis.register_script(APPEND_IF_NEW_SCRIPT)
         self._owns_leases = leases is None
-        self._leases = LeaseKeeper(redis, self._keys, ttl=lease_ttl) if leases is None else leases
+        self._leases = (
+            LeaseKeeper(redis, self._keys, ttl=options.lease_ttl) if leases is None else leases
+        )
 
     @property
     def listener(self) -> StreamListener:

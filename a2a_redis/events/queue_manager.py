@@ -31,7 +31,7 @@ from typing import cast
 from a2a.server.events.event_queue import DEFAULT_MAX_QUEUE_SIZE, Event, EventQueueLegacy
 from a2a.server.events.queue_manager import NoTaskQueue, QueueManager, TaskQueueExists
 
-from a2a_redis.connection.cluster import Client, keys_for
+from a2a_redis.connection.cluster import Client
 from a2a_redis.connection.durability import Durability
 from a2a_redis.connection.transaction import run_atomically
 from a2a_redis.errors import A2ARedisError, OwnerLostError, redis_errors
@@ -48,6 +48,8 @@ from a2a_redis.log.event_log import (
     decode_rows,
     parse_entry_id,
 )
+from a2a_redis.log.keys import Keys
+from a2a_redis.options import DEFAULT_LEASE_TTL, Options
 
 __all__ = ["RedisQueueManager"]
 
@@ -126,24 +128,56 @@ class RedisQueueManager(QueueManager):
         prefix: str = "a2a",
         listener: StreamListener | None = None,
         stream_retention: StreamRetention | None = None,
-        lease_ttl: float = 10.0,
+        lease_ttl: float = DEFAULT_LEASE_TTL,
         tap_max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
         leases: LeaseKeeper | None = None,
         durability: Durability | None = None,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     ) -> None:
-        if lease_ttl <= 0:
-            raise ValueError("lease_ttl must be positive seconds")
+        options = Options(
+            prefix=prefix,
+            stream_retention=stream_retention or StreamRetention(),
+            lease_ttl=lease_ttl,
+            durability=durability,
+            max_payload_bytes=max_payload_bytes,
+        )
+        self._setup(redis, options, listener, leases, tap_max_queue_size)
+
+    @classmethod
+    def from_options(
+        cls,
+        redis: Client,
+        options: Options,
+        *,
+        listener: StreamListener | None = None,
+        leases: LeaseKeeper | None = None,
+        tap_max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+    ) -> RedisQueueManager:
+        """A queue manager over ``redis`` with the backend's shared ``options``."""
+        manager = cls.__new__(cls)
+        manager._setup(redis, options, listener, leases, tap_max_queue_size)
+        return manager
+
+    def _setup(
+        self,
+        redis: Client,
+        options: Options,
+        listener: StreamListener | None,
+        leases: LeaseKeeper | None,
+        tap_max_queue_size: int,
+    ) -> None:
         self._redis = redis
-        self._keys = keys_for(redis, prefix)
+        self._keys = Keys.for_client(redis, options.prefix)
         self._owns_listener = listener is None
-        self._listener = listener or StreamListener(redis, self._keys)
-        self._retention = stream_retention or StreamRetention()
+        self._listener = StreamListener(redis, self._keys) if listener is None else listener
+        self._retention = options.stream_retention
         self._owns_keeper = leases is None
-        self._keeper = LeaseKeeper(redis, self._keys, ttl=lease_ttl) if leases is None else leases
+        self._keeper = (
+            LeaseKeeper(redis, self._keys, ttl=options.lease_ttl) if leases is None else leases
+        )
         self._tap_size = tap_max_queue_size
-        self._durability = durability
-        self._max_bytes = max_payload_bytes
+        self._durability = options.durability
+        self._max_bytes = options.max_payload_bytes
         self._queues: dict[str, EventQueueLegacy] = {}  # queues this replica owns
         self._leases: dict[str, bytes] = {}  # owned queues still open -> their lease token
         self._taps: set[_RemoteTap] = set()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import re
 
+from a2a_redis.connection.cluster import is_cluster
 from a2a_redis.errors import InvalidIdError
 from a2a_redis.log.codec import utf8
 
@@ -102,6 +103,11 @@ class Keys:
         self.sharded = sharded
         #: The command that publishes on a wake channel: ``SPUBLISH`` or ``PUBLISH``.
         self.publish = "SPUBLISH" if sharded else "PUBLISH"
+
+    @classmethod
+    def for_client(cls, redis: object, prefix: str) -> Keys:
+        """The key builder for ``prefix`` on this client (shard channels on a cluster)."""
+        return cls(prefix, sharded=is_cluster(redis))
 
     def _encode(self, value: str, what: str, where: str) -> str:
         """``encode_id(value)``; an over-long id raises naming the key (``where``, elided)."""

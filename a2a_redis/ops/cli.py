@@ -38,10 +38,10 @@ from a2a.utils.errors import A2AError
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from redis import exceptions as rex
-from redis.asyncio import Redis
 
-from a2a_redis.connection.cluster import CLUSTER_SCHEMES, Client, cluster_client
-from a2a_redis.connection.sentinel import is_sentinel_url, sentinel_client
+from a2a_redis.connection.clients import client_from_url
+from a2a_redis.connection.cluster import Client
+from a2a_redis.connection.pool import PoolSettings
 from a2a_redis.errors import A2ARedisError
 from a2a_redis.events.event_stream import RedisTaskEventStream
 from a2a_redis.log.codec import TERMINAL_STATES, version_int
@@ -134,13 +134,8 @@ def _timestamp(ts: Timestamp, present: bool) -> str:
 @contextlib.asynccontextmanager
 async def _connect(url: str) -> AsyncIterator[Client]:
     """A client of ``url`` that has answered a PING; closed on exit."""
-    client: Client
-    if is_sentinel_url(url):  # redis+sentinel://: the master the Sentinels name
-        client = sentinel_client(url, socket_connect_timeout=5.0, retries=0)
-    elif url.startswith(tuple(f"{s}://" for s in CLUSTER_SCHEMES)):
-        client = cluster_client(url, socket_connect_timeout=5.0)
-    else:
-        client = Redis.from_url(url, socket_connect_timeout=5.0)
+    # a command-line tool fails fast: no retry, a short connect timeout
+    client = client_from_url(url, PoolSettings(max_connections=8, retries=0))
     try:
         await client.ping()
         yield client

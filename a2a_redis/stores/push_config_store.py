@@ -60,7 +60,7 @@ from a2a.types.a2a_pb2 import TaskPushNotificationConfig
 from google.protobuf.message import DecodeError
 from redis import exceptions as rex
 
-from a2a_redis.connection.cluster import Client, keys_for
+from a2a_redis.connection.cluster import Client
 from a2a_redis.connection.durability import Durability, run_script
 from a2a_redis.errors import (
     CorruptDataError,
@@ -77,7 +77,8 @@ from a2a_redis.log.codec import (
     decode_text,
     utf8,
 )
-from a2a_redis.log.keys import encode_id
+from a2a_redis.log.keys import Keys, encode_id
+from a2a_redis.options import Options
 
 if TYPE_CHECKING:
     from cryptography.fernet import Fernet
@@ -179,13 +180,43 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
         durability: Durability | None = None,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     ) -> None:
+        options = Options(
+            prefix=prefix,
+            owner_resolver=owner_resolver,
+            durability=durability,
+            max_payload_bytes=max_payload_bytes,
+        )
+        self._setup(redis, options, encryption_key=encryption_key, ttl=ttl)
+
+    @classmethod
+    def from_options(
+        cls,
+        redis: Client,
+        options: Options,
+        *,
+        encryption_key: bytes | str | None = None,
+        ttl: float | None = None,
+    ) -> RedisPushNotificationConfigStore:
+        """A store over ``redis`` with the backend's shared ``options``."""
+        store = cls.__new__(cls)
+        store._setup(redis, options, encryption_key=encryption_key, ttl=ttl)
+        return store
+
+    def _setup(
+        self,
+        redis: Client,
+        options: Options,
+        *,
+        encryption_key: bytes | str | None,
+        ttl: float | None,
+    ) -> None:
         require_binary_client(redis)
         if ttl is not None and not ttl > 0:
             raise ValueError("ttl must be positive seconds, or None to keep configs")
         self.redis = redis
-        self.keys = keys_for(redis, prefix)
-        self.owner_resolver = owner_resolver
-        self._max_bytes = max_payload_bytes
+        self.keys = Keys.for_client(redis, options.prefix)
+        self.owner_resolver = options.owner_resolver
+        self._max_bytes = options.max_payload_bytes
         self._ttl_ms = b"0" if ttl is None else b"%d" % max(1, round(ttl * 1000))
         self._fernet: Fernet | None = None
         if encryption_key is not None:
@@ -200,7 +231,7 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
             self._fernet = Fernet(key)  # ValueError for a malformed key
         self._set = redis.register_script(_SET)
         self._delete = redis.register_script(_DELETE)
-        self._durability = durability
+        self._durability = options.durability
 
     # -- PushNotificationConfigStore ---------------------------------------------------------
     async def set_info(

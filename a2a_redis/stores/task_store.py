@@ -1,26 +1,17 @@
 """Task stores on Redis: ``VersionedRedisTaskStore`` (cluster mode) and ``RedisTaskStore``.
 
-Both are views of one record format (``codec.py``) under one prefix, so they see the same
-tasks. A task is a hash; every write is an optimistic transaction (WATCH + read, then
-MULTI/EXEC, see ``transaction.py``) that also keeps the owner's ListTasks indexes and, when
-the write carries an event, appends it to the task's stream with its version.
-
-Task ids are unique per prefix, as the SDK's runtime assumes (its active-task registry and
-its ``TaskEventStream`` are keyed by task id alone). The record names its owner: another
-owner's ``get`` sees None, its ``list`` does not see the task, its ``delete`` is a no-op,
-and its writes are refused (a version conflict for the versioned store,
-``TaskOwnedElsewhereError`` for the plain one) instead of overwriting the task.
+Both are views of one record engine (``records.py``) under one prefix, so they see the same
+tasks. Task ids are unique per prefix, as the SDK's runtime assumes (its active-task
+registry and its ``TaskEventStream`` are keyed by task id alone). The record names its
+owner: another owner's ``get`` sees None, its ``list`` does not see the task, its
+``delete`` is a no-op, and its writes are refused (a version conflict for the versioned
+store, ``TaskOwnedElsewhereError`` for the plain one) instead of overwriting the task.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import os
-import time
-from collections.abc import Callable
-from typing import cast
+import functools
+from typing import TypeVar
 
 from a2a.server.cluster import (
     ConcurrentTaskModificationError,
@@ -33,329 +24,72 @@ from a2a.server.events.event_queue import Event
 from a2a.server.owner_resolver import OwnerResolver, resolve_user_scope
 from a2a.server.tasks.task_store import TaskStore
 from a2a.types.a2a_pb2 import ListTasksRequest, ListTasksResponse, Task, TaskState
-from a2a.utils.proto_utils import to_stream_response
-from redis import exceptions as rex
 
-from a2a_redis.connection.cluster import Client, SlotMovedError, is_cluster, keys_for
+from a2a_redis.connection.cluster import Client
 from a2a_redis.connection.durability import Durability
-from a2a_redis.connection.transaction import Command, WatchedTransaction, backoff
-from a2a_redis.errors import (
-    A2ARedisError,
-    ContentionError,
-    RedisUnavailableError,
-    TaskOwnedElsewhereError,
-    raise_if_pool_exhausted,
-    redis_errors,
-    require_binary_client,
-)
-from a2a_redis.log.codec import (
-    F_OWNER,
-    F_SCHEMA,
-    F_TASK,
-    F_VERSION,
-    F_WRITE,
-    HEAD_FIELDS,
-    MAX_PAYLOAD_BYTES,
-    TERMINAL_STATES,
-    RecordHead,
-    check_payload_size,
-    decode_head,
-    decode_stored,
-    encode_record,
-    index_member,
-)
-from a2a_redis.log.event_log import (
-    AppendLedger,
-    StreamRetention,
-    append_commands,
-    destroy_commands,
-    retention_commands,
-)
+from a2a_redis.errors import TaskOwnedElsewhereError
+from a2a_redis.log.codec import MAX_PAYLOAD_BYTES, TERMINAL_STATES, RecordHead
+from a2a_redis.log.event_log import AppendLedger, StreamRetention
 from a2a_redis.log.keys import Keys
-from a2a_redis.stores.task_index import TaskIndex
+from a2a_redis.options import DEFAULT_MAX_ATTEMPTS, Options
+from a2a_redis.stores.records import TaskRecords
 
 __all__ = ["RedisTaskStore", "VersionedRedisTaskStore"]
 
-logger = logging.getLogger(__name__)
-
-#: Decides the new version from the stored record (None: absent), or raises.
-Decide = Callable[[RecordHead | None], int]
-
-DEFAULT_MAX_ATTEMPTS = 8
+_Store = TypeVar("_Store", bound="_OverRecords")
 
 
-class _TaskRecords:
-    """The record engine both stores share: read, optimistic write, delete, list."""
+class _OverRecords:
+    """The construction both stores share: keyword options, or ``from_options``."""
+
+    _records: TaskRecords
 
     def __init__(
         self,
         redis: Client,
         *,
-        prefix: str,
-        owner_resolver: OwnerResolver,
-        terminal_ttl: float | None,
-        stream_retention: StreamRetention,
-        max_attempts: int,
+        prefix: str = "a2a",
+        owner_resolver: OwnerResolver = resolve_user_scope,
+        terminal_ttl: float | None = None,
+        stream_retention: StreamRetention | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         durability: Durability | None = None,
-        max_payload_bytes: int,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     ) -> None:
-        require_binary_client(redis)
-        if terminal_ttl is not None and terminal_ttl <= 0:
-            raise ValueError("terminal_ttl must be positive seconds, or None to keep tasks")
-        if max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
-        if max_payload_bytes < 1:
-            raise ValueError("max_payload_bytes must be a positive number of bytes")
-        self.redis = redis
-        self.keys = keys_for(redis, prefix)
-        self.owner_resolver = owner_resolver
-        self.terminal_ttl = terminal_ttl
-        self.retention = stream_retention
-        self.max_attempts = max_attempts
-        self.max_payload_bytes = max_payload_bytes
-        self.index = TaskIndex(redis, self.keys, split=is_cluster(redis))
-        self.ledger = AppendLedger()
-        self.durability = durability
-
-    # -- read ----------------------------------------------------------------------------
-    async def read(self, task_id: str, owner: str) -> tuple[Task, int] | None:
-        """The owner's task and its version, or None. One round trip (HMGET)."""
-        key = self.keys.task(task_id)
-        self.keys.expiring(owner)  # an over-long owner raises InvalidIdError, as everywhere
-        with redis_errors("get task", key):
-            row = await self.redis.hmget(key, [F_SCHEMA, F_OWNER, F_VERSION, F_TASK])
-        stored = decode_stored(key, task_id, cast("list[bytes | None]", row))
-        if stored is None or stored[0] != owner:
-            return None
-        return stored[1], stored[2]
-
-    # -- write ---------------------------------------------------------------------------
-    def _write_commands(
-        self,
-        key: str,
-        task: Task,
-        payload: bytes,
-        owner: str,
-        version: int,
-        write_id: bytes,
-        old: RecordHead | None,
-        event: Event | None,
-    ) -> tuple[list[Command], list[Command], int]:
-        """The write's commands in the task's slot, its index commands, and its expiry.
-
-        Index commands join the task's MULTI on one server; on a cluster they run after it
-        in the owner's slot (``task_index.py``).
-        """
-        terminal = task.status.state in TERMINAL_STATES
-        expires_at = 0
-        if terminal and self.terminal_ttl is not None:
-            expires_at = int(time.time() * 1000 + self.terminal_ttl * 1000)
-        member = index_member(task)
-        fields: list[bytes] = []
-        record = encode_record(
-            task, payload, owner=owner, version=version, write_id=write_id, expires_at=expires_at
+        options = Options(
+            prefix=prefix,
+            owner_resolver=owner_resolver,
+            terminal_ttl=terminal_ttl,
+            stream_retention=stream_retention or StreamRetention(),
+            max_attempts=max_attempts,
+            durability=durability,
+            max_payload_bytes=max_payload_bytes,
         )
-        for name, value in record.items():
-            fields += (name, value)
-        cmds: list[Command] = [("HSET", key, *fields)]
-        push = self.keys.push_configs(task.id)  # the task's push configs share its lifetime
-        if expires_at:
-            cmds += [("PEXPIREAT", key, expires_at), ("PEXPIREAT", push, expires_at)]
-        elif old is not None and old.expires_at:
-            cmds += [("PERSIST", key), ("PERSIST", push)]
-        index_cmds = self.index.upkeep(owner, old, task, member, expires_at)
-        if not self.index.split:
-            cmds += index_cmds
-            index_cmds = []
-        if event is not None:
-            cmds += append_commands(
-                self.keys, task.id, version, event, terminal=terminal, retention=self.retention,
-                max_bytes=self.max_payload_bytes,
-            )  # fmt: skip
-        else:
-            cmds += retention_commands(
-                self.keys, task.id, terminal=terminal, retention=self.retention
-            )
-        return cmds, index_cmds, expires_at
+        self._records = TaskRecords(redis, options)
 
-    async def write(self, task: Task, owner: str, event: Event | None, decide: Decide) -> int:
-        """Write ``task`` for ``owner`` at the version ``decide`` picks; return that version.
+    @classmethod
+    def from_options(cls: type[_Store], redis: Client, options: Options) -> _Store:
+        """A store over ``redis`` with the backend's shared ``options``."""
+        return cls._sharing(TaskRecords(redis, options))
 
-        Round trips: 2 per attempt (WATCH + HMGET; MULTI ... EXEC), +1 (UNWATCH) when
-        ``decide`` refuses, +1-2 after a terminal write with a TTL (purge of expired index
-        entries); on a cluster +1 (the index update after the commit; the pending index
-        mark travels with the first WATCH).
-        A lost race (EXEC aborted), a transient connection error or a slot move is
-        retried, with jittered backoff, up to ``max_attempts`` times; each attempt re-reads
-        and decides again, so a conflict is reported as soon as the re-read shows one. A
-        random write id stored with the record makes a retry after a lost EXEC reply
-        recognise its own committed write instead of reporting a conflict.
-        """
-        key = self.keys.task(task.id)
-        payload = task.SerializeToString()
-        # Refuse what cannot be written before any round trip: over-long ids, big payloads.
-        self.keys.indexes(owner, task.context_id, task.status.state)
-        check_payload_size(key, "task", len(payload), self.max_payload_bytes)
-        if event is not None:
-            size = to_stream_response(event).ByteSize()
-            check_payload_size(self.keys.events(task.id), "event", size, self.max_payload_bytes)
-        write_id = os.urandom(8)
-        mark = self.index.pending_mark(task.id, write_id) if self.index.split else b""
-        # On a cluster the pending mark goes out with the first WATCH; commits wait for it.
-        marked = asyncio.ensure_future(self.index.begin(owner, mark)) if mark else None
-        index_cmds: list[Command] = []
-        settled = True  # False while a commit may have happened unseen (then a list repairs)
-        try:
-            for attempt in range(1, self.max_attempts + 1):
-                try:
-                    committed = await self._attempt(
-                        key, task, payload, owner, event, decide, write_id, marked
-                    )
-                except (rex.ConnectionError, rex.TimeoutError) as e:
-                    raise_if_pool_exhausted(e, "save", key)
-                    if attempt == self.max_attempts:
-                        settled = False
-                        raise RedisUnavailableError(
-                            f"Redis unavailable during save: {e}", key=key
-                        ) from e
-                    logger.warning(
-                        "save of task %r: %s; retrying (attempt %d)", task.id, e, attempt
-                    )
-                    await backoff(attempt, cap=0.5 if isinstance(e, SlotMovedError) else 0.05)
-                    continue
-                if committed is not None:
-                    version, expires_at, index_cmds = committed
-                    break
-                logger.debug("save of task %r lost a race (attempt %d)", task.id, attempt)
-                await backoff(attempt)
-            else:
-                raise ContentionError(
-                    f"save of task {task.id!r} lost {self.max_attempts} optimistic "
-                    "transactions in a row",
-                    key=key,
-                )
-        finally:
-            if marked is not None:
-                with contextlib.suppress(Exception):
-                    await marked  # never clear a mark before it is set
-            if mark and settled:  # committed: apply the index change; refused: clear the mark
-                await self.index.finish(owner, mark, index_cmds)
-        if event is not None:
-            self.ledger.record(task.id, version)
-        if expires_at:  # best effort: the save has committed whatever happens here
-            try:
-                await self.index.purge_expired(owner)
-            except A2ARedisError as e:
-                logger.warning("purge of expired index entries failed: %s", e)
-        return version
+    @classmethod
+    def _sharing(cls: type[_Store], records: TaskRecords) -> _Store:
+        store = cls.__new__(cls)
+        store._records = records
+        return store
 
-    async def _attempt(
-        self,
-        key: str,
-        task: Task,
-        payload: bytes,
-        owner: str,
-        event: Event | None,
-        decide: Decide,
-        write_id: bytes,
-        marked: asyncio.Future[None] | None,
-    ) -> tuple[int, int, list[Command]] | None:
-        """One optimistic transaction: (version, expiry, index commands), None if it lost.
+    @property
+    def options(self) -> Options:
+        """The options this store was made with."""
+        return self._records.options
 
-        The index commands are those still to run after the commit (on a cluster).
-        """
-        with redis_errors("save task", key, connection=False):
-            async with WatchedTransaction(self.redis, key, self.durability) as tx:
-                (raw,) = await tx.watch([key], [("HMGET", key, *HEAD_FIELDS)])
-                try:
-                    old = decode_head(key, raw)
-                    if old is not None and old.write_id == write_id:
-                        # An earlier attempt committed; its reply was lost. With durability,
-                        # rewrite its write id so that WAIT (on this connection) confirms it.
-                        if self.durability is not None and self.durability.waits:
-                            await tx.commit([("HSET", key, F_WRITE, write_id)])
-                        else:
-                            await tx.unwatch()
-                        index_cmds = []
-                        if self.index.split:  # index the committed state (repairs the rest)
-                            index_cmds = self.index.upkeep(
-                                owner, None, task, old.member, old.expires_at
-                            )
-                        return old.version, old.expires_at, index_cmds
-                    if old is not None and old.owner != owner:
-                        raise TaskOwnedElsewhereError(
-                            "task id is held by another owner; refusing to overwrite", key=key
-                        )
-                    version = decide(old)
-                except BaseException:
-                    await tx.unwatch()
-                    raise
-                cmds, index_cmds, expires_at = self._write_commands(
-                    key, task, payload, owner, version, write_id, old, event
-                )
-                if marked is not None:
-                    await marked  # the pending mark is set before anything commits
-                if await tx.commit(cmds) is None:
-                    return None
-                return version, expires_at, index_cmds
-
-    # -- delete --------------------------------------------------------------------------
-    async def remove(self, task_id: str, owner: str) -> None:
-        """Delete the owner's task: record, stream, push configs and index entries.
-
-        Atomically; on a cluster the index entries just after (see ``task_index.py``).
-        """
-        key = self.keys.task(task_id)
-        self.keys.expiring(owner)  # an over-long owner raises InvalidIdError, as everywhere
-        mark = self.index.pending_mark(task_id, os.urandom(8)) if self.index.split else b""
-        if mark:
-            await self.index.begin(owner, mark)
-        index_cmds: list[Command] = []
-        settled = True
-        try:
-            for attempt in range(1, self.max_attempts + 1):
-                try:
-                    with redis_errors("delete task", key, connection=False):
-                        async with WatchedTransaction(self.redis, key, self.durability) as tx:
-                            (raw,) = await tx.watch([key], [("HMGET", key, *HEAD_FIELDS)])
-                            old = decode_head(key, raw)
-                            if old is None or old.owner != owner:
-                                await tx.unwatch()
-                                return
-                            cmds: list[Command] = [
-                                ("UNLINK", key, self.keys.push_configs(task_id)),
-                                *destroy_commands(self.keys, task_id),
-                            ]
-                            upkeep = self.index.upkeep(owner, old, None)
-                            if not self.index.split:
-                                cmds += upkeep
-                            if await tx.commit(cmds) is not None:
-                                index_cmds = upkeep if self.index.split else []
-                                return
-                except SlotMovedError as e:
-                    if attempt == self.max_attempts:
-                        settled = False
-                        raise RedisUnavailableError(
-                            f"Redis unavailable during delete: {e}", key=key
-                        ) from e
-                    await backoff(attempt, cap=0.5)
-                    continue
-                except (rex.ConnectionError, rex.TimeoutError) as e:
-                    raise_if_pool_exhausted(e, "delete", key)
-                    settled = False
-                    raise RedisUnavailableError(
-                        f"Redis unavailable during delete: {e}", key=key
-                    ) from e
-                await backoff(attempt)
-        finally:
-            if mark and settled:
-                await self.index.finish(owner, mark, index_cmds)
-        raise ContentionError(
-            f"delete of task {task_id!r} lost {self.max_attempts} transactions", key=key
-        )
+    @property
+    def keys(self) -> Keys:
+        """The key builder of this store's namespace."""
+        return self._records.keys
 
 
-class VersionedRedisTaskStore(VersionedTaskStore):
+class VersionedRedisTaskStore(_OverRecords, VersionedTaskStore):
     """The SDK's cluster-mode ``VersionedTaskStore`` on Redis.
 
     Versions are integers counting writes (1 on the first write, +1 on each write), as in
@@ -376,59 +110,15 @@ class VersionedRedisTaskStore(VersionedTaskStore):
             a larger one raises ``PayloadTooLargeError`` and writes nothing.
     """
 
-    def __init__(
-        self,
-        redis: Client,
-        *,
-        prefix: str = "a2a",
-        owner_resolver: OwnerResolver = resolve_user_scope,
-        terminal_ttl: float | None = None,
-        stream_retention: StreamRetention | None = None,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        durability: Durability | None = None,
-        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
-    ) -> None:
-        self._records = _TaskRecords(
-            redis,
-            prefix=prefix,
-            owner_resolver=owner_resolver,
-            terminal_ttl=terminal_ttl,
-            stream_retention=stream_retention or StreamRetention(),
-            max_attempts=max_attempts,
-            durability=durability,
-            max_payload_bytes=max_payload_bytes,
-        )
-        self._plain = RedisTaskStore._over(self._records)
-
-    @property
+    @functools.cached_property
     def as_task_store(self) -> RedisTaskStore:
         """The unversioned ``TaskStore`` view over the same records."""
-        return self._plain
-
-    @property
-    def keys(self) -> Keys:
-        """The key builder of this store's namespace."""
-        return self._records.keys
+        return RedisTaskStore._sharing(self._records)
 
     @property
     def ledger(self) -> AppendLedger:
         """The in-process record of events this store appended (shared with the stream)."""
         return self._records.ledger
-
-    @property
-    def max_payload_bytes(self) -> int:
-        """The largest encoded Task or event this store writes."""
-        return self._records.max_payload_bytes
-
-    @property
-    def stream_retention(self) -> StreamRetention:
-        """The retention this store applies to event streams."""
-        return self._records.retention
-
-    @property
-    def durability(self) -> Durability | None:
-        """The replicas each write waits for (shared with the paired event stream)."""
-        return self._records.durability
 
     async def save(
         self,
@@ -484,7 +174,7 @@ class VersionedRedisTaskStore(VersionedTaskStore):
         await self._records.remove(task_id, self._records.owner_resolver(context))
 
 
-class RedisTaskStore(TaskStore):
+class RedisTaskStore(_OverRecords, TaskStore):
     """The SDK's plain ``TaskStore`` on Redis, over the same records as the versioned store.
 
     ``save`` is an unconditional upsert (each write still advances the version, so a
@@ -493,37 +183,6 @@ class RedisTaskStore(TaskStore):
 
     Args are those of :class:`VersionedRedisTaskStore`.
     """
-
-    _records: _TaskRecords
-
-    def __init__(
-        self,
-        redis: Client,
-        *,
-        prefix: str = "a2a",
-        owner_resolver: OwnerResolver = resolve_user_scope,
-        terminal_ttl: float | None = None,
-        stream_retention: StreamRetention | None = None,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        durability: Durability | None = None,
-        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
-    ) -> None:
-        self._records = _TaskRecords(
-            redis,
-            prefix=prefix,
-            owner_resolver=owner_resolver,
-            terminal_ttl=terminal_ttl,
-            stream_retention=stream_retention or StreamRetention(),
-            max_attempts=max_attempts,
-            durability=durability,
-            max_payload_bytes=max_payload_bytes,
-        )
-
-    @classmethod
-    def _over(cls, records: _TaskRecords) -> RedisTaskStore:
-        store = cls.__new__(cls)
-        store._records = records
-        return store
 
     async def save(self, task: Task, context: ServerCallContext) -> None:
         """Insert or overwrite the owner's task."""
