@@ -60,7 +60,7 @@ async def test_components_share_one_client_and_one_listener(real_url: str, prefi
             assert component._redis is backend.redis
         assert backend.task_store._records.redis is backend.redis
         if isinstance(backend.redis, RedisCluster):  # per node pools; a gate of 64 turns
-            assert backend.redis.gate._value == 64
+            assert backend.redis.permits._value == 64
             assert all(n.max_connections == 64 for n in backend.redis.get_nodes())
         else:
             pool = backend.redis.connection_pool

@@ -16,10 +16,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from a2a_redis import RedisBackend, VersionedRedisTaskStore
-from a2a_redis.stores import task_index
 from a2a_redis.log.codec import index_member
 from a2a_redis.log.keys import Keys
 from a2a_redis.ops.embedded import EmbeddedCluster, EmbeddedServer, _command, call
+from a2a_redis.stores import task_index
 from tests.helpers import connect, ctx, make_task, numbered
 
 GUARD = 60  # seconds: a hang guard only

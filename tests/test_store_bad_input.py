@@ -243,8 +243,8 @@ async def test_a_blocking_pool_that_runs_dry_is_pool_exhaustion(real_url: str, p
     if real_url.startswith("redis+cluster"):  # the cluster client's gate plays the pool
         client = connect(real_url, max_connections=1, pool_timeout=0.05)
         await client.initialize()
-        await client.gate.acquire()  # another request holds the only turn
-        release = client.gate.release
+        await client.permits.acquire()  # another request holds the only permit
+        release = client.permits.release
     else:
         pool = aioredis.BlockingConnectionPool.from_url(real_url, max_connections=1, timeout=0.05)
         client = aioredis.Redis.from_pool(pool)

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import contextvars
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeAlias, TypeGuard, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 from urllib.parse import unquote, urlsplit
 
 from redis import exceptions as rex
@@ -26,6 +26,9 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 
 from a2a_redis.errors import PoolExhaustedError
+
+if TYPE_CHECKING:  # for mypy only: no runtime dependency
+    from typing_extensions import TypeIs
 
 __all__ = [
     "CLUSTER_SCHEMES",
@@ -55,7 +58,7 @@ class SlotMovedError(rex.ConnectionError):
     """
 
 
-def is_cluster(redis: Any) -> TypeGuard[RedisCluster]:
+def is_cluster(redis: Any) -> TypeIs[RedisCluster]:
     """True for a ``redis.asyncio.cluster.RedisCluster``."""
     return isinstance(redis, RedisCluster)
 
@@ -86,21 +89,21 @@ async def checkout(
     if not isinstance(redis, _Cluster):
         release = cast("Callable[[AbstractConnection], Any]", node.release)
         return node.acquire_connection(), release
-    turn = redis.turn(key)
-    await turn.__aenter__()
+    permit = redis.permit(key)
+    await permit.__aenter__()
     try:
         conn = node.acquire_connection()
     except BaseException:
-        await turn.__aexit__(None, None, None)
+        await permit.__aexit__(None, None, None)
         raise
 
-    async def release_turn(connection: AbstractConnection) -> None:
+    async def release_with_permit(connection: AbstractConnection) -> None:
         try:
             node.release(connection)  # type: ignore[arg-type]
         finally:
-            await turn.__aexit__(None, None, None)
+            await permit.__aexit__(None, None, None)
 
-    return conn, release_turn
+    return conn, release_with_permit
 
 
 async def note_redirect(redis: RedisCluster, error: rex.ResponseError, key: str) -> SlotMovedError:
@@ -113,7 +116,9 @@ async def note_redirect(redis: RedisCluster, error: rex.ResponseError, key: str)
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 
-_HOLDING: contextvars.ContextVar[bool] = contextvars.ContextVar("a2a_redis_turn", default=False)
+_HOLDS_PERMIT: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "a2a_redis_permit", default=False
+)
 
 
 class _Cluster(RedisCluster):
@@ -125,56 +130,58 @@ class _Cluster(RedisCluster):
       connections under them (``'NoneType' object has no attribute 'writelines'``).
     * Bursts wait for a connection, as with a ``BlockingConnectionPool``: at most
       ``max_connections`` operations run at once (so no node's pool of that size runs
-      dry), and one waits up to ``pool_timeout`` seconds for its turn before
+      dry), and one waits up to ``pool_timeout`` seconds for a permit before
       ``PoolExhaustedError``. A plain ``RedisCluster`` fails at once instead.
     """
 
     def __init__(self, *, pool_timeout: float | None = None, **options: Any) -> None:
         super().__init__(**options)
-        self.gate = asyncio.Semaphore(options.get("max_connections", 100))
+        self.permits = asyncio.Semaphore(options.get("max_connections", 100))
         self.pool_timeout = pool_timeout
 
     @contextlib.asynccontextmanager
-    async def turn(self, key: str = "") -> AsyncIterator[None]:
-        """Hold one of the ``max_connections`` turns (PoolExhaustedError after the wait).
+    async def permit(self, key: str = "") -> AsyncIterator[None]:
+        """Hold one of the ``max_connections`` permits (PoolExhaustedError after the wait).
 
         Re-entrant within one task: a pipeline retrying a redirected command individually
-        does not wait for a second turn.
+        does not wait for a second permit.
         """
-        if _HOLDING.get():
+        if _HOLDS_PERMIT.get():
             yield
             return
         try:
             async with asyncio.timeout(self.pool_timeout):
-                await self.gate.acquire()
+                await self.permits.acquire()
         except TimeoutError as e:
             raise PoolExhaustedError(
                 f"no Redis Cluster connection free within {self.pool_timeout}s", key=key or None
             ) from e
-        token = _HOLDING.set(True)
+        token = _HOLDS_PERMIT.set(True)
         try:
             yield
         finally:
-            _HOLDING.reset(token)
-            self.gate.release()
+            _HOLDS_PERMIT.reset(token)
+            self.permits.release()
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if self._initialize:
             await self.initialize()
-        async with self.turn():
+        async with self.permit():
             return await super().execute_command(*args, **kwargs)
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
         pipe = super().pipeline(transaction, shard_hint)
         execute = pipe.execute
 
-        async def gated(raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        async def execute_with_permit(
+            raise_on_error: bool = True, allow_redirections: bool = True
+        ) -> Any:
             if self._initialize:
                 await self.initialize()
-            async with self.turn():
+            async with self.permit():
                 return await execute(raise_on_error, allow_redirections)
 
-        pipe.execute = gated  # type: ignore[method-assign]
+        pipe.execute = execute_with_permit  # type: ignore[method-assign]
         return pipe
 
 

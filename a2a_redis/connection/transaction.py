@@ -29,10 +29,17 @@ from typing import Any
 from redis import __version__ as redis_version
 from redis import exceptions as rex
 from redis.asyncio.client import Pipeline
-from redis.asyncio.cluster import ClusterPipeline, RedisCluster
+from redis.asyncio.cluster import ClusterPipeline
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 
-from a2a_redis.connection.cluster import REDIRECTS, Client, SlotMovedError, checkout, note_redirect
+from a2a_redis.connection.cluster import (
+    REDIRECTS,
+    Client,
+    SlotMovedError,
+    checkout,
+    is_cluster,
+    note_redirect,
+)
 from a2a_redis.connection.durability import Durability, run_script
 from a2a_redis.errors import raise_if_pool_exhausted, redis_errors
 
@@ -218,7 +225,7 @@ class WatchedTransaction:
 
     async def __aenter__(self) -> WatchedTransaction:
         try:
-            if isinstance(self._redis, RedisCluster):
+            if is_cluster(self._redis):
                 self._conn, self._release = await checkout(self._redis, self._key)
             else:
                 pool: ConnectionPool = self._redis.connection_pool
@@ -247,7 +254,7 @@ class WatchedTransaction:
             if released is not None:
                 await released
         if (
-            isinstance(self._redis, RedisCluster)
+            is_cluster(self._redis)
             and isinstance(exc, rex.ConnectionError)
             and not isinstance(exc, SlotMovedError)
         ):  # the node may have failed over: reload the slot map
@@ -257,7 +264,7 @@ class WatchedTransaction:
     async def _redirected(self, replies: Sequence[Any]) -> None:
         """Raise :class:`SlotMovedError` if a reply says the slot is served elsewhere."""
         for reply in replies:
-            if isinstance(reply, REDIRECTS) and isinstance(self._redis, RedisCluster):
+            if isinstance(reply, REDIRECTS) and is_cluster(self._redis):
                 raise await note_redirect(self._redis, reply, self._key)
 
     async def _roundtrip(self, commands: Sequence[Command | bytes], wait: float = 0.0) -> list[Any]:

@@ -29,6 +29,7 @@ id. The other subscribers of the task, and of every other task, carry on.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import AsyncGenerator
 from dataclasses import replace
 from typing import cast
@@ -68,18 +69,24 @@ __all__ = ["RedisTaskEventStream"]
 _REVERSE_PAGE = 64
 
 
-def runs(event: Event) -> bool | None:
-    """Whether ``event`` says its task is running (True), settled (False), or neither.
+class Activity(enum.Enum):
+    """What an event says of its task's agent."""
 
-    Running: an artifact update, or a state other than terminal, input-required and
-    auth-required. Settled: one of those states, or a Message reply.
-    """
+    RUNNING = "running"  #: an artifact update, or a state in which the agent runs
+    SETTLED = "settled"  #: terminal, input- or auth-required, or a Message reply
+    SILENT = "silent"  #: nothing (an event without a status)
+
+
+def activity_of(event: Event) -> Activity:
+    """Whether ``event`` says its task's agent is running, has settled, or neither."""
     if isinstance(event, Message):
-        return False
+        return Activity.SETTLED
     if isinstance(event, TaskArtifactUpdateEvent):
-        return True
+        return Activity.RUNNING
     status = getattr(event, "status", None)
-    return None if status is None else status.state not in SETTLED_STATES
+    if status is None:
+        return Activity.SILENT
+    return Activity.SETTLED if status.state in SETTLED_STATES else Activity.RUNNING
 
 
 def _needed(version: int, after: TaskVersion, delivered: int) -> bool:
@@ -227,10 +234,10 @@ class RedisTaskEventStream(TaskEventStream):
         running task holds its lease, and lets it go at an event that settles the task (no
         round trip either way).
         """
-        running = runs(event.event)
-        if running:
+        activity = activity_of(event.event)
+        if activity is Activity.RUNNING:
             self._leases.hold(task_id)
-        elif running is not None:
+        elif activity is Activity.SETTLED:
             self._leases.drop(task_id)
         version = version_int(event.version)
         if not isinstance(event.event, Message) and self._ledger.consume(task_id, version):
@@ -357,9 +364,9 @@ class RedisTaskEventStream(TaskEventStream):
                     if version <= delivered:
                         continue  # a second copy of an event already delivered
                     delivered = version
-                running = runs(event)
-                if running is not None:
-                    watch.running = running
+                activity = activity_of(event)
+                if activity is not Activity.SILENT:
+                    watch.running = activity is Activity.RUNNING
                 yield VersionedEvent(event=event, version=TaskVersion(version))
                 del event
         finally:

@@ -30,9 +30,8 @@ import os
 from dataclasses import dataclass
 
 from a2a.types.a2a_pb2 import TaskState
-from redis.asyncio.cluster import RedisCluster
 
-from a2a_redis.connection.cluster import Client
+from a2a_redis.connection.cluster import Client, is_cluster
 from a2a_redis.errors import redis_errors
 from a2a_redis.log.codec import F_STATE, TERMINAL_STATES
 from a2a_redis.log.event_log import HEARTBEAT
@@ -169,7 +168,7 @@ class LeaseKeeper:
         if not held:
             return
         try:
-            if isinstance(self._redis, RedisCluster):  # no scripts in cluster pipelines
+            if is_cluster(self._redis):  # no scripts in cluster pipelines
                 await asyncio.gather(
                     *(
                         self._release(keys=[self._keys.lease(t)], args=[lease.token])
@@ -220,7 +219,7 @@ class LeaseKeeper:
                 self._keys.publish, F_STATE, *self._settled,
             ]  # fmt: skip
             calls.append((keys, args))
-        if isinstance(self._redis, RedisCluster):  # no scripts in cluster pipelines
+        if is_cluster(self._redis):  # no scripts in cluster pipelines
             results = await asyncio.gather(
                 *(self._renew_script(keys=k, args=a) for k, a in calls), return_exceptions=True
             )

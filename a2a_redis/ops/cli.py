@@ -47,6 +47,8 @@ from a2a_redis.events.event_stream import RedisTaskEventStream
 from a2a_redis.log.codec import TERMINAL_STATES, version_int
 from a2a_redis.log.keys import Keys
 from a2a_redis.ops import doctor
+from a2a_redis.ops.report import Report
+from a2a_redis.ops.report import size as format_size
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
 from a2a_redis.version import __version__
 
@@ -149,7 +151,7 @@ def _store(client: Client, args: argparse.Namespace) -> VersionedRedisTaskStore:
 
 
 async def _doctor(args: argparse.Namespace) -> int:
-    report = doctor.Report()
+    report = Report()
     async with _connect(args.url) as client:
         report.line("url", _redact(args.url))
         await doctor.check(client, Keys(args.prefix), report)
@@ -184,7 +186,7 @@ async def _tasks(args: argparse.Namespace) -> int:
 
 
 def _parts_summary(parts: Any, size: int) -> str:
-    return f"{len(parts)} part(s), {doctor.size(size)}"
+    return f"{len(parts)} part(s), {format_size(size)}"
 
 
 async def _task_get(args: argparse.Namespace) -> int:

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from redis import exceptions as rex
 from redis.asyncio import Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 
-from a2a_redis.connection.cluster import Client, node_client
-from a2a_redis.connection.sentinel import report_topology
+from a2a_redis.connection.cluster import Client, is_cluster, node_client
 from a2a_redis.log.keys import Keys
+from a2a_redis.ops.report import Report, size
+from a2a_redis.ops.topology import cluster_topology, sentinel_topology
 from a2a_redis.version import __version__
 
 __all__ = ["KEY_SCAN_CAP", "Report", "check", "size"]
@@ -31,32 +31,6 @@ KEY_SCAN_CAP = 10_000
 MIN_SERVER_VERSION = (6, 2)
 _PINGS = 5
 _KINDS = ("task", "events", "lease", "push", "index")
-
-
-def size(n: int) -> str:
-    """A byte count for people."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"  # pragma: no cover
-
-
-@dataclass
-class Report:
-    """The doctor's printout, and the problems it found."""
-
-    problems: list[str] = field(default_factory=list)
-
-    def line(self, label: str, value: str) -> None:
-        """Print one labelled line."""
-        print(f"{label:<13}{value}")
-
-    def problem(self, text: str) -> None:
-        """Print a loud warning and remember it."""
-        self.problems.append(text)
-        print(f"!!! WARNING: {text}")
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -195,11 +169,11 @@ async def _our_keys(client: Redis, keys: Keys, report: Report) -> None:
 
 async def check(client: Client, keys: Keys, report: Report) -> None:
     """Print every section of the report for ``client``, noting problems in ``report``."""
-    if isinstance(client, RedisCluster):
+    if is_cluster(client):
         await _cluster(client, keys, report)
         return
     if isinstance(client.connection_pool, SentinelConnectionPool):  # Sentinel-managed
-        await report_topology(client, report)
+        await sentinel_topology(client, report)
     if await _server(client, report):
         await _memory(client, report)
         await _persistence(client, report)
@@ -211,7 +185,7 @@ async def _cluster(cluster: RedisCluster, keys: Keys, report: Report) -> None:
     """Topology and slot coverage, then every primary's and replica's own report."""
     await cluster.initialize()
     seed = cluster.get_nodes()[0]
-    members = await _topology(seed, report)
+    members = await cluster_topology(seed, report)
     for address, role in members:
         client = node_client(seed, address)
         try:
@@ -227,56 +201,6 @@ async def _cluster(cluster: RedisCluster, keys: Keys, report: Report) -> None:
             report.problem(f"{role} {address} does not answer: {e}")
         finally:
             await client.aclose()
-
-
-async def _topology(seed: ClusterNode, report: Report) -> list[tuple[str, str]]:
-    """Print the primaries, their replicas and slot coverage; every node's (address, role)."""
-    first = node_client(seed)
-    try:
-        info = (await first.execute_command("CLUSTER", "INFO")).decode()  # type: ignore[no-untyped-call]
-        state = dict(line.split(":", 1) for line in info.split() if ":" in line)
-        raw_nodes = (await first.execute_command("CLUSTER", "NODES")).decode()  # type: ignore[no-untyped-call]
-    finally:
-        await first.aclose()
-    primaries: list[tuple[str, str, str, int]] = []
-    replicas_of: dict[str, list[tuple[str, str]]] = {}
-    for line in raw_nodes.splitlines():
-        node_id, address, flags, master, *_rest = line.split()
-        slots = [s for s in line.split()[8:] if not s.startswith("[")]
-        if "master" in flags:
-            primaries.append((node_id, address.split("@")[0], flags, _slot_count(slots)))
-        elif master != "-":
-            replicas_of.setdefault(master, []).append((address.split("@")[0], flags))
-    covered = sum(n for *_, n in primaries)
-    report.line(
-        "topology",
-        f"Redis Cluster: {len(primaries)} primaries, "
-        f"{sum(len(r) for r in replicas_of.values())} replicas, state {state.get('cluster_state')}",
-    )
-    report.line("slots", f"{covered} of 16384 covered")
-    if state.get("cluster_state") != "ok":
-        report.problem(f"cluster_state is {state.get('cluster_state')!r}: commands fail")
-    if covered < 16384:
-        report.problem(f"{16384 - covered} slots are not covered: tasks hashing there fail")
-    for node_id, address, flags, count in sorted(primaries, key=lambda p: p[1]):
-        replicas = replicas_of.get(node_id, [])
-        shown = ", ".join(a for a, _ in replicas) or "no replica"
-        print(f"  primary {address:<21} {count:>5} slots  replicas: {shown}")
-        if "fail" in flags:
-            report.problem(f"primary {address} is marked failed")
-        if not replicas:
-            print(f"             note: {address} has no replica: if it fails, its slots stop")
-    members = [(a, "primary") for _, a, _, _ in sorted(primaries, key=lambda p: p[1])]
-    members += sorted((a, "replica") for r in replicas_of.values() for a, _ in r)
-    return members
-
-
-def _slot_count(ranges: list[str]) -> int:
-    total = 0
-    for part in ranges:
-        low, _, high = part.partition("-")
-        total += int(high or low) - int(low) + 1
-    return total
 
 
 async def _persists(client: Redis) -> bool:

@@ -135,7 +135,7 @@ class TaskRecords:
             cmds += [("PEXPIREAT", key, expires_at), ("PEXPIREAT", push, expires_at)]
         elif old is not None and old.expires_at:
             cmds += [("PERSIST", key), ("PERSIST", push)]
-        index_cmds = self.index.upkeep(owner, old, task, member, expires_at)
+        index_cmds = self.index.index_commands(owner, old, task, member, expires_at)
         if not self.index.split:
             cmds += index_cmds
             index_cmds = []
@@ -156,7 +156,7 @@ class TaskRecords:
         Round trips: 2 per attempt (WATCH + HMGET; MULTI ... EXEC), +1 (UNWATCH) when
         ``decide`` refuses, +1-2 after a terminal write with a TTL (purge of expired index
         entries); on a cluster +1 (the index update after the commit; the pending index
-        mark travels with the first WATCH).
+        intent travels with the first WATCH).
         A lost race (EXEC aborted), a transient connection error or a slot move is
         retried, with jittered backoff, up to ``max_attempts`` times; each attempt re-reads
         and decides again, so a conflict is reported as soon as the re-read shows one. A
@@ -172,21 +172,21 @@ class TaskRecords:
             size = to_stream_response(event).ByteSize()
             check_payload_size(self.keys.events(task.id), "event", size, self.max_payload_bytes)
         write_id = os.urandom(8)
-        mark = self.index.pending_mark(task.id, write_id) if self.index.split else b""
-        # On a cluster the pending mark goes out with the first WATCH; commits wait for it.
-        marked = asyncio.ensure_future(self.index.begin(owner, mark)) if mark else None
+        intent = self.index.intent(task.id, write_id) if self.index.split else b""
+        # On a cluster the pending intent goes out with the first WATCH; commits wait for it.
+        intent_set = asyncio.ensure_future(self.index.begin(owner, intent)) if intent else None
         index_cmds: list[Command] = []
-        settled = True  # False while a commit may have happened unseen (then a list repairs)
+        outcome_known = True  # False while a commit may have happened unseen (a list repairs)
         try:
             for attempt in range(1, self.max_attempts + 1):
                 try:
                     committed = await self._attempt(
-                        key, task, payload, owner, event, decide, write_id, marked
+                        key, task, payload, owner, event, decide, write_id, intent_set
                     )
                 except (rex.ConnectionError, rex.TimeoutError) as e:
                     raise_if_pool_exhausted(e, "save", key)
                     if attempt == self.max_attempts:
-                        settled = False
+                        outcome_known = False
                         raise RedisUnavailableError(
                             f"Redis unavailable during save: {e}", key=key
                         ) from e
@@ -207,11 +207,11 @@ class TaskRecords:
                     key=key,
                 )
         finally:
-            if marked is not None:
+            if intent_set is not None:
                 with contextlib.suppress(Exception):
-                    await marked  # never clear a mark before it is set
-            if mark and settled:  # committed: apply the index change; refused: clear the mark
-                await self.index.finish(owner, mark, index_cmds)
+                    await intent_set  # never clear an intent before it is set
+            if intent and outcome_known:  # committed: apply the index change; else clear it
+                await self.index.finish(owner, intent, index_cmds)
         if event is not None:
             self.ledger.record(task.id, version)
         if expires_at:  # best effort: the save has committed whatever happens here
@@ -230,7 +230,7 @@ class TaskRecords:
         event: Event | None,
         decide: Decide,
         write_id: bytes,
-        marked: asyncio.Future[None] | None,
+        intent_set: asyncio.Future[None] | None,
     ) -> tuple[int, int, list[Command]] | None:
         """One optimistic transaction: (version, expiry, index commands), None if it lost.
 
@@ -250,7 +250,7 @@ class TaskRecords:
                             await tx.unwatch()
                         index_cmds = []
                         if self.index.split:  # index the committed state (repairs the rest)
-                            index_cmds = self.index.upkeep(
+                            index_cmds = self.index.index_commands(
                                 owner, None, task, old.member, old.expires_at
                             )
                         return old.version, old.expires_at, index_cmds
@@ -265,8 +265,8 @@ class TaskRecords:
                 cmds, index_cmds, expires_at = self._write_commands(
                     key, task, payload, owner, version, write_id, old, event
                 )
-                if marked is not None:
-                    await marked  # the pending mark is set before anything commits
+                if intent_set is not None:
+                    await intent_set  # the pending intent is set before anything commits
                 if await tx.commit(cmds) is None:
                     return None
                 return version, expires_at, index_cmds
@@ -279,11 +279,11 @@ class TaskRecords:
         """
         key = self.keys.task(task_id)
         self.keys.expiring(owner)  # an over-long owner raises InvalidIdError, as everywhere
-        mark = self.index.pending_mark(task_id, os.urandom(8)) if self.index.split else b""
-        if mark:
-            await self.index.begin(owner, mark)
+        intent = self.index.intent(task_id, os.urandom(8)) if self.index.split else b""
+        if intent:
+            await self.index.begin(owner, intent)
         index_cmds: list[Command] = []
-        settled = True
+        outcome_known = True
         try:
             for attempt in range(1, self.max_attempts + 1):
                 try:
@@ -298,15 +298,15 @@ class TaskRecords:
                                 ("UNLINK", key, self.keys.push_configs(task_id)),
                                 *destroy_commands(self.keys, task_id),
                             ]
-                            upkeep = self.index.upkeep(owner, old, None)
+                            changes = self.index.index_commands(owner, old, None)
                             if not self.index.split:
-                                cmds += upkeep
+                                cmds += changes
                             if await tx.commit(cmds) is not None:
-                                index_cmds = upkeep if self.index.split else []
+                                index_cmds = changes if self.index.split else []
                                 return
                 except SlotMovedError as e:
                     if attempt == self.max_attempts:
-                        settled = False
+                        outcome_known = False
                         raise RedisUnavailableError(
                             f"Redis unavailable during delete: {e}", key=key
                         ) from e
@@ -314,14 +314,14 @@ class TaskRecords:
                     continue
                 except (rex.ConnectionError, rex.TimeoutError) as e:
                     raise_if_pool_exhausted(e, "delete", key)
-                    settled = False
+                    outcome_known = False
                     raise RedisUnavailableError(
                         f"Redis unavailable during delete: {e}", key=key
                     ) from e
                 await backoff(attempt)
         finally:
-            if mark and settled:
-                await self.index.finish(owner, mark, index_cmds)
+            if intent and outcome_known:
+                await self.index.finish(owner, intent, index_cmds)
         raise ContentionError(
             f"delete of task {task_id!r} lost {self.max_attempts} transactions", key=key
         )

@@ -11,19 +11,19 @@ as a race with a delete can leave one for a moment. A member that cannot be deco
 like a record that cannot, fails the call with ``CorruptDataError`` naming the index key:
 a listing never hides a task silently, and the operator can remove the member (ZREM).
 
-Index upkeep happens in the same MULTI/EXEC as the task write (:meth:`TaskIndex.upkeep`).
+Index changes go into the same MULTI/EXEC as the task write (:meth:`TaskIndex.index_commands`).
 
 On Redis Cluster an owner's index keys (tag ``{o:OWNER}``) and a task's keys (tag
 ``{t:ID}``) live in different slots, so no transaction can span both. There the indexes are
 kept correct across slots instead:
 
-* a write first marks itself in the owner's ``pending`` zset, then commits the task (its
-  own slot), then applies the index change and clears its mark in one script (the owner's
+* a write first intents itself in the owner's ``pending`` zset, then commits the task (its
+  own slot), then applies the index change and clears its intent in one script (the owner's
   slot). So every committed state is indexed, unless the writer died in between;
 * a reader checks every entry of a page against the task hash (owner and index member)
   and removes entries that no longer match: a list never returns another owner's task or
   a stale state;
-* a reader also reconciles marks older than :data:`PENDING_GRACE_MS` (a writer that died
+* a reader also reconciles intents older than :data:`PENDING_GRACE_MS` (a writer that died
   between commit and index update): it indexes the task as its hash now stands.
 
 ``total_size`` can count an entry whose removal is pending (for the milliseconds between a
@@ -74,7 +74,7 @@ __all__ = ["TaskIndex"]
 logger = logging.getLogger(__name__)
 
 PURGE_BATCH = 256
-#: Redis Cluster: a write's pending index mark older than this is reconciled by a reader.
+#: Redis Cluster: a write's pending index intent older than this is reconciled by a reader.
 PENDING_GRACE_MS = 5_000
 RECONCILE_BATCH = 64
 QUERY_ROUNDS = 4  # a list re-reads after purging, reconciling or repairing, this often
@@ -93,8 +93,8 @@ class TaskIndex:
         #: True on Redis Cluster: index keys are not in the task's slot (see module doc).
         self.split = split
 
-    # -- upkeep (commands for the writer's MULTI) ----------------------------------------
-    def upkeep(
+    # -- index changes (commands for the writer's MULTI) ----------------------------------------
+    def index_commands(
         self,
         owner: str,
         old: RecordHead | None,
@@ -128,34 +128,34 @@ class TaskIndex:
             cmds.append(("ZADD", keys.expiring(owner), new_expires_at, new_loc))
         return cmds
 
-    # -- cross-slot upkeep (Redis Cluster) -----------------------------------------------
+    # -- cross-slot index changes (Redis Cluster) -----------------------------------------------
     @staticmethod
-    def pending_mark(task_id: str, write_id: bytes) -> bytes:
-        """The pending mark of one write: its write id, then the task id."""
+    def intent(task_id: str, write_id: bytes) -> bytes:
+        """The pending intent of one write: its write id, then the task id."""
         return write_id + utf8(task_id)
 
-    async def begin(self, owner: str, mark: bytes) -> None:
+    async def begin(self, owner: str, intent: bytes) -> None:
         """Mark a write as pending in the owner's slot, before it commits (one round trip)."""
         key = self._keys.pending(owner)
-        with redis_errors("mark index update", key):
-            await self._redis.zadd(key, {mark: _now_ms()})
+        with redis_errors("intent index update", key):
+            await self._redis.zadd(key, {intent: _now_ms()})
 
-    async def finish(self, owner: str, mark: bytes, commands: list[Command]) -> None:
-        """Apply a committed write's index change and clear its mark (one script).
+    async def finish(self, owner: str, intent: bytes, commands: list[Command]) -> None:
+        """Apply a committed write's index change and clear its intent (one script).
 
         Best effort: the write has committed whatever happens here; if this fails, the
-        mark stays and a later list reconciles the task.
+        intent stays and a later list reconciles the task.
         """
         key = self._keys.pending(owner)
         try:
             await run_atomically(
-                self._redis, "update task index", key, [*commands, ("ZREM", key, mark)]
+                self._redis, "update task index", key, [*commands, ("ZREM", key, intent)]
             )
         except A2ARedisError as e:
             logger.warning("index update failed (a later list repairs it): %s", e)
 
     async def _reconcile(self, owner: str) -> int:
-        """Index the tasks of pending marks older than the grace (their writer died)."""
+        """Index the tasks of pending intents older than the grace (their writer died)."""
         pending = self._keys.pending(owner)
         due = cast(
             "list[bytes]",
@@ -165,7 +165,7 @@ class TaskIndex:
         )
         if not due:
             return 0
-        keys = sorted({k for k in map(self._mark_key, due) if k is not None})
+        keys = sorted({k for k in map(self._intent_key, due) if k is not None})
         async with self._redis.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.hmget(key, [F_OWNER, F_CONTEXT, F_STATE, F_MEMBER])
@@ -188,10 +188,10 @@ class TaskIndex:
         logger.warning("reconciled %d tasks whose index update was interrupted", len(keys))
         return len(due)
 
-    def _mark_key(self, mark: bytes) -> str | None:
-        """The task key a pending mark names (None for a mark that cannot name one)."""
+    def _intent_key(self, intent: bytes) -> str | None:
+        """The task key a pending intent names (None for an intent that cannot name one)."""
         try:
-            return self._keys.task(decode_text("", "pending mark", mark[8:]))
+            return self._keys.task(decode_text("", "pending intent", intent[8:]))
         except (CorruptDataError, InvalidIdError):
             return None
 
