@@ -1,26 +1,14 @@
-"""Live delivery: one pub/sub connection per process, one feed per task, fanned out in process.
+"""Live fan-out: one feed per task with local subscribers, over one pub/sub transport.
 
-The stream is the record; pub/sub only wakes readers. For each task that has local
-subscribers, the listener holds a :class:`TaskFeed`: it is subscribed to the task's wake channel
-and, on each wake, reads the new entries once (``XRANGE (last +``) into a small ring shared
-by every local subscriber of the task. So an idle subscriber costs no Redis command, and an
-event costs one command per replica however many local subscribers it has.
-
-Each subscriber keeps only its position (a stream entry id). A subscriber that falls behind
-the ring (it holds ``ring_size`` entries) reads what it missed from the stream itself, so a
-slow subscriber neither grows memory nor slows the others; only if the stream was trimmed
-past its position (``MAXLEN``) does it fail, with :class:`SubscriberLagError`.
-
-If the pub/sub connection drops, the listener reconnects with capped backoff, re-subscribes
-every channel (redis-py does this on connect) and then re-reads every feed from its last
-entry: nothing is lost, and subscribers de-duplicate by entry id. Meanwhile subscribers wait.
-
-A stream entry that cannot be decoded (foreign or corrupt bytes, a newer schema) keeps its
-place in the feed as a :class:`StreamEntry` whose ``error`` is set, and is logged at
-WARNING with its key and entry id: each reader that reaches it decides (the event stream
-fails the subscriber that needs it; a legacy remote tap closes). The listener and every
-other feed carry on. A wake-up that does not follow the feed's last entry, or whose entry
-does not decode, is not trusted: the feed reads the stream instead.
+The stream is the record; pub/sub only wakes readers. A :class:`TaskFeed` is subscribed
+to its task's wake channel and, on each wake, reads the new entries once (``XRANGE``, or
+the entry the wake-up carries) into a small ring shared by every local subscriber. An idle
+subscriber costs no command, and an event costs one per replica. A subscriber keeps only
+its position; one that falls behind the ring reads what it missed from the stream itself,
+and fails with ``SubscriberLagError`` only if ``MAXLEN`` trimmed it away. After a
+reconnect (``connection/links.py``) every feed re-reads from its last entry: nothing is
+lost, and subscribers de-duplicate by entry id. An undecodable entry keeps its place, with
+its typed error, for each reader to decide. See ``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -28,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
-from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, cast
 
@@ -39,13 +25,12 @@ from a2a_redis.connection.cluster import Client
 from a2a_redis.connection.links import PubSubRouter
 from a2a_redis.connection.transaction import backoff
 from a2a_redis.errors import (
-    A2ARedisError,
     CorruptDataError,
     ListenerClosedError,
     OwnerLostError,
     redis_errors,
 )
-from a2a_redis.log.codec import decode_event
+from a2a_redis.events.feed import SUBSCRIBER_BATCH, TaskFeed, wait_at_most
 from a2a_redis.log.event_log import (
     DESTROYED,
     FETCH_BATCH,
@@ -53,82 +38,19 @@ from a2a_redis.log.event_log import (
     Position,
     Rows,
     StreamEntry,
+    carried_entry,
     decode_rows,
     format_position,
     parse_entry_id,
     read_entries,
-    unpack_wake,
 )
 from a2a_redis.log.keys import Keys
 
-__all__ = ["SUBSCRIBER_BATCH", "StreamListener", "TaskFeed"]
+__all__ = ["StreamListener"]
 
 logger = logging.getLogger(__name__)
 
-#: Entries a subscriber is handed at a time: all it can hold while it does not read.
-SUBSCRIBER_BATCH = 64
 FETCH_FEEDS = 256  # XRANGEs per fetch pipeline
-
-
-async def _wait(event: asyncio.Event, timeout: float) -> None:
-    """Wait for ``event`` at most ``timeout`` seconds (without a new Task on 3.11+)."""
-    with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-        if sys.version_info >= (3, 11):
-            async with asyncio.timeout(timeout):
-                await event.wait()
-        else:  # pragma: no cover - Python 3.10
-            await asyncio.wait_for(event.wait(), timeout)
-
-
-class TaskFeed:
-    """The live entries of one task, shared by its local subscribers."""
-
-    def __init__(self, task_id: str, key: str, channel: bytes, ring_size: int) -> None:
-        self.task_id = task_id
-        self.key = key
-        self.channel = channel
-        self.refs = 0
-        self.ring: deque[StreamEntry] = deque(maxlen=ring_size)
-        self.last: Position | None = None  # last entry read from Redis; None until ready
-        self.covered_from: Position = (0, 0)  # the ring holds every entry after this
-        self.changed = asyncio.Event()
-        self.alive_at = asyncio.get_running_loop().time()  # last entry or owner heartbeat
-        self.ended: A2ARedisError | None = None
-        self.destroyed = False
-        self.dirty = False
-        self.ready: asyncio.Future[None] | None = None
-
-    def entries_after(
-        self, position: Position, limit: int = SUBSCRIBER_BATCH
-    ) -> list[StreamEntry] | None:
-        """The first ``limit`` ring entries after ``position``.
-
-        None if the ring no longer covers ``position``.
-        """
-        if position < self.covered_from:
-            return None
-        newer = []
-        for entry in reversed(self.ring):  # newest first: cost is the number of new entries
-            if entry.position <= position:
-                break
-            newer.append(entry)
-        return newer[: -limit - 1 : -1]
-
-    def extend(self, entries: list[StreamEntry], last: Position) -> None:
-        """Append fetched entries (read up to ``last``) and wake the subscribers."""
-        for entry in entries:
-            if len(self.ring) == self.ring.maxlen:
-                self.covered_from = self.ring[0].position
-            self.ring.append(entry)
-        self.last = last
-        if entries:
-            self.alive_at = asyncio.get_running_loop().time()
-            self.notify()
-
-    def notify(self) -> None:
-        """Wake every subscriber waiting on this feed."""
-        changed, self.changed = self.changed, asyncio.Event()
-        changed.set()
 
 
 class StreamListener:
@@ -234,8 +156,8 @@ class StreamListener:
         ``start`` returns its entries and the position just before them. Entries are
         yielded once each, in stream order (de-duplicated by position), from the shared
         ring, or from the stream itself when this reader has fallen behind the ring; at
-        most :data:`SUBSCRIBER_BATCH` at a time, so a reader that stops reading holds no more than
-        that (what it has not read stays in the ring or in Redis). Never ends by itself,
+        most :data:`SUBSCRIBER_BATCH` at a time, so a reader that stops reading holds no
+        more than that (what it has not read stays in the ring or in Redis). Never ends by itself,
         except when the stream is destroyed (it returns); with ``idle_timeout`` (seconds,
         or a function giving them, None while no owner is expected), raises
         :class:`OwnerLostError` after that long without an entry or an owner heartbeat.
@@ -249,9 +171,7 @@ class StreamListener:
         try:
             with redis_errors("read the task's stream", key):
                 pending, position = await start()
-            pending = pending[
-                :SUBSCRIBER_BATCH
-            ]  # the rest is read again, from the ring or the stream
+            pending = pending[:SUBSCRIBER_BATCH]  # the rest is read again: ring or stream
             read_up_to = position
             while True:
                 for entry in pending:
@@ -278,7 +198,7 @@ class StreamListener:
                     continue
                 remaining = max(feed.alive_at, joined) + timeout - loop.time()
                 if remaining > 0:
-                    await _wait(changed, remaining)
+                    await wait_at_most(changed, remaining)
                 elif self._router.is_up(feed.channel):
                     raise OwnerLostError(
                         f"no event or heartbeat from the task's owner for {timeout}s", key=key
@@ -424,30 +344,13 @@ class StreamListener:
     def _take_carried(self, feed: TaskFeed, data: bytes) -> bool:
         """Deliver the entry a wake-up carries, without an XRANGE, when that is safe.
 
-        Every append publishes its entry in the same script as the XADD, with the id of
-        the entry it follows, and pub/sub delivers in order. So the carried entry is taken
-        when it follows ``feed.last`` exactly and no fetch for this feed is pending or in
-        flight (then the fetch must go first, and this wake-up joins it). An entry another
-        writer added without a wake-up, in between, makes the feed fetch: it is read, not
-        jumped over. False means: fetch instead.
+        Only while no fetch for this feed is pending or in flight (then the fetch must go
+        first, and this wake-up joins it), and only if the entry follows ``feed.last``
+        exactly (``event_log.carried_entry``). False means: fetch instead.
         """
         if feed.last is None or feed.task_id in self._due or feed.task_id in self._in_flight:
             return False
-        carried = unpack_wake(data)
-        if carried is None:
-            return False
-        prev, entry_id, fields = carried
-        position = parse_entry_id(entry_id)
-        if position > feed.last:
-            if parse_entry_id(prev) != feed.last:
-                return False
-            try:
-                version, event = decode_event(feed.key, fields)
-            except CorruptDataError as e:  # not trusted: the stream itself decides
-                logger.warning(
-                    "%s: a wake-up carries an unreadable entry (%s); reading the stream",
-                    feed.channel, e.reason,
-                )  # fmt: skip
-                return False
-            feed.extend([StreamEntry(position, version, event)], position)
-        return True
+        trusted, entry = carried_entry(feed.key, data, feed.last)
+        if entry is not None:
+            feed.extend([entry], entry.position)
+        return trusted

@@ -49,6 +49,7 @@ __all__ = [
     "StreamEntry",
     "StreamRetention",
     "append_commands",
+    "carried_entry",
     "check_not_trimmed",
     "close_commands",
     "decode_rows",
@@ -173,6 +174,33 @@ def pack_fields(fields: list[bytes]) -> bytes:
     """A stream entry's fields (name, value, ...) as the msgpack map a wake-up carries."""
     packed: bytes = msgpack.packb(dict(zip(fields[::2], fields[1::2], strict=True)))
     return packed
+
+
+def carried_entry(key: str, data: bytes, last: Position) -> tuple[bool, StreamEntry | None]:
+    """The entry a wake-up carries, if it can be trusted to follow ``last`` directly.
+
+    Every append publishes its entry in the same script as the XADD, with the id of the
+    entry it follows, and pub/sub delivers in order. So a carried entry that follows
+    ``last`` exactly is the next entry; one after a gap (an entry added without a wake-up)
+    is not trusted, so that the gap is read, not jumped over. Returns ``(False, None)``:
+    not trusted (no entry, a gap, an undecodable entry): read the stream;
+    ``(True, None)``: nothing new; ``(True, entry)``: the next entry.
+    """
+    carried = unpack_wake(data)
+    if carried is None:
+        return False, None
+    prev, entry_id, fields = carried
+    position = parse_entry_id(entry_id)
+    if position <= last:
+        return True, None
+    if parse_entry_id(prev) != last:
+        return False, None
+    try:
+        version, event = decode_event(key, fields)
+    except CorruptDataError as e:  # not trusted: the stream itself decides
+        logger.warning("%s: a wake-up carries an unreadable entry (%s)", key, e.reason)
+        return False, None
+    return True, StreamEntry(position, version, event)
 
 
 def unpack_wake(data: bytes) -> tuple[bytes, bytes, dict[bytes, bytes]] | None:

@@ -193,8 +193,8 @@ LOOP_NOISE = (
 )
 #: Per-task and per-subscriber objects of ours, the SDK's and asyncio's: none may be left.
 PER_TASK = (
-    "a2a_redis.events.listener.TaskFeed",
-    "a2a_redis.events.listener.StreamEntry",
+    "a2a_redis.events.feed.TaskFeed",
+    "a2a_redis.log.event_log.StreamEntry",
     "a2a_redis.events.leases._Lease",
     "a2a_redis.events.event_stream._OwnerWatch",
     "a2a.server.agent_execution.active_task.ActiveTask",

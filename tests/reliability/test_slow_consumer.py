@@ -26,7 +26,7 @@ from a2a.server.events.event_queue import EventQueueLegacy, QueueShutDown
 from a2a.types.a2a_pb2 import SubscribeToTaskRequest, TaskState
 
 from a2a_redis import RedisBackend, SubscriberLagError
-from a2a_redis.events.listener import SUBSCRIBER_BATCH
+from a2a_redis.events.feed import SUBSCRIBER_BATCH
 from a2a_redis.events.queue_manager import RedisQueueManager
 from a2a_redis.log.event_log import StreamEntry, StreamRetention
 from tests.helpers import agent_card, connect, ctx, make_task, numbered

@@ -1,0 +1,77 @@
+"""``TaskFeed``: the live entries of one task, in a small ring its local subscribers share."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections import deque
+
+from a2a_redis.errors import A2ARedisError
+from a2a_redis.log.event_log import Position, StreamEntry
+
+__all__ = ["SUBSCRIBER_BATCH", "TaskFeed", "wait_at_most"]
+
+#: Entries a subscriber is handed at a time: all it can hold while it does not read.
+SUBSCRIBER_BATCH = 64
+
+
+async def wait_at_most(event: asyncio.Event, timeout: float) -> None:
+    """Wait for ``event`` at most ``timeout`` seconds (without a new Task on 3.11+)."""
+    with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+        if sys.version_info >= (3, 11):
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        else:  # pragma: no cover - Python 3.10
+            await asyncio.wait_for(event.wait(), timeout)
+
+
+class TaskFeed:
+    """The live entries of one task, shared by its local subscribers."""
+
+    def __init__(self, task_id: str, key: str, channel: bytes, ring_size: int) -> None:
+        self.task_id = task_id
+        self.key = key
+        self.channel = channel
+        self.refs = 0
+        self.ring: deque[StreamEntry] = deque(maxlen=ring_size)
+        self.last: Position | None = None  # last entry read from Redis; None until ready
+        self.covered_from: Position = (0, 0)  # the ring holds every entry after this
+        self.changed = asyncio.Event()
+        self.alive_at = asyncio.get_running_loop().time()  # last entry or owner heartbeat
+        self.ended: A2ARedisError | None = None
+        self.destroyed = False
+        self.dirty = False
+        self.ready: asyncio.Future[None] | None = None
+
+    def entries_after(
+        self, position: Position, limit: int = SUBSCRIBER_BATCH
+    ) -> list[StreamEntry] | None:
+        """The first ``limit`` ring entries after ``position``.
+
+        None if the ring no longer covers ``position``.
+        """
+        if position < self.covered_from:
+            return None
+        newer = []
+        for entry in reversed(self.ring):  # newest first: cost is the number of new entries
+            if entry.position <= position:
+                break
+            newer.append(entry)
+        return newer[: -limit - 1 : -1]
+
+    def extend(self, entries: list[StreamEntry], last: Position) -> None:
+        """Append fetched entries (read up to ``last``) and wake the subscribers."""
+        for entry in entries:
+            if len(self.ring) == self.ring.maxlen:
+                self.covered_from = self.ring[0].position
+            self.ring.append(entry)
+        self.last = last
+        if entries:
+            self.alive_at = asyncio.get_running_loop().time()
+            self.notify()
+
+    def notify(self) -> None:
+        """Wake every subscriber waiting on this feed."""
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
