@@ -55,10 +55,9 @@ async def test_components_share_one_client_and_one_listener(real_url: str, prefi
         assert isinstance(backend.queue_manager, RedisQueueManager)
         assert isinstance(backend.push_config_store, RedisPushNotificationConfigStore)
         assert backend.event_stream.listener is backend.listener
-        assert backend.queue_manager._listener is backend.listener
-        for component in (backend.event_stream, backend.queue_manager):
-            assert component._redis is backend.redis
-        assert backend.task_store._records.redis is backend.redis
+        assert backend.queue_manager.listener is backend.listener
+        for component in (backend.event_stream, backend.queue_manager, backend.task_store):
+            assert component.redis is backend.redis
         if isinstance(backend.redis, RedisCluster):  # per node pools; a gate of 64 turns
             assert backend.redis.permits._value == 64
             assert all(n.max_connections == 64 for n in backend.redis.get_nodes())

@@ -40,11 +40,12 @@ from a2a.types.a2a_pb2 import Message, TaskArtifactUpdateEvent
 
 from a2a_redis.connection.cluster import Client
 from a2a_redis.connection.durability import Durability, run_script
-from a2a_redis.connection.transaction import batch_args, run_atomically
+from a2a_redis.connection.transaction import batch_args
 from a2a_redis.errors import redis_errors
 from a2a_redis.events.leases import SETTLED_STATES, LeaseKeeper, lease_ttl_of
 from a2a_redis.events.listener import StreamListener
-from a2a_redis.log.codec import F_STATE, MAX_PAYLOAD_BYTES, ends_task_stream, version_int
+from a2a_redis.events.plumbing import EventPlumbing
+from a2a_redis.log.codec import F_STATE, MAX_PAYLOAD_BYTES, version_int
 from a2a_redis.log.event_log import (
     APPEND_IF_NEW_SCRIPT,
     FETCH_BATCH,
@@ -53,14 +54,12 @@ from a2a_redis.log.event_log import (
     Rows,
     StreamEntry,
     StreamRetention,
-    append_commands,
     check_not_trimmed,
     decode_rows,
     destroy_commands,
     parse_entry_id,
     read_entries,
 )
-from a2a_redis.log.keys import Keys
 from a2a_redis.options import DEFAULT_LEASE_TTL, Options
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
 
@@ -191,24 +190,22 @@ class RedisTaskEventStream(TaskEventStream):
         listener: StreamListener | None,
         leases: LeaseKeeper | None,
     ) -> None:
+        self._log = EventPlumbing(redis, options, listener=listener, leases=leases)
         self._redis = redis
-        self._keys = Keys.for_client(redis, options.prefix)
+        self._keys = self._log.keys
+        self._leases = self._log.leases
         self._ledger = AppendLedger() if ledger is None else ledger
-        self._retention = options.stream_retention
-        self._durability = options.durability
-        self._max_bytes = options.max_payload_bytes
-        self._owns_listener = listener is None
-        self._listener = StreamListener(redis, self._keys) if listener is None else listener
         self._append_if_new = redis.register_script(APPEND_IF_NEW_SCRIPT)
-        self._owns_leases = leases is None
-        self._leases = (
-            LeaseKeeper(redis, self._keys, ttl=options.lease_ttl) if leases is None else leases
-        )
+
+    @property
+    def redis(self) -> Client:
+        """The client this stream uses (not owned)."""
+        return self._redis
 
     @property
     def listener(self) -> StreamListener:
         """The process's listener (for health checks)."""
-        return self._listener
+        return self._log.listener
 
     @property
     def leases(self) -> LeaseKeeper:
@@ -217,12 +214,7 @@ class RedisTaskEventStream(TaskEventStream):
 
     async def aclose(self) -> None:
         """Close the listener and leases this stream created; waiting subscribers then fail."""
-        try:
-            if self._owns_leases:
-                await self._leases.aclose()
-        finally:
-            if self._owns_listener:
-                await self._listener.aclose()
+        await self._log.aclose()
 
     async def publish(self, task_id: str, event: VersionedEvent) -> None:
         """Append ``event`` unless the store already did; wake every replica's subscribers.
@@ -242,31 +234,22 @@ class RedisTaskEventStream(TaskEventStream):
         version = version_int(event.version)
         if not isinstance(event.event, Message) and self._ledger.consume(task_id, version):
             return
-        commands = append_commands(
-            self._keys, task_id, version, event.event,
-            terminal=ends_task_stream(event.event), retention=self._retention,
-            max_bytes=self._max_bytes,
-        )  # fmt: skip
-        key = self._keys.events(task_id)
+        commands = self._log.append_commands(task_id, version, event.event)
         if not version or isinstance(event.event, Message):
-            await run_atomically(self._redis, "publish", key, commands, self._durability)
+            await self._log.run("publish", task_id, commands)
             return
+        key = self._keys.events(task_id)
         keys, argv = batch_args(commands)  # the stream comes first: XADD is the first command
+        durability = self._log.options.durability
         with redis_errors("publish", key):
             await run_script(
-                self._redis, self._append_if_new, keys, [version, *argv], self._durability, key
+                self._redis, self._append_if_new, keys, [version, *argv], durability, key
             )
 
     async def destroy(self, task_id: str) -> None:
         """Delete the task's stream; its subscribers on every replica end cleanly."""
         self._leases.drop(task_id)
-        await run_atomically(
-            self._redis,
-            "destroy",
-            self._keys.events(task_id),
-            destroy_commands(self._keys, task_id),
-            self._durability,
-        )
+        await self._log.run("destroy", task_id, destroy_commands(self._keys, task_id))
 
     async def _first_page(
         self, task_id: str, key: str, after: TaskVersion, watch: _OwnerWatch
@@ -348,7 +331,7 @@ class RedisTaskEventStream(TaskEventStream):
         key = self._keys.events(task_id)
         delivered = 0  # highest version of a non-Message event yielded (de-duplication)
         watch = _OwnerWatch(self._leases.ttl)
-        entries = self._listener.follow(
+        entries = self._log.listener.follow(
             task_id, lambda: self._backlog(task_id, key, after, watch), idle_timeout=watch.timeout
         )
         try:

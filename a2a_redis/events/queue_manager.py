@@ -33,22 +33,20 @@ from a2a.server.events.queue_manager import NoTaskQueue, QueueManager, TaskQueue
 
 from a2a_redis.connection.cluster import Client
 from a2a_redis.connection.durability import Durability
-from a2a_redis.connection.transaction import run_atomically
 from a2a_redis.errors import A2ARedisError, OwnerLostError, redis_errors
 from a2a_redis.events.leases import LeaseKeeper, lease_ttl_of
 from a2a_redis.events.listener import StreamListener
-from a2a_redis.log.codec import CLOSED, MAX_PAYLOAD_BYTES, ends_task_stream
+from a2a_redis.events.plumbing import EventPlumbing
+from a2a_redis.log.codec import MAX_PAYLOAD_BYTES, close_mark_of
 from a2a_redis.log.event_log import (
     Position,
     Rows,
     StreamEntry,
     StreamRetention,
-    append_commands,
     close_commands,
     decode_rows,
     parse_entry_id,
 )
-from a2a_redis.log.keys import Keys
 from a2a_redis.options import DEFAULT_LEASE_TTL, Options
 
 __all__ = ["RedisQueueManager"]
@@ -166,21 +164,24 @@ class RedisQueueManager(QueueManager):
         leases: LeaseKeeper | None,
         tap_max_queue_size: int,
     ) -> None:
+        self._log = EventPlumbing(redis, options, listener=listener, leases=leases)
         self._redis = redis
-        self._keys = Keys.for_client(redis, options.prefix)
-        self._owns_listener = listener is None
-        self._listener = StreamListener(redis, self._keys) if listener is None else listener
-        self._retention = options.stream_retention
-        self._owns_keeper = leases is None
-        self._keeper = (
-            LeaseKeeper(redis, self._keys, ttl=options.lease_ttl) if leases is None else leases
-        )
+        self._keys = self._log.keys
+        self._keeper = self._log.leases
         self._tap_size = tap_max_queue_size
-        self._durability = options.durability
-        self._max_bytes = options.max_payload_bytes
         self._queues: dict[str, EventQueueLegacy] = {}  # queues this replica owns
         self._leases: dict[str, bytes] = {}  # owned queues still open -> their lease token
         self._taps: set[_RemoteTap] = set()
+
+    @property
+    def redis(self) -> Client:
+        """The client this manager uses (not owned)."""
+        return self._redis
+
+    @property
+    def listener(self) -> StreamListener:
+        """The process's listener (for health checks)."""
+        return self._log.listener
 
     # -- QueueManager ----------------------------------------------------------------------
     async def add(self, task_id: str, queue: EventQueueLegacy) -> None:
@@ -251,12 +252,7 @@ class RedisQueueManager(QueueManager):
             for tap in list(self._taps):
                 await tap.close(immediate=True)
         finally:
-            try:
-                if self._owns_keeper:
-                    await self._keeper.aclose()
-            finally:
-                if self._owns_listener:
-                    await self._listener.aclose()
+            await self._log.aclose()
 
     # -- owner side ------------------------------------------------------------------------
     async def _take_lease(self, task_id: str) -> None:
@@ -269,15 +265,8 @@ class RedisQueueManager(QueueManager):
         self._leases[task_id] = await self._keeper.take(task_id)
 
     async def _append(self, task_id: str, event: Event) -> None:
-        commands = append_commands(
-            self._keys, task_id, 0, event,
-            terminal=ends_task_stream(event), retention=self._retention,
-            max_bytes=self._max_bytes,
-        )  # fmt: skip
-        await run_atomically(
-            self._redis, "append to the queue", self._keys.events(task_id), commands,
-            self._durability,
-        )  # fmt: skip
+        commands = self._log.append_commands(task_id, 0, event)
+        await self._log.run("append to the queue", task_id, commands)
 
     async def _mark_closed(self, task_id: str) -> None:
         """Append the close mark (naming this opening's token) and release the lease; once."""
@@ -285,12 +274,9 @@ class RedisQueueManager(QueueManager):
         if token is None:
             return
         self._keeper.drop(task_id, token)
-        key = self._keys.events(task_id)
-        await run_atomically(
-            self._redis, "close the queue", key,
-            close_commands(self._keys, task_id, token=token, retention=self._retention),
-            self._durability,
-        )  # fmt: skip
+        retention = self._log.options.stream_retention
+        commands = close_commands(self._keys, task_id, token=token, retention=retention)
+        await self._log.run("close the queue", task_id, commands)
         await self._keeper.release(task_id, token)
 
     # -- tap side --------------------------------------------------------------------------
@@ -306,7 +292,7 @@ class RedisQueueManager(QueueManager):
             if not rows:
                 return [], (0, 0)
             entry_id, fields = rows[0]
-            if fields.get(b"k") == CLOSED and fields.get(b"o") == token:
+            if close_mark_of(fields, token):
                 return decode_rows(key, rows), (0, 0)  # closed since we read the lease: end
             return [], parse_entry_id(entry_id)  # (an older opening's close mark is history)
 
@@ -327,7 +313,7 @@ class RedisQueueManager(QueueManager):
         idle: float,
     ) -> None:
         """Feed ``tap`` until the close mark, or ``idle`` (the owner's lease) of silence."""
-        entries = self._listener.follow(task_id, start, idle_timeout=idle)
+        entries = self._log.listener.follow(task_id, start, idle_timeout=idle)
         try:
             async for entry in entries:
                 if entry.error is not None:

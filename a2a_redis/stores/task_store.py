@@ -84,6 +84,11 @@ class _OverRecords:
         return self._records.options
 
     @property
+    def redis(self) -> Client:
+        """The client this store uses (not owned)."""
+        return self._records.redis
+
+    @property
     def keys(self) -> Keys:
         """The key builder of this store's namespace."""
         return self._records.keys

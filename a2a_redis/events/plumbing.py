@@ -1,0 +1,77 @@
+"""``EventPlumbing``: the Redis plumbing the event stream and the queue manager share.
+
+Both stand on one mechanism: each task's event log (``log/event_log.py``), one live listener
+and one lease keeper per process. This holds what they need of it, once: the namespace's
+keys and options, the shared listener and lease keeper (or their own, made here and closed
+by :meth:`EventPlumbing.aclose`), and the one way both write to a task's log.
+"""
+
+from __future__ import annotations
+
+from a2a.server.events.event_queue import Event
+
+from a2a_redis.connection.cluster import Client
+from a2a_redis.connection.transaction import Command, run_atomically
+from a2a_redis.events.leases import LeaseKeeper
+from a2a_redis.events.listener import StreamListener
+from a2a_redis.log.codec import ends_task_stream
+from a2a_redis.log.event_log import append_commands
+from a2a_redis.log.keys import Keys
+from a2a_redis.options import Options
+
+__all__ = ["EventPlumbing"]
+
+
+class EventPlumbing:
+    """Keys, options, listener and leases of one namespace, and atomic log writes.
+
+    Args:
+        redis: The shared client; not owned.
+        options: The namespace's options.
+        listener: The process's shared listener; None makes one, closed by :meth:`aclose`.
+        leases: The process's shared lease keeper; None makes one, closed by :meth:`aclose`.
+    """
+
+    def __init__(
+        self,
+        redis: Client,
+        options: Options,
+        *,
+        listener: StreamListener | None = None,
+        leases: LeaseKeeper | None = None,
+    ) -> None:
+        self.redis = redis
+        self.options = options
+        self.keys = Keys.for_client(redis, options.prefix)
+        self._owns_listener = listener is None
+        self.listener = StreamListener(redis, self.keys) if listener is None else listener
+        self._owns_leases = leases is None
+        self.leases = (
+            LeaseKeeper(redis, self.keys, ttl=options.lease_ttl) if leases is None else leases
+        )
+
+    def append_commands(self, task_id: str, version: int, event: Event) -> list[Command]:
+        """The commands appending ``event`` at ``version`` to the task's log, with its wake-up.
+
+        Raises ``PayloadTooLargeError`` if the event is over ``max_payload_bytes``.
+        """
+        return append_commands(
+            self.keys, task_id, version, event,
+            terminal=ends_task_stream(event), retention=self.options.stream_retention,
+            max_bytes=self.options.max_payload_bytes,
+        )  # fmt: skip
+
+    async def run(self, operation: str, task_id: str, commands: list[Command]) -> None:
+        """Run log commands for ``task_id`` atomically: one round trip (and ``WAIT``)."""
+        await run_atomically(
+            self.redis, operation, self.keys.events(task_id), commands, self.options.durability
+        )
+
+    async def aclose(self) -> None:
+        """Close the listener and lease keeper made here (shared ones stay open)."""
+        try:
+            if self._owns_leases:
+                await self.leases.aclose()
+        finally:
+            if self._owns_listener:
+                await self.listener.aclose()
