@@ -4,11 +4,11 @@ Every key of one task shares the hash tag ``{t:ID}`` and every index key of one 
 shares ``{o:OWNER}``, so each transaction and script touches one slot. What differs on a
 cluster is where a connection comes from (the node owning the slot, not one pool) and
 what happens when a slot moves (``MOVED``/``ASK``/``TRYAGAIN``): this module holds both,
-for ``transaction.py`` and the listener.
+for ``transaction.py`` and ``links.py``.
 
 A ``redis.asyncio.cluster.RedisCluster`` is recognised by type; every component then
 uses shard channels (``SPUBLISH``/``SSUBSCRIBE``) and keeps ListTasks indexes across
-slots (see ``task_index.py``).
+slots (see ``stores/task_index.py``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ the task's stream is destroyed (``destroy`` or a store ``delete``): then it retu
 While Redis is unreachable, subscribers wait and resume when the listener reconnects.
 
 Replica death: the replica that publishes a running task's events holds the task's lease
-(``leases.py``): one loop per process renews all its leases and sends each task's
+(``events/leases.py``): one loop per process renews all its leases and sends each task's
 subscribers a heartbeat every ``lease_ttl / 3``. A subscriber of a task in a running state
 (submitted or working) that hears neither an event nor a heartbeat for the owner's
 ``lease_ttl`` raises :class:`~a2a_redis.events.listener.OwnerLostError`: the replica running the

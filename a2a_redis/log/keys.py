@@ -2,7 +2,7 @@
 
 Layout (``P`` is the prefix, ``T`` an encoded task id, ``O`` an encoded owner)::
 
-    P:{t:T}:task        hash    the task record (see codec.py)
+    P:{t:T}:task        hash    the task record (see log/codec.py)
     P:{t:T}:events      stream  the task's event log
     P:{t:T}:wake        channel pub/sub wake-up for live subscribers
     P:{t:T}:lease       string  which replica has the task's event queue open (TTL)
