@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from a2a_redis.cluster import Client
 from a2a_redis.codec import decode_event
+from a2a_redis.compat import within
 from a2a_redis.errors import (
     A2ARedisError,
     CorruptDataError,
@@ -179,12 +179,8 @@ async def check_not_trimmed(redis: Client, key: str, after: Position) -> None:
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:
     """Wait for ``event`` at most ``timeout`` seconds (without a new Task on 3.11+)."""
-    with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-        if sys.version_info >= (3, 11):
-            async with asyncio.timeout(timeout):
-                await event.wait()
-        else:  # pragma: no cover - Python 3.10
-            await asyncio.wait_for(event.wait(), timeout)
+    with contextlib.suppress(TimeoutError):
+        await within(event.wait(), timeout)
 
 
 class Feed:

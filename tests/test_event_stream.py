@@ -278,9 +278,12 @@ async def test_a_resp2_replica_without_hiredis_follows_live_events(
     try:
         versions = await produce(a, "t", [])
         reader = asyncio.create_task(collect(b.stream, "t", versions[-1], 2))
-        async with asyncio.timeout(GUARD):
+
+        async def subscribed() -> None:
             while not await subscriber_count(a.client, b.store.keys.wake("t")):
                 await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(subscribed(), GUARD)
         task = make_task("t", state=S.TASK_STATE_WORKING)
         version = versions[-1]
         for state in (S.TASK_STATE_WORKING, S.TASK_STATE_COMPLETED):
