@@ -46,11 +46,15 @@ test: $(STAMP)
 # test-latest: the newest release of everything; runs the whole suite.
 MIN_VENV := .venv-min
 LATEST_VENV := .venv-latest
-MIN_PY ?= $(PY)
-LATEST_PY ?= $(PY)
+# Each end on the oldest and the newest Python this machine has, else on $(PY).
+# (An interpreter counts if it runs: a pyenv shim of an inactive version does not.)
+runs = $(shell $(1) -c "import sys; print(sys.executable)" 2>/dev/null)
+MIN_PY ?= $(or $(call runs,python3.10),$(PY))
+LATEST_PY ?= $(or $(call runs,python3.14),$(call runs,python3.13),$(PY))
 CONTRACT_SUITES := $(filter-out tests/reliability,$(wildcard tests/test_*.py))
 
 test-min:
+	@echo "test-min on $$($(MIN_PY) --version)"
 	rm -rf $(MIN_VENV)
 	$(MIN_PY) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
@@ -62,6 +66,7 @@ test-min:
 	$(MIN_VENV)/bin/pytest -q -p no:cacheprovider $(CONTRACT_SUITES) $(PYTEST_ARGS)
 
 test-latest:
+	@echo "test-latest on $$($(LATEST_PY) --version)"
 	rm -rf $(LATEST_VENV)
 	$(LATEST_PY) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import socket
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,28 @@ class NamedUser(User):
     @property
     def user_name(self) -> str:
         return self._name
+
+
+async def eventually(
+    condition: Callable[[], Any], *, timeout: float = 60.0, interval: float = 0.01, what: str = ""
+) -> Any:
+    """Wait until ``condition()`` is true (awaited when it returns an awaitable); return it.
+
+    For a state the test cannot be notified of (a counter, a key, a subscription on the
+    server). ``timeout`` is a hang guard only, never an asserted bound: past it the wait
+    fails naming ``what``.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what or condition}")
+        await asyncio.sleep(interval)
 
 
 def ctx(owner: str = "alice") -> ServerCallContext:
@@ -99,7 +122,7 @@ class ReplicaProcess:
             cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
 
-    def wait_ready(self, guard: float = 30) -> None:
+    def wait_ready(self, guard: float = 60) -> None:
         """Wait (bounded) until the replica serves its agent card."""
         deadline = time.monotonic() + guard
         while time.monotonic() < deadline:
@@ -116,6 +139,15 @@ class ReplicaProcess:
         """SIGKILL: the replica dies without cleaning anything up."""
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(guard)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """SIGSTOP the replica for the block (it sends nothing meanwhile), then SIGCONT."""
+        self.proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.proc.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 10 s."""

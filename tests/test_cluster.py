@@ -20,7 +20,7 @@ from a2a_redis.log.codec import index_member
 from a2a_redis.log.keys import Keys
 from a2a_redis.ops.embedded import EmbeddedCluster, EmbeddedServer, _command, call
 from a2a_redis.stores import task_index
-from tests.helpers import connect, ctx, make_task, numbered
+from tests.helpers import connect, ctx, eventually, make_task, numbered
 
 GUARD = 60  # seconds: a hang guard only
 S = TaskState
@@ -229,9 +229,17 @@ async def test_one_pubsub_connection_per_shard_not_per_task(
                 return
 
         followers = [asyncio.create_task(follow(t)) for t in ids]
+
+        def subscribed() -> int:  # shard channels the primaries have confirmed, in all
+            return sum(
+                len(call(p.port, "PUBSUB", "SHARDCHANNELS", f"{prefix}:*"))
+                for p in shared_cluster.primaries
+            )
+
         try:
-            while backend.listener.stats()["tasks"] < 30 or not backend.listener.connected:
-                await asyncio.sleep(0.01)
+            await eventually(
+                lambda: subscribed() == 30 and backend.listener.connected, interval=0.05
+            )
             stats = backend.listener.stats()
             assert stats["tasks"] == 30 and stats["connections"] == 3
             for primary in shared_cluster.primaries:  # shard channels, each on its own shard

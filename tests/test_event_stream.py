@@ -14,7 +14,7 @@ from a2a_redis.events.event_stream import RedisTaskEventStream
 from a2a_redis.events.listener import StreamListener
 from a2a_redis.log.event_log import StreamRetention
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
-from tests.helpers import connect, ctx, make_task, on_every_node, subscriber_count
+from tests.helpers import connect, ctx, eventually, make_task, on_every_node, subscriber_count
 
 S = TaskState
 MISSING = TaskVersion.MISSING
@@ -56,8 +56,15 @@ async def produce(replica: Replica, task_id: str, states: list[int]) -> list[Tas
     return versions
 
 
-async def collect(stream: RedisTaskEventStream, task_id: str, after: TaskVersion, n: int):
-    out: list[VersionedEvent] = []
+async def collect(
+    stream: RedisTaskEventStream,
+    task_id: str,
+    after: TaskVersion,
+    n: int,
+    out: list[VersionedEvent] | None = None,
+):
+    """The first ``n`` events of a subscription (kept in ``out`` as they come, if given)."""
+    out = [] if out is None else out
     gen = stream.subscribe(task_id, after=after)
     try:
         async for item in gen:
@@ -72,8 +79,9 @@ async def collect(stream: RedisTaskEventStream, task_id: str, after: TaskVersion
 async def test_replay_then_live_in_order_exactly_once(pair):
     a, b = pair
     versions = await produce(a, "t", [S.TASK_STATE_WORKING] * 3)
-    reader = asyncio.create_task(collect(b.stream, "t", versions[1], 2 + 5))
-    await asyncio.sleep(0.05)
+    seen: list[VersionedEvent] = []
+    reader = asyncio.create_task(collect(b.stream, "t", versions[1], 2 + 5, seen))
+    await eventually(lambda: len(seen) == 2 or reader.done())  # replayed: now it follows live
     task = make_task("t", state=S.TASK_STATE_WORKING)
     version = versions[-1]
     for state in [S.TASK_STATE_WORKING] * 4 + [S.TASK_STATE_COMPLETED]:
@@ -123,10 +131,9 @@ async def test_many_subscribers_share_one_connection_and_one_fetch(pair):
     a, b = pair
     await produce(a, "t", [])
     readers = [asyncio.create_task(collect(b.stream, "t", TaskVersion(1), 3)) for _ in range(50)]
-    for _ in range(100):
-        if b.stream.listener.stats()["subscribers"] == 50 and b.stream.listener.connected:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(
+        lambda: b.stream.listener.stats()["subscribers"] == 50 and b.stream.listener.connected
+    )
     assert b.stream.listener.stats() == {
         "connected": True, "tasks": 1, "subscribers": 50, "reconnects": 0, "connections": 1,
     }  # fmt: skip
@@ -152,10 +159,10 @@ async def test_slow_subscriber_catches_up_from_the_stream(redis, backend, prefix
     await produce(a, "t", [])
     gen = stream.subscribe("t", after=TaskVersion(1))
     first = asyncio.create_task(gen.__anext__())
-    await asyncio.sleep(0.05)
-    versions = await produce_more(a, "t", TaskVersion(1), 40)
-    got = [await asyncio.wait_for(first, GUARD)]
-    while len(got) < 40:
+    versions = await produce_more(a, "t", TaskVersion(1), 1)
+    got = [await asyncio.wait_for(first, GUARD)]  # it has read its backlog: it follows live
+    versions += await produce_more(a, "t", versions[-1], 40)  # ten rings' worth
+    while len(got) < 41:
         got.append(await asyncio.wait_for(gen.__anext__(), GUARD))
     await gen.aclose()
     assert [g.version for g in got] == versions
@@ -181,7 +188,9 @@ async def test_destroy_and_delete_end_subscribers_cleanly(pair):
     await produce(a, "t2", [])
     r1 = asyncio.create_task(collect(b.stream, "t1", TaskVersion(1), 99))
     r2 = asyncio.create_task(collect(b.stream, "t2", TaskVersion(1), 99))
-    await asyncio.sleep(0.05)
+    for task_id in ("t1", "t2"):  # both subscribed on the server: the end will reach them
+        channel = a.store.keys.wake(task_id)
+        await eventually(lambda: subscriber_count(a.client, channel))  # noqa: B023
     await a.stream.destroy("t1")
     await a.store.delete("t2", ctx())
     assert await asyncio.wait_for(r1, GUARD) == []
@@ -210,7 +219,8 @@ async def test_pubsub_connection_killed_mid_stream_loses_nothing(real_redis, rea
     try:
         await produce(a, "t", [])
         reader = asyncio.create_task(collect(b.stream, "t", TaskVersion(1), 30))
-        await asyncio.sleep(0.05)
+        # B's pub/sub connection is subscribed: the first kill below really hits it.
+        await eventually(lambda: subscriber_count(real_redis, a.store.keys.wake("t")))
         version = TaskVersion(1)
         versions = []
         for i in range(3):
@@ -278,9 +288,12 @@ async def test_a_resp2_replica_without_hiredis_follows_live_events(
     try:
         versions = await produce(a, "t", [])
         reader = asyncio.create_task(collect(b.stream, "t", versions[-1], 2))
-        async with asyncio.timeout(GUARD):
+
+        async def subscribed() -> None:
             while not await subscriber_count(a.client, b.store.keys.wake("t")):
                 await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(subscribed(), GUARD)
         task = make_task("t", state=S.TASK_STATE_WORKING)
         version = versions[-1]
         for state in (S.TASK_STATE_WORKING, S.TASK_STATE_COMPLETED):

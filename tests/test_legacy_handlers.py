@@ -428,9 +428,11 @@ LEASE_TTL_ARGS = (
 def replicas(
     real_url: str, real_redis: object, prefix: str
 ) -> Iterator[tuple[ReplicaProcess, ReplicaProcess]]:
-    # 0.3 s between chunks: B subscribes right after A's client saw a chunk, far from the
+    # 1 s between chunks: B subscribes right after A's client saw a chunk, far from the
     # next one, so the SDK's snapshot-then-tap window (module docstring) holds no event.
-    with replica_pair(real_url, prefix, 0.3, "--legacy", *LEASE_TTL_ARGS) as pair:
+    # That window is in B's process, where the test cannot see it close: this margin (B
+    # reads the task, then takes the tap: a few round trips) is all a loaded machine has.
+    with replica_pair(real_url, prefix, 1.0, "--legacy", *LEASE_TTL_ARGS) as pair:
         yield pair
 
 
@@ -462,7 +464,7 @@ async def _subscribe(client: Client, task_id: str) -> tuple[list[StreamResponse]
 
 async def test_processes_resubscribe_on_b_mid_stream_gets_every_later_event(clients):
     a, b = clients
-    task_id, seen_a, runner = await start_stream(a, "chunks=10")
+    task_id, seen_a, runner = await start_stream(a, "chunks=4")
     subscription = b.subscribe(SubscribeToTaskRequest(id=task_id))
 
     async def collect() -> list[StreamResponse]:
@@ -471,12 +473,12 @@ async def test_processes_resubscribe_on_b_mid_stream_gets_every_later_event(clie
     seen_b = await asyncio.wait_for(collect(), GUARD)
     await asyncio.wait_for(runner, GUARD)
 
-    expected = [chunk("A", i) for i in range(10)]
+    expected = [chunk("A", i) for i in range(4)]
     assert chunks(seen_a) == expected
     assert final_state(seen_a) == S.TASK_STATE_COMPLETED
     assert seen_b[0].HasField("task")  # the stored task first
     assert seen_b[0].task.status.state == S.TASK_STATE_WORKING
-    assert 1 <= len(chunks(seen_b[:1])) < 10  # subscribed mid-stream
+    assert 1 <= len(chunks(seen_b[:1])) < 4  # subscribed mid-stream
     assert chunks(seen_b) == expected  # snapshot + later chunks: no gap, no duplicate
     assert final_state(seen_b) == S.TASK_STATE_COMPLETED
     for client in (a, b):

@@ -15,9 +15,14 @@ from a2a.types.a2a_pb2 import TaskState, TaskStatusUpdateEvent
 from a2a.utils._async_queue_compat import QueueShutDown
 
 from a2a_redis.events.queue_manager import RedisQueueManager
-from tests.helpers import connect, numbered
+from a2a_redis.log.keys import Keys
+from tests.helpers import connect, eventually, numbered
 
-GUARD = 20  # seconds: a hang guard only
+GUARD = 60  # seconds: a hang guard only
+# An owner's lease in the tests where it must stay alive for a moment (a tap taken, an
+# event delivered) and then die: renewed every LEASE / 3, so the owner counts as alive
+# through any event-loop stall shorter than about 2/3 of it, even on a loaded machine.
+LEASE = 2.0
 
 
 async def drain(queue: EventQueueLegacy) -> list[TaskStatusUpdateEvent]:
@@ -171,27 +176,32 @@ async def test_owner_death_ends_remote_taps(real_url: str, real_redis, prefix: s
     """The owner stops renewing (a crash): taps close after about lease_ttl, never hang."""
     owner_client = connect(real_url)
     tap_client = connect(real_url)
-    a = RedisQueueManager(owner_client, prefix=prefix, lease_ttl=0.6)
-    b = RedisQueueManager(tap_client, prefix=prefix, lease_ttl=0.6)
+    a = RedisQueueManager(owner_client, prefix=prefix, lease_ttl=LEASE)
+    b = RedisQueueManager(tap_client, prefix=prefix, lease_ttl=LEASE)
     try:
         queue = await a.create_or_tap("t")
         tap = await b.tap("t")
         assert tap is not None
         await queue.enqueue_event(numbered(1))
+        got = await asyncio.wait_for(tap.dequeue_event(), GUARD)  # delivered while A lives
+        tap.task_done()
+        assert got.metadata["n"] == "1"  # type: ignore[union-attr]
         assert a._keeper._renewer is not None
         a._keeper._renewer.cancel()  # the owner "dies": no renewal, no heartbeat, no close mark
-        assert [e.metadata["n"] for e in await drain(tap)] == ["1"]
+        assert await drain(tap) == []  # then the tap ends: no heartbeat for a lease
         assert tap.is_closed()
-        for _ in range(100):  # the lease itself expires too (bounded wait)
-            if await b.tap("t") is None:
-                break
-            await asyncio.sleep(0.05)
+        lease = Keys(prefix).lease("t")
+        await eventually(lambda: _gone(real_redis, lease), what="the lease expires")
         assert await b.tap("t") is None
     finally:
         await b.aclose()
         await a.aclose()
         await owner_client.aclose()
         await tap_client.aclose()
+
+
+async def _gone(redis: aioredis.Redis, key: str) -> bool:
+    return not await redis.exists(key)
 
 
 async def test_aclose_releases_leases_and_ends_taps(managers):
@@ -240,41 +250,41 @@ async def test_a_reopened_queue_is_tapped_past_the_previous_close_mark(managers)
 
 
 async def test_an_abandoned_remote_tap_does_not_leak(managers):
-    a, b = managers(lease_ttl=0.5), managers(lease_ttl=0.5)
+    a, b = managers(), managers()
     queue = await a.create_or_tap("t")
     tap = await b.tap("t")
     assert tap is not None  # ... and nobody ever reads it
     for n in range(5):
         await queue.enqueue_event(numbered(n))
     await close_draining(a, "t", queue)
-    for _ in range(200):  # bounded wait for the pump to let go
-        if b.stats()["taps"] == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert b.stats()["taps"] == 0
+    await eventually(lambda: b.stats()["taps"] == 0, what="the pump lets go at the close mark")
     assert tap.is_closed()
 
 
 async def test_a_lease_lost_in_an_outage_is_taken_again(managers, redis, prefix):
-    from a2a_redis.log.keys import Keys
-
     a, b = managers(lease_ttl=0.3), managers(lease_ttl=0.3)
     await a.create_or_tap("t")
     await redis.delete(Keys(prefix).lease("t"))  # as if it expired while Redis was away
-    for _ in range(100):
-        if await b.tap("t") is not None:
-            break
-        await asyncio.sleep(0.02)
-    tap = await b.tap("t")
-    assert tap is not None
+    # A's next renewal (every 0.1 s) takes it again: a tap finds the queue once more.
+    tap = await eventually(lambda: b.tap("t"), what="the lease is taken again")
     await tap.close(immediate=True)
 
 
-async def test_a_tap_waits_as_long_as_the_owners_lease_not_its_own(managers):
-    a, b = managers(lease_ttl=0.4), managers(lease_ttl=60)  # B's own setting is long
+async def test_a_tap_waits_as_long_as_the_owners_lease_not_its_own(managers, redis, prefix):
+    """B's tap gives up after the owner's lease (its token says 0.4 s), not after B's own.
+
+    The owner dies before B taps, and the test keeps its lease in Redis (as if B came
+    within the lease): B's lookup cannot depend on A's renewals keeping up on a loaded
+    machine, where a 0.4 s lease can lapse between two of them.
+    """
+    a, b = managers(lease_ttl=0.4), managers(lease_ttl=3600)  # B's own setting: an hour
     await a.create_or_tap("t")
+    assert a._keeper._renewer is not None
+    a._keeper._renewer.cancel()  # the owner dies: no renewal, no heartbeat, no close mark
+    lease = Keys(prefix).lease("t")
+    await redis.set(lease, a._leases["t"])  # its lease, not yet lapsed (no expiry)
     tap = await b.tap("t")
     assert tap is not None
-    assert a._keeper._renewer is not None
-    a._keeper._renewer.cancel()  # the owner dies: B must give up after A's 0.4 s lease, not 60 s
+    # B ends the tap after A's 0.4 s of silence; with its own hour it would hang (GUARD).
     assert await drain(tap) == []
+    await eventually(lambda: b.stats()["taps"] == 0, what="B lets the tap go")

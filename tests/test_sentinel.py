@@ -268,8 +268,8 @@ async def test_every_acknowledged_write_is_on_the_replica_when_acknowledged(
     deployment: SentinelDeployment, admin: aioredis.Redis, prefix: str
 ):
     keys = Keys(prefix)
-    async with RedisBackend.from_url(
-        deployment.url, prefix=prefix, durability=Durability(replicas=1, timeout=5)
+    async with RedisBackend.from_url(  # WAIT may take long on a loaded machine: a hang guard
+        deployment.url, prefix=prefix, socket_timeout=30, durability=Durability(1, 20)
     ) as backend:
 
         async def waits_of(write: object) -> int:

@@ -236,7 +236,8 @@ async def test_terminal_ttl_expires_task_and_purges_its_index_entries(
     await store.save(make_task("keep"), prev_version=MISSING, context=ctx())
     assert await redis.pttl(store.keys.task("done")) == -1  # not terminal yet: kept
     await store.save(make_task("done", state=S.TASK_STATE_COMPLETED), prev_version=v, context=ctx())
-    assert 0 < await redis.pttl(store.keys.task("done")) <= 200
+    ttl = await redis.pttl(store.keys.task("done"))
+    assert 0 < ttl <= 200 or ttl == -2  # expiring within 0.2 s (or gone already: a slow machine)
     assert await redis.zcard(store.keys.expiring("alice")) == 1
     assert await redis.pttl(store.keys.task("keep")) == -1
     for _ in range(200):  # wait (bounded) for the server to expire the record
@@ -262,7 +263,7 @@ async def test_event_stream_is_capped_and_gets_a_ttl(redis: aioredis.Redis, pref
         )  # fmt: skip
     events = store.keys.events("t1")
     assert await redis.xlen(events) < 500  # MAXLEN ~ trims whole nodes, so not exactly 10
-    assert 60_000 * 10 - 5_000 < await redis.pttl(events) <= 600_000
+    assert 600_000 // 2 < await redis.pttl(events) <= 600_000  # the idle TTL, not the terminal
     task.status.state = S.TASK_STATE_COMPLETED
     await store.save(task, event=task, prev_version=version, context=ctx())
     assert 0 < await redis.pttl(events) <= 60_000

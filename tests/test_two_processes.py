@@ -6,7 +6,7 @@ The replicas are ``examples/agent_server.py``; the driver is ``a2a.client``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from a2a.types import (
 from a2a.utils.errors import A2AError
 
 from tests.helpers import (
+    ReplicaProcess,
     chunks,
     client_pair,
     final_state,
@@ -35,18 +36,30 @@ GUARD = 30  # seconds: a hang guard only
 
 
 @pytest.fixture
-async def clients(
+def replicas(
     real_url: str, real_redis: object, prefix: str
+) -> Iterator[tuple[ReplicaProcess, ReplicaProcess]]:
+    with replica_pair(real_url, prefix, 0.15) as pair:
+        yield pair
+
+
+@pytest.fixture
+async def clients(
+    replicas: tuple[ReplicaProcess, ReplicaProcess],
 ) -> AsyncIterator[tuple[Client, Client]]:
-    with replica_pair(real_url, prefix, 0.15) as (a, b):
-        async with client_pair(a, b) as pair:
-            yield pair
+    async with client_pair(*replicas) as pair:
+        yield pair
 
 
-async def test_resubscribe_on_b_mid_stream_gets_every_later_event(clients):
+async def test_resubscribe_on_b_mid_stream_gets_every_later_event(replicas, clients):
     a, b = clients
     task_id, seen_a, runner = await start_stream(a, "chunks=12")
-    seen_b = [r async for r in b.subscribe(SubscribeToTaskRequest(id=task_id))]
+    subscription = b.subscribe(SubscribeToTaskRequest(id=task_id))
+    # A stands still until B has taken the subscription (its first response, the stored
+    # task): the task cannot end first, however slowly B answers on a loaded machine.
+    with replicas[0].paused():
+        seen_b = [await asyncio.wait_for(anext(subscription), GUARD)]
+    seen_b += [r async for r in subscription]
     await asyncio.wait_for(runner, GUARD)
     expected = [f"chunk {i} from A" for i in range(12)]
     assert chunks(seen_a) == expected
@@ -118,13 +131,14 @@ async def test_fifty_concurrent_tasks_each_followed_on_the_other_replica(clients
     a, b = clients
 
     async def one(origin: Client, other: Client) -> None:
-        # 12 chunks 0.15 s apart: the subscription lands long before the task ends, even on
-        # a loaded machine (the SDK refuses to subscribe to a finished task).
-        task_id, seen, runner = await start_stream(origin, "chunks=12")
+        # 40 chunks 0.15 s apart: the subscription must land before the task ends (the SDK
+        # refuses to subscribe to a finished task), and it has about six seconds to, with
+        # the other 49 going on (pausing an origin here would pause 24 more tasks).
+        task_id, seen, runner = await start_stream(origin, "chunks=40")
         followed = [r async for r in other.subscribe(SubscribeToTaskRequest(id=task_id))]
         await asyncio.wait_for(runner, GUARD)
         expected = chunks(seen)
-        assert len(expected) == 12
+        assert len(expected) == 40
         assert chunks(followed) == expected  # snapshot + live: complete, in order, once
         assert final_state(followed) == TaskState.TASK_STATE_COMPLETED
 

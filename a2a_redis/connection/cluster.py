@@ -25,6 +25,7 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 
+from a2a_redis.connection.compat import within
 from a2a_redis.errors import PoolExhaustedError
 
 if TYPE_CHECKING:  # for mypy only: no runtime dependency
@@ -150,8 +151,7 @@ class _Cluster(RedisCluster):
             yield
             return
         try:
-            async with asyncio.timeout(self.pool_timeout):
-                await self.permits.acquire()
+            await within(self.permits.acquire(), self.pool_timeout)
         except TimeoutError as e:
             raise PoolExhaustedError(
                 f"no Redis Cluster connection free within {self.pool_timeout}s", key=key or None

@@ -1,4 +1,7 @@
-"""What differs between the redis-py releases we support (6.2 to 8.x), handled in one place.
+"""What differs between the redis-py and Python releases we support, handled in one place.
+
+- **Timeouts.** ``asyncio.timeout`` is Python 3.11+; :func:`within` uses it there, and
+  ``asyncio.wait_for`` on 3.10.
 
 - **RESP3 by default.** redis-py 8 speaks RESP3 unless told ``protocol=2``, which a user
   may choose. Our commands read replies whose shapes agree in both protocols, or normalize
@@ -11,13 +14,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import asyncio
+import sys
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-__all__ = ["QuietPubSub", "pubsub", "quiet_push", "reply_pairs"]
+__all__ = ["QuietPubSub", "pubsub", "quiet_push", "reply_pairs", "within"]
+
+T = TypeVar("T")
+
+
+async def within(awaitable: Awaitable[T], timeout: float | None) -> T:
+    """Await ``awaitable`` for at most ``timeout`` seconds (None: no limit).
+
+    Raises the builtin ``TimeoutError`` on every Python (3.10's ``asyncio.TimeoutError``
+    is another class). On 3.11+ no extra Task is created.
+    """
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(timeout):
+            return await awaitable
+    try:  # pragma: no cover - Python 3.10
+        return await asyncio.wait_for(awaitable, timeout)
+    except asyncio.TimeoutError as e:  # pragma: no cover - Python 3.10
+        raise TimeoutError(str(e)) from e
 
 
 async def quiet_push(response: Any) -> Any:

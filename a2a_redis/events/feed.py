@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 from collections import deque
 
+from a2a_redis.connection.compat import within
 from a2a_redis.errors import A2ARedisError
 from a2a_redis.log.event_log import Position, StreamEntry
 
@@ -18,12 +18,8 @@ SUBSCRIBER_BATCH = 64
 
 async def wait_at_most(event: asyncio.Event, timeout: float) -> None:
     """Wait for ``event`` at most ``timeout`` seconds (without a new Task on 3.11+)."""
-    with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-        if sys.version_info >= (3, 11):
-            async with asyncio.timeout(timeout):
-                await event.wait()
-        else:  # pragma: no cover - Python 3.10
-            await asyncio.wait_for(event.wait(), timeout)
+    with contextlib.suppress(TimeoutError):
+        await within(event.wait(), timeout)
 
 
 class TaskFeed:

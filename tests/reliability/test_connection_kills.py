@@ -17,7 +17,7 @@ from a2a.types.a2a_pb2 import Task, TaskState, TaskStatusUpdateEvent
 from a2a_redis import RedisBackend, RedisUnavailableError
 from a2a_redis.log.codec import decode_event
 from a2a_redis.ops.embedded import EmbeddedServer
-from tests.helpers import ctx, make_task
+from tests.helpers import ctx, eventually, make_task, subscriber_count
 
 GUARD = 60  # seconds: a hang guard only
 
@@ -81,9 +81,8 @@ async def test_killed_connections_neither_lose_nor_duplicate_events(prefix: str)
                         return
 
             follower = asyncio.create_task(follow())
-            while b.listener.stats()["subscribers"] == 0:
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.1)
+            # Subscribed on the server: the pub/sub kills below hit B's live connection.
+            await eventually(lambda: subscriber_count(admin, b.task_store.keys.wake("t")))
 
             async def killer() -> None:
                 for i in range(40):

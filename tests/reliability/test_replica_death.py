@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from a2a.client import Client, ClientCallContext
@@ -45,6 +46,7 @@ from tests.helpers import (
     connect,
     ctx,
     drain_stream,
+    eventually,
     final_state,
     make_task,
     replica_pair,
@@ -54,6 +56,10 @@ from tests.helpers import (
 
 S = TaskState
 GUARD = 40.0  # seconds: a hang guard only, never an asserted bound
+# The lease of the in-process tests. An owner counts as alive while its heartbeats (every
+# LEASE / 3) come: a subscriber would take it for dead only through an event-loop stall
+# longer than about 2/3 of a lease, which this leaves far behind on a loaded machine.
+LEASE = 2.0
 QUIET = ClientCallContext(timeout=GUARD)  # no SSE comes while B waits for a dead owner
 
 
@@ -76,6 +82,17 @@ async def subscribed(client: Client, task_id: str) -> tuple[list[StreamResponse]
         await asyncio.gather(runner, return_exceptions=True)
         raise
     return seen, runner
+
+
+async def expect_released(admin: Any, prefix: str, task_id: str) -> None:
+    """Wait until the dead owner's lease has lapsed and no replica listens to the task."""
+    keys = Keys(prefix)
+
+    async def released() -> bool:
+        lease = await admin.get(keys.lease(task_id))
+        return lease is None and await subscriber_count(admin, keys.wake(task_id)) == 0
+
+    await eventually(released, what="the lease lapsed and B let go")
 
 
 def in_order(got: list[str], replica: str = "A") -> bool:
@@ -131,9 +148,8 @@ async def test_v2_owner_killed_the_remote_subscriber_gets_an_error(
     stored = await b.get_task(GetTaskRequest(id=task_id))
     assert stored.status.state == S.TASK_STATE_WORKING  # nobody finished it
     admin = connect(real_url)
-    try:
-        assert await admin.get(Keys(prefix).lease(task_id)) is None  # the lease lapsed
-        assert await subscriber_count(admin, Keys(prefix).wake(task_id)) == 0  # B let go
+    try:  # A is dead: its lease lapses; B lets go of the task's channel
+        await expect_released(admin, prefix, task_id)
     finally:
         await admin.aclose()
 
@@ -221,7 +237,10 @@ async def _collect(stream: AsyncIterator[StreamResponse]) -> list[StreamResponse
 
 @pytest.fixture
 def legacy_pair(real_url: str, prefix: str) -> Iterator[tuple[ReplicaProcess, ReplicaProcess]]:
-    with replica_pair(real_url, prefix, 0.2, "--legacy", "--lease-ttl", "2") as pair:
+    # 1 s between chunks: B subscribes right after its client saw a chunk, and the SDK's
+    # legacy snapshot-then-tap window (see tests/test_legacy_handlers.py) in B's process
+    # must close before A's next one; this margin is all a loaded machine has.
+    with replica_pair(real_url, prefix, 1.0, "--legacy", "--lease-ttl", "2") as pair:
         yield pair
 
 
@@ -241,8 +260,7 @@ async def test_legacy_owner_killed_the_remote_tap_ends_within_the_lease(
         assert final_state(seen_b) == S.TASK_STATE_WORKING  # nobody finished the task
     admin = connect(real_url)
     try:
-        assert await admin.get(Keys(prefix).lease(task_id)) is None
-        assert await subscriber_count(admin, Keys(prefix).wake(task_id)) == 0
+        await expect_released(admin, prefix, task_id)
     finally:
         await admin.aclose()
 
@@ -252,8 +270,8 @@ async def test_legacy_owner_killed_the_remote_tap_ends_within_the_lease(
 
 @pytest.fixture
 async def pair(real_url: str, prefix: str) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
-    a = RedisBackend.from_url(real_url, prefix=prefix, lease_ttl=0.6)
-    b = RedisBackend.from_url(real_url, prefix=prefix, lease_ttl=0.6)
+    a = RedisBackend.from_url(real_url, prefix=prefix, lease_ttl=LEASE)
+    b = RedisBackend.from_url(real_url, prefix=prefix, lease_ttl=LEASE)
     try:
         yield a, b
     finally:
@@ -275,14 +293,22 @@ async def start_running(a: RedisBackend, task_id: str) -> TaskVersion:
     return version
 
 
+async def listening(backend: RedisBackend, task_id: str) -> None:
+    """Wait until ``backend``'s listener is subscribed to the task on the server."""
+    channel = backend.task_store.keys.wake(task_id)
+    await eventually(lambda: subscriber_count(backend.redis, channel), what="subscribed")
+
+
 async def test_heartbeats_keep_a_quiet_subscriber_waiting_then_owner_loss_ends_it(pair):
     a, b = pair
     version = await start_running(a, "t")
     assert a.leases.holds("t")
     subscription = b.event_stream.subscribe("t", after=version)
     pending = asyncio.ensure_future(subscription.__anext__())
-    await asyncio.sleep(0.6 * 4)  # four leases without an event: heartbeats only
+    await listening(b, "t")  # B's wait for the owner has begun
+    await asyncio.sleep(LEASE * 1.5)  # more than a lease without an event: heartbeats only
     assert not pending.done()
+    assert await a.redis.get(a.task_store.keys.lease("t")) is not None  # A holds it still
     assert a.leases._renewer is not None
     a.leases._renewer.cancel()  # A dies: no renewal, no heartbeat
     with pytest.raises(OwnerLostError, match="owner"):
@@ -301,7 +327,8 @@ async def test_a_task_waiting_for_input_has_no_owner_and_its_subscriber_waits(pa
     assert not a.leases.holds("t")  # nobody runs a task that waits for the user
     subscription = b.event_stream.subscribe("t", after=version)
     pending = asyncio.ensure_future(subscription.__anext__())
-    await asyncio.sleep(0.6 * 4)
+    await listening(b, "t")
+    await asyncio.sleep(LEASE * 1.5)  # more than a lease (a slower machine waits longer)
     assert not pending.done()  # no owner is expected: no OwnerLostError
     # The answer comes through B (a follow-up): B runs the task now.
     task.status.state = S.TASK_STATE_WORKING
@@ -321,10 +348,7 @@ async def test_a_failed_write_that_is_never_published_still_drops_the_lease(pair
     await a.task_store.save(
         task, event=working("t", S.TASK_STATE_FAILED), prev_version=version, context=ctx()
     )
-    for _ in range(200):  # a renewal period (0.2 s) or two; bounded wait
-        if not a.leases.holds("t"):
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: not a.leases.holds("t"), what="the next renewal drops it")
     assert len(a.leases) == 0
     assert await a.redis.get(a.task_store.keys.lease("t")) is None
 
@@ -336,29 +360,30 @@ async def test_a_remote_cancel_drops_the_runners_lease_at_its_next_renewal(pair)
     cancel = working("t", S.TASK_STATE_CANCELED)
     version = await b.task_store.save(task, event=cancel, prev_version=version, context=ctx())
     await b.event_stream.publish("t", VersionedEvent(cancel, version))
-    for _ in range(200):
-        if not a.leases.holds("t"):
-            break
-        await asyncio.sleep(0.02)
-    assert not a.leases.holds("t") and not b.leases.holds("t")
+    await eventually(lambda: not a.leases.holds("t"), what="A's next renewal drops it")
+    assert not b.leases.holds("t")
 
 
 async def test_subscribers_wait_through_an_outage_longer_than_the_lease(prefix: str):
     """Silence counts only while the subscriber's own connection is up (see the listener)."""
     with EmbeddedServer(appendonly=True) as server:
-        a = RedisBackend.from_url(server.url, prefix=prefix, lease_ttl=0.5)
-        b = RedisBackend.from_url(server.url, prefix=prefix, lease_ttl=0.5)
+        a = RedisBackend.from_url(server.url, prefix=prefix, lease_ttl=LEASE)
+        b = RedisBackend.from_url(server.url, prefix=prefix, lease_ttl=LEASE)
         try:
             version = await start_running(a, "t")
             subscription = b.event_stream.subscribe("t", after=version)
             pending = asyncio.ensure_future(subscription.__anext__())
-            await asyncio.sleep(0.3)
+            await listening(b, "t")
             server.kill()
-            await asyncio.sleep(2.0)  # four leases with nothing reaching anyone
+            await eventually(lambda: not b.listener.connected, what="B sees the outage")
+            await asyncio.sleep(LEASE * 1.5)  # more than a lease with nothing reaching anyone
             assert not pending.done()
             server.start()
-            await asyncio.sleep(1.5)  # three leases after: A's heartbeats are back
+            await eventually(lambda: b.listener.connected, what="B reconnects")
+            await listening(b, "t")  # re-subscribed: silence counts again from here
+            await asyncio.sleep(LEASE * 1.5)  # more than a lease after: A's heartbeats are back
             assert not pending.done()
+            assert b.listener.stats()["reconnects"] >= 1
             task = make_task("t", state=S.TASK_STATE_COMPLETED)
             done = working("t", S.TASK_STATE_COMPLETED)
             version = await a.task_store.save(task, event=done, prev_version=version, context=ctx())
@@ -384,7 +409,8 @@ async def test_a_corrupt_record_or_lease_does_not_stop_other_tasks_heartbeats(pa
     await a.redis.hset(keys.lease("bad"), b"f", b"not a string")  # and a corrupt lease
     subscription = b.event_stream.subscribe("good", after=version)
     pending = asyncio.ensure_future(subscription.__anext__())
-    await asyncio.sleep(0.6 * 4)  # four leases: "good"'s heartbeats keep coming
+    await listening(b, "good")
+    await asyncio.sleep(LEASE * 1.5)  # more than a lease: "good"'s heartbeats keep coming
     assert not pending.done()
     assert a.leases.holds("good")
     assert await a.redis.get(keys.lease("good")) is not None
@@ -392,11 +418,7 @@ async def test_a_corrupt_record_or_lease_does_not_stop_other_tasks_heartbeats(pa
     task = make_task("done", state=S.TASK_STATE_FAILED)
     failed = working("done", S.TASK_STATE_FAILED)
     await a.task_store.save(task, event=failed, prev_version=done_version, context=ctx())
-    for _ in range(200):
-        if not a.leases.holds("done"):
-            break
-        await asyncio.sleep(0.02)
-    assert not a.leases.holds("done")
+    await eventually(lambda: not a.leases.holds("done"), what="the next renewal drops it")
     # Subscribing to the task with the corrupt record still works (it reads the stream).
     bad = b.event_stream.subscribe("bad", after=TaskVersion(2))
     await a.event_stream.publish("bad", VersionedEvent(working("bad"), TaskVersion(3)))

@@ -379,6 +379,11 @@ async def run_scenario(server: EmbeddedServer, prefix: str, sc: Scenario) -> Non
                 config(live, "during-outage", m.token, m.credentials), ctx()
             ),
         )
+        # B's pub/sub link reports the loss once redis-py's own reconnect attempts (a
+        # fraction of a second) have failed: wait for that while the server is down. A
+        # restart before it (a loaded loop may reach the dead socket late) is healed
+        # inside redis-py, and the outage would leave no record of ours.
+        await sc.logged("pub/sub")
         server.start()
         admin = aioredis.Redis.from_url(server.url)
         sc.agent.gate(live).set()

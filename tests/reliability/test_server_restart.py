@@ -13,7 +13,7 @@ from a2a.types.a2a_pb2 import ListTasksRequest, TaskState
 
 from a2a_redis import RedisBackend, RedisUnavailableError
 from a2a_redis.ops.embedded import EmbeddedServer
-from tests.helpers import ctx, make_task, numbered
+from tests.helpers import ctx, eventually, make_task, numbered
 
 GUARD = 30  # seconds: a hang guard only
 
@@ -67,6 +67,10 @@ async def test_sigkill_and_restart_mid_stream_loses_nothing(prefix: str):
                     await call
             assert not follower.done()
             assert (await a.health())["ok"] is False
+            # B's listener has seen its connection go: redis-py's own reconnect attempts
+            # (a fraction of a second) failed. Restarted before that, the server would be
+            # reached by them and the listener would count no reconnect.
+            await eventually(lambda: not b.listener.connected, what="B sees the outage")
 
             server.start()  # same port, same AOF: acknowledged writes come back
             stored = await a.task_store.get("t", ctx())

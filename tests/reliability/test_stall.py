@@ -10,7 +10,7 @@ from a2a.types.a2a_pb2 import TaskState, TaskStatusUpdateEvent
 
 from a2a_redis import RedisBackend
 from a2a_redis.ops.embedded import EmbeddedServer
-from tests.helpers import ctx, make_task
+from tests.helpers import ctx, eventually, make_task
 
 GUARD = 30  # seconds: a hang guard only
 
@@ -34,9 +34,6 @@ async def test_client_pause_delays_but_loses_and_duplicates_nothing(prefix: str)
                         return
 
             follower = asyncio.create_task(follow())
-            while b.listener.stats()["subscribers"] == 0:  # bounded by the test timeout
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.1)  # its backlog read is done: it is live
 
             async def writer(first: int) -> None:
                 nonlocal version
@@ -50,6 +47,8 @@ async def test_client_pause_delays_but_loses_and_duplicates_nothing(prefix: str)
                     await a.event_stream.publish("t", VersionedEvent(event, version))
 
             await writer(0)
+            # The subscriber has them: it is past its backlog read and follows live.
+            await eventually(lambda: len(received) == 10 or follower.done())
             await admin.execute_command("CLIENT", "PAUSE", 1500, "ALL")
             await writer(10)  # each save waits out the pause, then goes through
             await writer(20)

@@ -467,7 +467,11 @@ async def quiesce(handler: RequestHandler) -> None:
     # The legacy handler has no aclose: wait for the tasks it tracks (queue cleanups).
     background = cast("set[asyncio.Task[None]]", getattr(handler, "_background_tasks", set()))
     while background:
-        await asyncio.gather(*list(background), return_exceptions=True)
+        running = [task for task in background if not task.done()]
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+        else:  # done: their callbacks remove them once the loop runs (3.12+ does not
+            await asyncio.sleep(0)  # yield on a gather of done tasks: this loop would spin)
 
 
 # -- the tests ---------------------------------------------------------------------------------
