@@ -23,6 +23,7 @@ from a2a_redis.events.listener import StreamListener
 from a2a_redis.events.queue_manager import RedisQueueManager
 from a2a_redis.log.event_log import StreamRetention
 from a2a_redis.log.keys import Keys
+from a2a_redis.options import Options
 from a2a_redis.stores.push_config_store import RedisPushNotificationConfigStore
 from a2a_redis.stores.task_store import RedisTaskStore, VersionedRedisTaskStore
 from a2a_redis.version import __version__
@@ -36,6 +37,7 @@ __all__ = [
     "InvalidIdError",
     "Keys",
     "ListenerClosedError",
+    "Options",
     "OwnerLostError",
     "PayloadTooLargeError",
     "PoolExhaustedError",
