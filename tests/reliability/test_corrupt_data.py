@@ -1,6 +1,6 @@
 """Corrupt and foreign data planted under our prefix: typed errors, nothing else harmed.
 
-tests/test_store_bad_input.py covers garbage task payloads, a bad version or schema field,
+tests/stores/test_store_bad_input.py covers garbage task payloads, a bad version or schema field,
 and a task key or the "all" index holding a string. This module adds:
 
 * decoders fuzzed with hypothesis: every input decodes or raises ``CorruptDataError``;

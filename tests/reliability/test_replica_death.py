@@ -238,7 +238,7 @@ async def _collect(stream: AsyncIterator[StreamResponse]) -> list[StreamResponse
 @pytest.fixture
 def legacy_pair(real_url: str, prefix: str) -> Iterator[tuple[ReplicaProcess, ReplicaProcess]]:
     # 1 s between chunks: B subscribes right after its client saw a chunk, and the SDK's
-    # legacy snapshot-then-tap window (see tests/test_legacy_handlers.py) in B's process
+    # legacy snapshot-then-tap window (see tests/backend/test_legacy_handlers.py) in B's process
     # must close before A's next one; this margin is all a loaded machine has.
     with replica_pair(real_url, prefix, 1.0, "--legacy", "--lease-ttl", "2") as pair:
         yield pair

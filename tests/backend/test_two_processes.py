@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 from a2a.client import Client
@@ -31,7 +30,6 @@ from tests.helpers import (
     start_stream,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 GUARD = 30  # seconds: a hang guard only
 
 

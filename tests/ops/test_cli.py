@@ -40,9 +40,7 @@ from a2a_redis.ops import doctor
 from a2a_redis.ops.cli import main
 from a2a_redis.ops.embedded import EmbeddedServer
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
-from tests.helpers import connect, subscriber_count
-
-from .helpers import make_task
+from tests.helpers import connect, make_task, subscriber_count
 
 T = TypeVar("T")
 SECRET_TEXT = "the-secret-artifact-text"

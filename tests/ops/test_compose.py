@@ -28,7 +28,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
+
 EXAMPLES = ROOT / "examples"
 COMPOSE = EXAMPLES / "docker-compose.yml"
 DOCKERFILE = EXAMPLES / "Dockerfile"

@@ -18,7 +18,6 @@ import uuid
 from collections import defaultdict
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -43,6 +42,7 @@ from a2a.types import (
 from a2a_redis.events.queue_manager import RedisQueueManager
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
 from tests.helpers import (
+    ROOT,
     ReplicaProcess,
     Tap,
     agent_card,
@@ -62,7 +62,6 @@ from tests.helpers import (
 S = TaskState
 GUARD = 30.0  # seconds: a hang guard only, never an asserted bound
 OWNER_LOST_GUARD = 40.0  # seconds: hang guard for a tap whose owner died (default lease 10 s)
-ROOT = Path(__file__).resolve().parents[1]
 IDLE = {"queues": 0, "leases": 0, "taps": 0}
 
 
