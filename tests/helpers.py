@@ -42,6 +42,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from a2a_redis.connection.cluster import CLUSTER_SCHEMES, cluster_client, node_client
 from a2a_redis.connection.compat import reply_pairs
+from a2a_redis.log.keys import encode_id
 
 
 class NamedUser(User):
@@ -433,3 +434,9 @@ def numbered(
     event = TaskStatusUpdateEvent(task_id=task_id, context_id="ctx", metadata={"n": str(n)})
     event.status.state = state  # type: ignore[assignment]
     return event
+
+
+def push_config_field(owner: str, config_id: str) -> bytes:
+    """The hash field of one push config, as the push-config store's module docstring lays
+    it out: ``encode_id(owner) + ":" + encode_id(config id)``."""
+    return (encode_id(owner) + ":" + encode_id(config_id)).encode()

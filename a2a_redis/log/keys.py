@@ -37,7 +37,7 @@ from a2a_redis.connection.cluster import is_cluster
 from a2a_redis.errors import InvalidIdError
 from a2a_redis.log.codec import utf8
 
-__all__ = ["MAX_ID_BYTES", "Keys", "encode_id"]
+__all__ = ["MAX_ID_BYTES", "Keys", "clear_id_cache", "encode_id"]
 
 #: The longest id (task id, context id, owner, push config id), in UTF-8 bytes. The SDK's
 #: SQL store holds ids in 36 characters and owners in 255; 1 KiB leaves room for any real
@@ -79,6 +79,16 @@ def _encode(value: str) -> str:
 
 _CACHED_LEN = 128  # characters: at most 512 bytes, always under MAX_ID_BYTES
 _encode_cached = functools.lru_cache(maxsize=4096)(_encode)
+
+
+def clear_id_cache() -> None:
+    """Empty :func:`encode_id`'s cache of recently encoded ids.
+
+    The cache is bounded (4,096 ids of up to 128 characters), so it is never a leak; but
+    its entries are live objects, which a measurement that counts them (the memory tests)
+    would take for growth. Encoding works the same with the cache empty.
+    """
+    _encode_cached.cache_clear()
 
 
 class Keys:

@@ -18,7 +18,7 @@ from redis.crc import key_slot
 from a2a_redis import RedisBackend, VersionedRedisTaskStore
 from a2a_redis.log.codec import index_member
 from a2a_redis.log.keys import Keys
-from a2a_redis.ops.embedded import EmbeddedCluster, EmbeddedServer, _command, call
+from a2a_redis.ops.embedded import EmbeddedCluster, EmbeddedServer, call
 from a2a_redis.stores import task_index
 from tests.helpers import connect, ctx, eventually, make_task, numbered
 
@@ -52,15 +52,15 @@ def _slot_of(key: str) -> int:
 
 
 def _node_id(server: EmbeddedServer) -> str:
-    return _command(server.port, "CLUSTER", "MYID").strip()
+    return str(call(server.port, "CLUSTER", "MYID")).strip()
 
 
 def move_slot(cluster: EmbeddedCluster, slot: int, target: EmbeddedServer) -> int:
     """Reshard one slot to ``target`` as redis-cli does: IMPORTING/MIGRATING, MIGRATE, NODE."""
     source = cluster.node_for_slot(slot)
     source_id, target_id = _node_id(source), _node_id(target)
-    _command(target.port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id)
-    _command(source.port, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id)
+    call(target.port, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id)
+    call(source.port, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id)
     moved = 0
     while True:
         keys = call(source.port, "CLUSTER", "GETKEYSINSLOT", str(slot), "100")
@@ -69,7 +69,7 @@ def move_slot(cluster: EmbeddedCluster, slot: int, target: EmbeddedServer) -> in
         call(source.port, "MIGRATE", "127.0.0.1", str(target.port), "", "0", "5000", "KEYS", *keys)
         moved += len(keys)
     for server in (target, source, *[p for p in cluster.primaries if p not in (source, target)]):
-        _command(server.port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+        call(server.port, "CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
     return moved
 
 

@@ -53,8 +53,7 @@ from a2a_redis import (
 )
 from a2a_redis.log.keys import MAX_ID_BYTES, Keys
 from a2a_redis.ops.embedded import EmbeddedServer
-from a2a_redis.stores.push_config_store import _field
-from tests.helpers import ctx, make_task
+from tests.helpers import ctx, make_task, push_config_field
 
 MISSING = TaskVersion.MISSING
 WORKING = TaskState.TASK_STATE_WORKING
@@ -173,8 +172,8 @@ def test_distinct_ids_never_share_a_key(a: str, b: str, ca: str, cb: str, sa: in
     if (a, ca, sa) != (b, cb, sb) and (ca or sa or cb or sb):
         assert keys.index(a, ca, sa) != keys.index(b, cb, sb)
     if (a, ca) != (b, cb):  # push-config fields: one per (owner, config id)
-        assert _field("k", a, ca) != _field("k", b, cb)
-        assert b"#seq" not in (_field("k", a, ca), _field("k", b, cb))
+        assert push_config_field(a, ca) != push_config_field(b, cb)
+        assert b"#seq" not in (push_config_field(a, ca), push_config_field(b, cb))
 
 
 @settings(max_examples=200, deadline=None)

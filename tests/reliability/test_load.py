@@ -37,7 +37,7 @@ from a2a.types.a2a_pb2 import (
 )
 
 from a2a_redis import RedisBackend
-from a2a_redis.log.keys import _encode_cached
+from a2a_redis.log.keys import clear_id_cache
 from a2a_redis.ops.embedded import EmbeddedServer
 from tests.helpers import Tap, agent_card, channels_under, ctx, send_request, state_of, task_id_of
 
@@ -211,7 +211,7 @@ PER_TASK = (
 
 
 def live_objects() -> Counter[str]:
-    _encode_cached.cache_clear()  # a bounded cache of encoded ids, not a leak
+    clear_id_cache()  # a bounded cache of encoded ids, not a leak
     gc.collect()
     return Counter(f"{type(o).__module__}.{type(o).__qualname__}" for o in gc.get_objects())
 

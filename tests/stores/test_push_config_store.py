@@ -28,9 +28,9 @@ from a2a_redis.errors import (
     RedisUnavailableError,
     UnsupportedSchemaError,
 )
-from a2a_redis.log.keys import Keys, encode_id
+from a2a_redis.log.keys import Keys
 from a2a_redis.stores.push_config_store import DecryptionError, RedisPushNotificationConfigStore
-from tests.helpers import ctx
+from tests.helpers import ctx, push_config_field
 
 URL = "https://hooks.example.com/secret-path-7f3a"
 TOKEN = "tok-5e1b-very-secret"
@@ -54,10 +54,6 @@ def ids(configs: list[TaskPushNotificationConfig]) -> list[str]:
 @pytest.fixture
 def store(redis: aioredis.Redis, prefix: str) -> RedisPushNotificationConfigStore:
     return RedisPushNotificationConfigStore(redis, prefix=prefix)
-
-
-def field(owner: str, config_id: str) -> bytes:
-    return (encode_id(owner) + ":" + encode_id(config_id)).encode()
 
 
 # -- normalisation -----------------------------------------------------------------------------
@@ -368,12 +364,16 @@ async def test_tampered_ciphertext_raises_decryption_error(redis, prefix):
     )
     await store.set_info("t", cfg("c"), ctx())
     key = Keys(prefix).push_configs("t")
-    schema, seq, owner, sealed, token = msgpack.unpackb(await redis.hget(key, field("alice", "c")))
+    schema, seq, owner, sealed, token = msgpack.unpackb(
+        await redis.hget(key, push_config_field("alice", "c"))
+    )
     assert sealed is True
     flipped = bytearray(token)
     flipped[len(flipped) // 2] ^= 1
     await redis.hset(
-        key, field("alice", "c"), msgpack.packb([schema, seq, owner, sealed, bytes(flipped)])
+        key,
+        push_config_field("alice", "c"),
+        msgpack.packb([schema, seq, owner, sealed, bytes(flipped)]),
     )
     with pytest.raises(DecryptionError) as info:
         await store.get_info("t", ctx())
@@ -386,18 +386,18 @@ async def test_ciphertext_moved_to_another_owner_or_task_is_refused(redis, prefi
     )
     await store.set_info("t", cfg("c"), ctx("alice"))
     keys = Keys(prefix)
-    raw = await redis.hget(keys.push_configs("t"), field("alice", "c"))
+    raw = await redis.hget(keys.push_configs("t"), push_config_field("alice", "c"))
     schema, seq, _, sealed, token = msgpack.unpackb(raw)
     # Into mallory's field, with mallory named in the (unauthenticated) envelope.
     await redis.hset(
         keys.push_configs("t"),
-        field("mallory", "c"),
+        push_config_field("mallory", "c"),
         msgpack.packb([schema, seq, b"mallory", sealed, token]),
     )
     with pytest.raises(CorruptDataError, match="another owner"):
         await store.get_info("t", ctx("mallory"))
     # Into another task's hash, same owner and id.
-    await redis.hset(keys.push_configs("t2"), field("alice", "c"), raw)
+    await redis.hset(keys.push_configs("t2"), push_config_field("alice", "c"), raw)
     with pytest.raises(CorruptDataError, match="another task"):
         await store.get_info("t2", ctx("alice"))
     assert ids(await store.get_info("t", ctx("alice"))) == ["c"]
@@ -419,7 +419,7 @@ async def test_plaintext_records_are_read_by_an_encrypting_store(redis, prefix):
 async def test_corrupt_bytes_raise_corrupt_data_error(store, redis, prefix):
     key = Keys(prefix).push_configs("t")
     await store.set_info("t", cfg("ok"), ctx("bob"))
-    good = await redis.hget(key, field("bob", "ok"))
+    good = await redis.hget(key, push_config_field("bob", "ok"))
     schema, seq, _, sealed, payload = msgpack.unpackb(good)
     planted = {
         b"garbage \xff\x00": CorruptDataError,
@@ -431,7 +431,7 @@ async def test_corrupt_bytes_raise_corrupt_data_error(store, redis, prefix):
         msgpack.packb([schema, seq, b"alice", True, b"not a token"]): DecryptionError,
     }
     for value, error in planted.items():
-        await redis.hset(key, field("alice", "c"), value)
+        await redis.hset(key, push_config_field("alice", "c"), value)
         with pytest.raises(error) as info:
             await store.get_info("t", ctx("alice"))
         assert info.value.key == key
@@ -440,13 +440,13 @@ async def test_corrupt_bytes_raise_corrupt_data_error(store, redis, prefix):
         # Another owner's read does not decode alice's records.
         assert ids(await store.get_info("t", ctx("bob"))) == ["ok"]
     # A field that is not "owner:id" at all.
-    await redis.hdel(key, field("alice", "c"))
+    await redis.hdel(key, push_config_field("alice", "c"))
     await redis.hset(key, b"nocolon", good)
     with pytest.raises(CorruptDataError):
         await store.get_info_for_dispatch("t")
     await redis.hdel(key, b"nocolon")
     # The record of bob's "ok" placed under another id.
-    await redis.hset(key, field("bob", "other"), good)
+    await redis.hset(key, push_config_field("bob", "other"), good)
     with pytest.raises(CorruptDataError, match="another task or config id"):
         await store.get_info("t", ctx("bob"))
     # A corrupt write counter is reported by the next write.
