@@ -113,6 +113,11 @@ class LeaseKeeper:
     def __len__(self) -> int:
         return len(self._held)
 
+    @property
+    def renewing(self) -> bool:
+        """Whether the renewal loop runs (it ends when no lease is held, and at close)."""
+        return self._renewer is not None and not self._renewer.done()
+
     def holds(self, task_id: str) -> bool:
         """Whether this process holds ``task_id``'s lease."""
         return task_id in self._held

@@ -183,6 +183,11 @@ class RedisQueueManager(QueueManager):
         """The process's listener (for health checks)."""
         return self._log.listener
 
+    @property
+    def leases(self) -> LeaseKeeper:
+        """The leases of the queues this replica owns (for health checks)."""
+        return self._keeper
+
     # -- QueueManager ----------------------------------------------------------------------
     async def add(self, task_id: str, queue: EventQueueLegacy) -> None:
         """Own ``queue`` for ``task_id``: take the lease and mirror its events to the stream."""

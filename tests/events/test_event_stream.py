@@ -13,6 +13,7 @@ from a2a.types.a2a_pb2 import Message, TaskState, TaskStatusUpdateEvent
 from a2a_redis.events.event_stream import RedisTaskEventStream
 from a2a_redis.events.listener import StreamListener
 from a2a_redis.log.event_log import StreamRetention
+from a2a_redis.log.keys import Keys
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
 from tests.helpers import connect, ctx, eventually, make_task, on_every_node, subscriber_count
 
@@ -166,7 +167,7 @@ async def test_slow_subscriber_catches_up_from_the_stream(redis, backend, prefix
         got.append(await asyncio.wait_for(gen.__anext__(), GUARD))
     await gen.aclose()
     assert [g.version for g in got] == versions
-    assert len(listener._feeds) == 0
+    assert listener.stats()["tasks"] == 0
     await listener.aclose()
 
 
@@ -205,10 +206,10 @@ async def test_terminal_publish_shortens_stream_ttl(redis: aioredis.Redis, prefi
     event = TaskStatusUpdateEvent(task_id="t", context_id="ctx")
     event.status.state = S.TASK_STATE_WORKING
     await stream.publish("t", VersionedEvent(event, TaskVersion(1)))
-    assert await redis.pttl(stream._keys.events("t")) > 30_000
+    assert await redis.pttl(Keys(prefix).events("t")) > 30_000
     event.status.state = S.TASK_STATE_COMPLETED
     await stream.publish("t", VersionedEvent(event, TaskVersion(2)))
-    assert 0 < await redis.pttl(stream._keys.events("t")) <= 30_000
+    assert 0 < await redis.pttl(Keys(prefix).events("t")) <= 30_000
     await stream.aclose()
 
 

@@ -186,8 +186,8 @@ async def test_owner_death_ends_remote_taps(real_url: str, real_redis, prefix: s
         got = await asyncio.wait_for(tap.dequeue_event(), GUARD)  # delivered while A lives
         tap.task_done()
         assert got.metadata["n"] == "1"  # type: ignore[union-attr]
-        assert a._keeper._renewer is not None
-        a._keeper._renewer.cancel()  # the owner "dies": no renewal, no heartbeat, no close mark
+        # The owner "dies": its lease is no longer renewed, no heartbeat, no close mark.
+        assert a.leases.drop("t") is not None
         assert await drain(tap) == []  # then the tap ends: no heartbeat for a lease
         assert tap.is_closed()
         lease = Keys(prefix).lease("t")
@@ -279,10 +279,10 @@ async def test_a_tap_waits_as_long_as_the_owners_lease_not_its_own(managers, red
     """
     a, b = managers(lease_ttl=0.4), managers(lease_ttl=3600)  # B's own setting: an hour
     await a.create_or_tap("t")
-    assert a._keeper._renewer is not None
-    a._keeper._renewer.cancel()  # the owner dies: no renewal, no heartbeat, no close mark
+    token = a.leases.drop("t")  # the owner dies: no renewal, no heartbeat, no close mark
+    assert token is not None
     lease = Keys(prefix).lease("t")
-    await redis.set(lease, a._leases["t"])  # its lease, not yet lapsed (no expiry)
+    await redis.set(lease, token)  # its lease, not yet lapsed (no expiry)
     tap = await b.tap("t")
     assert tap is not None
     # B ends the tap after A's 0.4 s of silence; with its own hour it would hang (GUARD).

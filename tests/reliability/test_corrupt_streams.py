@@ -37,6 +37,7 @@ from a2a_redis import (
     UnsupportedSchemaError,
     VersionedRedisTaskStore,
 )
+from a2a_redis.log.codec import version_int
 from tests.helpers import ctx, make_task
 
 MISSING = TaskVersion.MISSING
@@ -195,7 +196,7 @@ async def test_a_corrupt_copy_of_a_version_already_delivered_is_not_needed(
         await joined(reader.listener, 1)
         v2 = await writer.emit("t", 1)
         await on_t.until(1)
-        copy = {b"f": b"1", b"v": b"%d" % v2._value, b"e": b"\xff"}  # type: ignore[attr-defined]
+        copy = {b"f": b"1", b"v": b"%d" % version_int(v2), b"e": b"\xff"}
         await redis.xadd(Keys(prefix).events("t"), copy)
         await writer.emit("t", 2)
         await on_t.until(2)

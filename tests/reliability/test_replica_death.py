@@ -309,8 +309,7 @@ async def test_heartbeats_keep_a_quiet_subscriber_waiting_then_owner_loss_ends_i
     await asyncio.sleep(LEASE * 1.5)  # more than a lease without an event: heartbeats only
     assert not pending.done()
     assert await a.redis.get(a.task_store.keys.lease("t")) is not None  # A holds it still
-    assert a.leases._renewer is not None
-    a.leases._renewer.cancel()  # A dies: no renewal, no heartbeat
+    assert a.leases.drop("t") is not None  # A dies: no renewal, no heartbeat
     with pytest.raises(OwnerLostError, match="owner"):
         await asyncio.wait_for(pending, GUARD)
     await subscription.aclose()
@@ -432,6 +431,7 @@ async def test_a_corrupt_record_or_lease_does_not_stop_other_tasks_heartbeats(pa
 async def test_after_close_a_late_publish_holds_no_lease(pair):
     a, _ = pair
     version = await start_running(a, "t")
+    assert a.leases.renewing
     await a.leases.aclose()  # released, and no renewal loop is left running
     assert await a.redis.get(a.task_store.keys.lease("t")) is None
     event = working("t")
@@ -439,4 +439,4 @@ async def test_after_close_a_late_publish_holds_no_lease(pair):
     version = await a.task_store.save(task, event=event, prev_version=version, context=ctx())
     await a.event_stream.publish("t", VersionedEvent(event, version))
     assert len(a.leases) == 0
-    assert a.leases._renewer is not None and a.leases._renewer.done()
+    assert not a.leases.renewing

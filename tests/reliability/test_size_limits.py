@@ -169,12 +169,12 @@ async def test_hostile_ids_in_logs_are_quoted(
     remote_qm = RedisQueueManager(redis, prefix=prefix)
     try:
         await owner_qm.create_or_tap(evil)
-        renewer = owner_qm._keeper._renewer
-        assert renewer is not None
-        renewer.cancel()  # the owner goes silent, as if it died: no renewal, no heartbeat
+        # The owner goes silent, as if it died: no renewal, no heartbeat ...
+        token = owner_qm.leases.drop(evil)
+        assert token is not None
         # ... and its lease has not lapsed yet when the tap looks it up (kept by the test:
         # a 0.3 s lease could lapse between two renewals on a loaded machine).
-        await redis.set(Keys(prefix).lease(evil), owner_qm._leases[evil])
+        await redis.set(Keys(prefix).lease(evil), token)
         tap = await remote_qm.tap(evil)
         assert tap is not None
         with pytest.raises(QueueShutDown):
