@@ -37,6 +37,7 @@ from a2a.types.a2a_pb2 import TaskStatusUpdateEvent
 from a2a.utils.errors import A2AError, InternalError
 
 from a2a_redis import OwnerLostError, RedisBackend
+from a2a_redis.log.codec import version_int
 from a2a_redis.log.keys import Keys
 from a2a_redis.ops.embedded import EmbeddedServer
 from tests.helpers import (
@@ -370,7 +371,12 @@ async def test_subscribers_wait_through_an_outage_longer_than_the_lease(prefix: 
         b = RedisBackend.from_url(server.url, prefix=prefix, lease_ttl=LEASE)
         try:
             version = await start_running(a, "t")
-            subscription = b.event_stream.subscribe("t", after=version)
+            # From one version back: its first event proves the backlog was read, so B is
+            # following (a subscribe still reading its backlog when Redis dies fails instead).
+            subscription = b.event_stream.subscribe(
+                "t", after=TaskVersion(version_int(version) - 1)
+            )
+            assert (await asyncio.wait_for(subscription.__anext__(), GUARD)).version == version
             pending = asyncio.ensure_future(subscription.__anext__())
             await listening(b, "t")
             server.kill()
