@@ -15,16 +15,17 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 import httpx
 import redis.asyncio as aioredis
 from a2a.auth.user import User
-from a2a.client import Client, create_client
+from a2a.client import Client, ClientCallContext, create_client
 from a2a.helpers.proto_helpers import get_message_text, new_task_from_user_message
 from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.cluster import TaskVersion, VersionedEvent
 from a2a.server.context import ServerCallContext
-from a2a.server.events.event_queue import Event
+from a2a.server.events.event_queue import Event, EventQueueLegacy, QueueShutDown
 from a2a.server.tasks.task_updater import TaskUpdater
 from a2a.types import (
     AgentCapabilities,
@@ -36,13 +37,24 @@ from a2a.types import (
     Role,
     SendMessageRequest,
     StreamResponse,
+    SubscribeToTaskRequest,
 )
-from a2a.types.a2a_pb2 import Task, TaskState, TaskStatus, TaskStatusUpdateEvent
+from a2a.types.a2a_pb2 import (
+    AuthenticationInfo,
+    Task,
+    TaskPushNotificationConfig,
+    TaskState,
+    TaskStatus,
+    TaskStatusUpdateEvent,
+)
 from redis.asyncio.cluster import RedisCluster
 
+from a2a_redis import RedisBackend, VersionedRedisTaskStore
 from a2a_redis.connection.cluster import CLUSTER_SCHEMES, cluster_client, node_client
 from a2a_redis.connection.compat import reply_pairs
 from a2a_redis.log.keys import encode_id
+
+T = TypeVar("T")
 
 
 class NamedUser(User):
@@ -260,10 +272,46 @@ class ScriptedAgent(AgentExecutor):
         await TaskUpdater(event_queue, context.task_id, context.context_id).cancel()
 
 
-def send_request(text: str) -> SendMessageRequest:
-    """A user message with ``text``."""
-    return SendMessageRequest(
-        message=Message(role=Role.ROLE_USER, message_id=uuid.uuid4().hex, parts=[Part(text=text)])
+def user_message(
+    text: str, *, task_id: str = "", context_id: str = "", message_id: str = ""
+) -> Message:
+    """A user message with ``text`` (a fresh message id unless given)."""
+    return Message(
+        role=Role.ROLE_USER,
+        message_id=message_id or uuid.uuid4().hex,
+        parts=[Part(text=text)],
+        task_id=task_id,
+        context_id=context_id,
+    )
+
+
+def send_request(
+    text: str,
+    push: TaskPushNotificationConfig | None = None,
+    *,
+    task_id: str = "",
+    context_id: str = "",
+    message_id: str = "",
+) -> SendMessageRequest:
+    """A send of :func:`user_message`, carrying the push config ``push`` if given."""
+    request = SendMessageRequest(
+        message=user_message(text, task_id=task_id, context_id=context_id, message_id=message_id)
+    )
+    if push is not None:
+        request.configuration.task_push_notification_config.CopyFrom(push)
+    return request
+
+
+def push_config(
+    task_id: str, config_id: str, token: str, credentials: str, url: str = ""
+) -> TaskPushNotificationConfig:
+    """A push config with a token and Bearer credentials (its URL names it unless given)."""
+    return TaskPushNotificationConfig(
+        task_id=task_id,
+        id=config_id,
+        url=url or f"https://hooks.example/{config_id}",
+        token=token,
+        authentication=AuthenticationInfo(scheme="Bearer", credentials=credentials),
     )
 
 
@@ -298,15 +346,14 @@ async def drain_stream(
             first_chunk.set_result(response.artifact_update.task_id)
 
 
-async def start_stream(
-    client: Client, text: str, guard: float = 30
+async def stream_until_chunk(
+    stream: AsyncIterator[StreamResponse], guard: float = 30
 ) -> tuple[str, list[StreamResponse], asyncio.Task[None]]:
-    """Start a streaming send; return its task id once the first chunk has streamed."""
+    """Drain a client stream in a task; return once its first chunk (an artifact update)
+    has streamed: that chunk's task id, the responses (the task adds the rest), the task."""
     seen: list[StreamResponse] = []
     first_chunk = asyncio.get_running_loop().create_future()
-    runner = asyncio.create_task(
-        drain_stream(client.send_message(send_request(text)), seen, first_chunk)
-    )
+    runner = asyncio.create_task(drain_stream(stream, seen, first_chunk))
     try:
         task_id = await asyncio.wait_for(asyncio.shield(first_chunk), guard)
     except BaseException:
@@ -316,35 +363,75 @@ async def start_stream(
     return task_id, seen, runner
 
 
-class Tap:
-    """Drives one handler stream in a task, keeping a copy of every event (and the error).
+async def start_stream(
+    client: Client, text: str, guard: float = 30
+) -> tuple[str, list[StreamResponse], asyncio.Task[None]]:
+    """Start a streaming send; return its task id once the first chunk has streamed."""
+    return await stream_until_chunk(client.send_message(send_request(text)), guard)
 
-    Copies: the SDK's TaskManager goes on mutating the Task it emitted.
+
+async def subscribe_live(
+    client: Client, task_id: str, *, read_timeout: float, guard: float = 30
+) -> tuple[list[StreamResponse], asyncio.Task[None]]:
+    """Subscribe in a task; return once a live chunk (after the snapshot) arrived.
+
+    ``read_timeout``: the client's (its default, 5 s, is shorter than a lease: no SSE comes
+    while the server waits for a dead owner's heartbeat, and the stream must end from the
+    server's side).
+    """
+    quiet = ClientCallContext(timeout=read_timeout)
+    stream = client.subscribe(SubscribeToTaskRequest(id=task_id), context=quiet)
+    _, seen, runner = await stream_until_chunk(stream, guard)
+    return seen, runner
+
+
+class Drive(Generic[T]):
+    """Drives one async stream in a task, keeping every item, when it came (the loop's
+    time) and the error the stream ended with.
+
+    ``guard``: seconds, a hang guard only (for :meth:`until` and :meth:`finish`).
     """
 
-    guard = 30.0  # seconds: a hang guard only
+    guard = 30.0
 
-    def __init__(self, events: AsyncGenerator[Event, None]) -> None:
-        self.events: list[Event] = []
+    def __init__(self, items: AsyncGenerator[T, None], *, guard: float | None = None) -> None:
+        if guard is not None:
+            self.guard = guard
+        self.events: list[T] = []
+        self.times: list[float] = []
         self.error: BaseException | None = None
         self._changed = asyncio.Event()
-        self.task = asyncio.create_task(self._run(events))
+        self.task = asyncio.create_task(self._run(items))
 
-    async def _run(self, events: AsyncGenerator[Event, None]) -> None:
+    def _keep(self, item: T) -> T:
+        """What to keep of an item (the item itself)."""
+        return item
+
+    def _last(self, item: T) -> bool:
+        """Whether to stop after this item (never)."""
+        return False
+
+    def _shown(self) -> object:
+        """What a failed :meth:`until` shows."""
+        return self.events
+
+    async def _run(self, items: AsyncGenerator[T, None]) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            async with aclosing(events) as it:
-                async for event in it:
-                    kept = type(event)()
-                    kept.CopyFrom(event)
-                    self.events.append(kept)
+            async with aclosing(items) as it:
+                async for item in it:
+                    self.events.append(self._keep(item))
+                    self.times.append(loop.time())
                     self._changed.set()
+                    if self._last(item):
+                        return
         except Exception as e:
             self.error = e
         finally:
             self._changed.set()
 
-    async def until(self, n: int) -> list[Event]:
-        """Wait until at least ``n`` events arrived (fails if the stream ended first)."""
+    async def until(self, n: int) -> list[T]:
+        """Wait until at least ``n`` items arrived (fails if the stream ended first)."""
 
         async def wait() -> None:
             while len(self.events) < n and not self.task.done():
@@ -352,19 +439,64 @@ class Tap:
                 await self._changed.wait()
 
         await asyncio.wait_for(wait(), self.guard)
-        assert len(self.events) >= n, (self.events, self.error)
+        assert len(self.events) >= n, (self._shown(), self.error)
         return self.events
 
-    async def finish(self) -> list[Event]:
-        """Wait for the stream to end; its events."""
+    async def finish(self) -> list[T]:
+        """Wait for the stream to end; its items."""
         await asyncio.wait_for(asyncio.shield(self.task), self.guard)
         return self.events
+
+    async def ended(self) -> BaseException | None:
+        """Wait for the stream to end; the error it ended with (None: a clean end)."""
+        await self.finish()
+        return self.error
 
     async def close(self) -> None:
         """Stop following the stream."""
         if not self.task.done():
             self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
+
+
+class Tap(Drive[Event]):
+    """Drives one handler stream in a task, keeping a copy of every event (and the error).
+
+    Copies: the SDK's TaskManager goes on mutating the Task it emitted.
+    """
+
+    def _keep(self, item: Event) -> Event:
+        kept = type(item)()
+        kept.CopyFrom(item)
+        return kept
+
+
+class Follow(Drive[VersionedEvent]):
+    """Drives one subscription (``RedisTaskEventStream.subscribe``) in a task.
+
+    ``ns``: the ``n`` of each event (see :func:`numbered`), in the order they came. Given
+    ``last``, the subscription ends after the event numbered ``last``.
+    """
+
+    def __init__(
+        self,
+        events: AsyncGenerator[VersionedEvent, None],
+        *,
+        last: int | None = None,
+        guard: float | None = None,
+    ) -> None:
+        self.last = last
+        super().__init__(events, guard=guard)
+
+    @property
+    def ns(self) -> list[int]:
+        return [int(item.event.metadata["n"]) for item in self.events]
+
+    def _last(self, item: VersionedEvent) -> bool:
+        return self.last is not None and int(item.event.metadata["n"]) == self.last
+
+    def _shown(self) -> object:
+        return self.ns
 
 
 def state_of(event: Event) -> int | None:
@@ -379,6 +511,22 @@ def task_id_of(events: list[Event]) -> str:
     first = events[0]
     assert isinstance(first, Task), first
     return first.id
+
+
+async def background_settled(handler: Any) -> None:
+    """Wait until a ``LegacyRequestHandler``'s deferred cleanups (queue closes) are done.
+
+    The SDK keeps them in a private set (``_background_tasks``) and offers no way to wait
+    for them (the legacy handler has no ``aclose``). A done task removes itself from the
+    set by a callback, once the loop runs.
+    """
+    background = cast("set[asyncio.Task[None]]", getattr(handler, "_background_tasks", set()))
+    while background:
+        running = [task for task in background if not task.done()]
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+        else:  # done: their callbacks remove them once the loop runs (3.12+ does not
+            await asyncio.sleep(0)  # yield on a gather of done tasks: this loop would spin)
 
 
 def connect(url: str, **options: Any) -> aioredis.Redis:
@@ -427,6 +575,18 @@ async def channels_under(client: Any, pattern: str) -> list[bytes]:
     return list(await client.execute_command("PUBSUB", "CHANNELS", pattern))
 
 
+async def drain_queue(queue: EventQueueLegacy, guard: float = 30) -> list[Any]:
+    """Dequeue until the queue is closed (``QueueShutDown``) and empty; every event."""
+    out = []
+    while True:
+        try:
+            event = await asyncio.wait_for(queue.dequeue_event(), guard)
+        except QueueShutDown:
+            return out
+        queue.task_done()
+        out.append(event)
+
+
 def numbered(
     n: int, task_id: str = "t", state: int = TaskState.TASK_STATE_WORKING
 ) -> TaskStatusUpdateEvent:
@@ -440,3 +600,39 @@ def push_config_field(owner: str, config_id: str) -> bytes:
     """The hash field of one push config, as the push-config store's module docstring lays
     it out: ``encode_id(owner) + ":" + encode_id(config id)``."""
     return (encode_id(owner) + ":" + encode_id(config_id)).encode()
+
+
+# -- two replicas and a running task (the reliability suites' set-up) -------------------------
+@contextlib.asynccontextmanager
+async def backend_pair(
+    url: str, prefix: str, **options: Any
+) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
+    """Replicas A and B: two ``RedisBackend.from_url(url, prefix=prefix, **options)``;
+    closed afterwards (A first)."""
+    a = RedisBackend.from_url(url, prefix=prefix, **options)
+    b = RedisBackend.from_url(url, prefix=prefix, **options)
+    try:
+        yield a, b
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def start_task(
+    store: VersionedRedisTaskStore, task_id: str = "t"
+) -> tuple[Task, TaskVersion]:
+    """Create ``task_id`` as WORKING (the Task is its first event); the task and its version."""
+    task = make_task(task_id, state=TaskState.TASK_STATE_WORKING)
+    version = await store.save(task, event=task, prev_version=TaskVersion.MISSING, context=ctx())
+    return task, version
+
+
+async def write_numbered(
+    backend: RedisBackend, task: Task, version: TaskVersion, n: int
+) -> TaskVersion:
+    """Save event ``numbered(n)`` of ``task`` after ``version`` and publish it, as the SDK
+    does; the new version."""
+    event = numbered(n, task.id)
+    version = await backend.task_store.save(task, event=event, prev_version=version, context=ctx())
+    await backend.event_stream.publish(task.id, VersionedEvent(event, version))
+    return version

@@ -1,9 +1,9 @@
 """Two SDK request handlers ("replicas" A and B) on one Redis: cluster mode end to end.
 
 Each replica has its own client, ``VersionedRedisTaskStore``, ``RedisTaskEventStream`` and
-agent executor instance, as separate processes would. The agent's pace is set by the test
-(a gate per step), so "after the first events" is a state, not a sleep. Timeouts are hang
-guards only, never asserted bounds.
+agent executor instance, as separate processes would (tests/backend/replicas.py). The
+agent's pace is set by the test (a gate per step), so "after the first events" is a state,
+not a sleep. Timeouts are hang guards only, never asserted bounds.
 """
 
 from __future__ import annotations
@@ -14,27 +14,21 @@ import uuid
 from collections import defaultdict
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
 
 import pytest
 import redis.asyncio as aioredis
-from a2a.helpers.proto_helpers import get_message_text, new_task_from_user_message
-from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.helpers.proto_helpers import new_task_from_user_message
+from a2a.server.agent_execution import RequestContext
 from a2a.server.cluster import TaskVersion, VersionedEvent
 from a2a.server.context import ServerCallContext
-from a2a.server.events.event_queue import Event
 from a2a.server.events.event_queue_v2 import EventQueue
 from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.server.tasks.task_updater import TaskUpdater
 from a2a.types.a2a_pb2 import (
     CancelTaskRequest,
-    GetTaskRequest,
     ListTasksRequest,
-    Message,
     Part,
     Role,
-    SendMessageRequest,
-    SubscribeToTaskRequest,
     Task,
     TaskArtifactUpdateEvent,
     TaskState,
@@ -43,10 +37,17 @@ from a2a.types.a2a_pb2 import (
 
 from a2a_redis.events.event_stream import RedisTaskEventStream
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
-from tests.helpers import Tap, agent_card, connect, ctx, state_of, task_id_of
+from tests.backend.replicas import (
+    GUARD,
+    HandlerReplica,
+    Pair,
+    ScriptedExecutor,
+    Scripts,
+    in_process_pair,
+)
+from tests.helpers import agent_card, ctx, state_of, task_id_of
 
 S = TaskState
-GUARD = 30.0  # seconds: a hang guard only, never an asserted bound
 
 
 class AgentFailure(RuntimeError):
@@ -56,43 +57,14 @@ class AgentFailure(RuntimeError):
 # --- the agent, paced by the test -------------------------------------------------------
 
 
-@dataclass
-class Script:
-    """What the agent does for one task, and the test's handle on it.
-
-    The agent emits the Task and WORKING, then ``steps`` artifacts, then ends (COMPLETED,
-    INPUT_REQUIRED or raising). When ``paced``, it awaits one release of ``gate`` before
-    each artifact and one before the end: ``steps + 1`` releases in all.
-    """
-
-    steps: int = 3
-    end: str = "complete"  # "complete" | "input" | "fail"
-    paced: bool = True
-    gate: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
-    runs: list[str] = field(default_factory=list)  # replicas whose execute() ran, in order
-    cancel_calls: list[str] = field(default_factory=list)
-    interrupted: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def release(self, n: int = 1) -> None:
-        for _ in range(n):
-            self.gate.put_nowait(None)
-
-    async def step(self) -> None:
-        if self.paced:
-            await self.gate.get()
-
-
-class PacedAgent(AgentExecutor):
-    """One instance per replica; the scripts (keyed by message text) are the test's."""
-
-    def __init__(self, name: str, scripts: dict[str, Script]) -> None:
-        self.name = name
-        self.scripts = scripts
+class PacedAgent(ScriptedExecutor):
+    """Emits the Task and WORKING, then the script's ``steps`` artifacts, then ends as the
+    script says: ``complete`` (COMPLETED), ``input`` (INPUT_REQUIRED) or ``fail`` (raises).
+    A follow-up (after input-required) works and completes at once."""
 
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        script = self.begin(context)
         assert context.message is not None
-        script = self.scripts[get_message_text(context.message)]
-        script.runs.append(self.name)
         updater = TaskUpdater(event_queue, str(context.task_id), str(context.context_id))
         try:
             if context.current_task is not None:  # a follow-up (after input-required)
@@ -119,12 +91,9 @@ class PacedAgent(AgentExecutor):
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
         assert context.task is not None
-        self.scripts_for_task(context.task).cancel_calls.append(self.name)
+        self.script_of_task(context.task).cancel_calls.append(self.name)
         updater = TaskUpdater(event_queue, str(context.task_id), str(context.context_id))
         await updater.cancel()
-
-    def scripts_for_task(self, task: Task) -> Script:
-        return self.scripts[get_message_text(task.history[0])]
 
 
 # --- replicas and streams ---------------------------------------------------------------
@@ -153,21 +122,9 @@ class RecordingStream(RedisTaskEventStream):
                 yield versioned
 
 
-def user_message(key: str, *, context_id: str = "", task_id: str = "") -> Message:
-    return Message(
-        role=Role.ROLE_USER,
-        message_id=uuid.uuid4().hex,
-        parts=[Part(text=key)],
-        context_id=context_id,
-        task_id=task_id,
-    )
-
-
-class Replica:
-    def __init__(self, name: str, url: str, prefix: str, scripts: dict[str, Script]) -> None:
-        self.name = name
-        self.client = connect(url)
-        self.store = VersionedRedisTaskStore(self.client, prefix=prefix)
+class Replica(HandlerReplica):
+    def __init__(self, name: str, url: str, prefix: str, scripts: Scripts) -> None:
+        super().__init__(name, url, prefix)
         self.stream = RecordingStream(self.client, task_store=self.store)
         self.agent = PacedAgent(name, scripts)
         self.handler = DefaultRequestHandler(
@@ -176,60 +133,22 @@ class Replica:
             agent_card=agent_card(),
             event_stream=self.stream,
         )
-        self.taps: list[Tap] = []
-
-    def send(self, key: str, *, context_id: str = "", task_id: str = "") -> Tap:
-        request = SendMessageRequest(
-            message=user_message(key, context_id=context_id, task_id=task_id)
-        )
-        return self._tap(self.handler.on_message_send_stream(request, ctx()))
-
-    def subscribe(self, task_id: str) -> Tap:
-        request = SubscribeToTaskRequest(id=task_id)
-        return self._tap(self.handler.on_subscribe_to_task(request, ctx()))
-
-    def _tap(self, events: AsyncGenerator[Event, None]) -> Tap:
-        tap = Tap(events)
-        self.taps.append(tap)
-        return tap
-
-    async def get(self, task_id: str, context: ServerCallContext | None = None) -> Task:
-        request = GetTaskRequest(id=task_id)
-        task = await asyncio.wait_for(self.handler.on_get_task(request, context or ctx()), GUARD)
-        assert task is not None
-        return task
 
     async def close(self) -> None:
-        for tap in self.taps:
-            await tap.close()
+        await super().close()
         await asyncio.wait_for(self.handler.aclose(), GUARD)
         await self.stream.aclose()
         await self.client.aclose()
 
 
-@dataclass
-class Cluster:
-    a: Replica
-    b: Replica
-    scripts: dict[str, Script]
-
-    def script(self, **kwargs: object) -> tuple[str, Script]:
-        key = f"job-{uuid.uuid4().hex[:10]}"
-        self.scripts[key] = Script(**kwargs)  # type: ignore[arg-type]
-        return key, self.scripts[key]
+Cluster = Pair[Replica]
 
 
 @pytest.fixture
 async def cluster(real_url: str, real_redis: aioredis.Redis, prefix: str) -> AsyncIterator[Cluster]:
     # real_redis: its teardown deletes the prefix's keys, after the replicas are closed.
-    scripts: dict[str, Script] = {}
-    a = Replica("A", real_url, prefix, scripts)
-    b = Replica("B", real_url, prefix, scripts)
-    try:
-        yield Cluster(a, b, scripts)
-    finally:
-        await a.close()
-        await b.close()
+    async with in_process_pair(Replica, real_url, prefix, Cluster) as pair:
+        yield pair
 
 
 # --- helpers for assertions -------------------------------------------------------------
@@ -254,7 +173,7 @@ def check_remote_subscription(origin: Replica, remote: Replica, task_id: str) ->
 async def test_subscribe_on_b_to_a_task_running_on_a(cluster: Cluster):
     a, b = cluster.a, cluster.b
     key, script = cluster.script(steps=3)
-    send = a.send(key)
+    send = a.send_stream(key)
     head = await send.until(2)  # Task, WORKING; the agent now waits at the gate
     task_id = task_id_of(head)
     assert state_of(head[1]) == S.TASK_STATE_WORKING
@@ -288,7 +207,7 @@ async def test_subscribe_on_b_to_a_task_running_on_a(cluster: Cluster):
 async def test_cancel_on_b_stops_the_agent_on_a(cluster: Cluster):
     a, b = cluster.a, cluster.b
     key, script = cluster.script(steps=3)
-    send = a.send(key)
+    send = a.send_stream(key)
     task_id = task_id_of(await send.until(2))
     watcher = b.subscribe(task_id)
     await watcher.until(1)
@@ -318,7 +237,7 @@ async def test_cancel_on_b_stops_the_agent_on_a(cluster: Cluster):
 async def test_input_required_on_a_then_follow_up_on_b(cluster: Cluster):
     a, b = cluster.a, cluster.b
     key, script = cluster.script(steps=0, end="input", paced=False)
-    send = a.send(key)
+    send = a.send_stream(key)
     a_events = await send.finish()
     assert send.error is None, send.error
     assert state_of(a_events[-1]) == S.TASK_STATE_INPUT_REQUIRED
@@ -326,7 +245,7 @@ async def test_input_required_on_a_then_follow_up_on_b(cluster: Cluster):
     assert isinstance(task, Task)
     assert (await b.get(task.id)).status.state == S.TASK_STATE_INPUT_REQUIRED
 
-    follow_up = b.send(key, task_id=task.id, context_id=task.context_id)
+    follow_up = b.send_stream(key, task_id=task.id, context_id=task.context_id)
     b_events = await follow_up.finish()
     assert follow_up.error is None, follow_up.error
     assert state_of(b_events[-1]) == S.TASK_STATE_COMPLETED
@@ -342,7 +261,7 @@ async def test_input_required_on_a_then_follow_up_on_b(cluster: Cluster):
 async def test_agent_failure_on_a_is_seen_on_b(cluster: Cluster):
     a, b = cluster.a, cluster.b
     key, script = cluster.script(steps=1, end="fail")
-    send = a.send(key)
+    send = a.send_stream(key)
     task_id = task_id_of(await send.until(2))
     sub = b.subscribe(task_id)
     await sub.until(1)
@@ -371,7 +290,7 @@ async def test_get_and_list_agree_across_replicas(cluster: Cluster):
     expected: dict[str, tuple[str, int]] = {}
     for replica, context_id, end, state in plan:
         key, _ = cluster.script(steps=1, end=end, paced=False)
-        tap = replica.send(key, context_id=context_id)
+        tap = replica.send_stream(key, context_id=context_id)
         events = await tap.finish()
         assert isinstance(tap.error, AgentFailure) if end == "fail" else tap.error is None
         expected[task_id_of(events)] = (context_id, state)
@@ -404,7 +323,7 @@ async def test_fifty_concurrent_tasks_with_remote_subscribers(cluster: Cluster):
 
     async def one(origin: Replica, remote: Replica) -> None:
         key, script = cluster.script(steps=steps)
-        send = origin.send(key)
+        send = origin.send_stream(key)
         task_id = task_id_of(await send.until(2))
         sub = remote.subscribe(task_id)
         # The artifacts race the subscription's start; only the end waits for the snapshot

@@ -14,16 +14,13 @@ B's tap is open (B's queue manager records it), so "no gap" is a property of our
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections import defaultdict
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aioredis
-from a2a.client import Client, ClientCallContext
-from a2a.helpers.proto_helpers import get_message_text, new_task_from_user_message
-from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.helpers.proto_helpers import new_task_from_user_message
+from a2a.server.agent_execution import RequestContext
 from a2a.server.events.event_queue import Event, EventQueue, EventQueueLegacy
 from a2a.server.request_handlers import LegacyRequestHandler
 from a2a.server.tasks.task_updater import TaskUpdater
@@ -40,27 +37,33 @@ from a2a.types import (
 )
 
 from a2a_redis.events.queue_manager import RedisQueueManager
-from a2a_redis.stores.task_store import VersionedRedisTaskStore
+from tests.backend.replicas import (
+    GUARD,
+    HandlerReplica,
+    Pair,
+    Script,
+    ScriptedExecutor,
+    Scripts,
+    in_process_pair,
+)
 from tests.helpers import (
     ROOT,
     ReplicaProcess,
     Tap,
     agent_card,
+    background_settled,
     chunks,
-    client_pair,
-    connect,
     ctx,
-    drain_stream,
     final_state,
     replica_pair,
     send_request,
     start_stream,
     state_of,
+    subscribe_live,
     task_id_of,
 )
 
 S = TaskState
-GUARD = 30.0  # seconds: a hang guard only, never an asserted bound
 OWNER_LOST_GUARD = 40.0  # seconds: hang guard for a tap whose owner died (default lease 10 s)
 IDLE = {"queues": 0, "leases": 0, "taps": 0}
 
@@ -72,47 +75,13 @@ def chunk(replica: str, i: int) -> str:
 # --- the agent, paced by the test -------------------------------------------------------
 
 
-@dataclass
-class Script:
-    """What the agent does for one task, and the test's handle on it.
-
-    The agent emits the Task and WORKING, then ``steps`` chunks appended to one artifact,
-    then COMPLETED. When ``paced``, it awaits one release of ``gate`` before each chunk and
-    one before the end: ``steps + 1`` releases in all.
-    """
-
-    steps: int = 3
-    paced: bool = True
-    gate: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
-    runs: list[str] = field(default_factory=list)  # replicas whose execute() ran, in order
-    task_ids: asyncio.Queue[str] = field(default_factory=asyncio.Queue)
-
-    def release(self, n: int = 1) -> None:
-        for _ in range(n):
-            self.gate.put_nowait(None)
-
-    def unblock(self) -> None:
-        """Let the agent run to its end unpaced (teardown after a failure)."""
-        self.paced = False
-        self.release(self.steps + 1)
-
-    async def step(self) -> None:
-        if self.paced:
-            await self.gate.get()
-
-
-class ChunkAgent(AgentExecutor):
-    """One instance per replica; the scripts (keyed by message text) are the test's."""
-
-    def __init__(self, name: str, scripts: dict[str, Script]) -> None:
-        self.name = name
-        self.scripts = scripts
+class ChunkAgent(ScriptedExecutor):
+    """Emits the Task and WORKING, then the script's ``steps`` chunks appended to one
+    artifact, then COMPLETED."""
 
     async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        script = self.begin(context)
         assert context.message is not None
-        script = self.scripts[get_message_text(context.message)]
-        script.runs.append(self.name)
-        script.task_ids.put_nowait(str(context.task_id))
         updater = TaskUpdater(event_queue, str(context.task_id), str(context.context_id))
         await event_queue.enqueue_event(new_task_from_user_message(context.message))
         await updater.start_work()
@@ -157,11 +126,11 @@ class Stream(Tap):
         return events
 
 
-class LegacyReplica:
-    def __init__(self, name: str, url: str, prefix: str, scripts: dict[str, Script]) -> None:
-        self.name = name
-        self.client = connect(url)
-        self.store = VersionedRedisTaskStore(self.client, prefix=prefix)
+class LegacyReplica(HandlerReplica):
+    tap_type = Stream
+
+    def __init__(self, name: str, url: str, prefix: str, scripts: Scripts) -> None:
+        super().__init__(name, url, prefix)
         self.queues = TrackingQueueManager(self.client, prefix=prefix)
         self.handler = LegacyRequestHandler(
             agent_executor=ChunkAgent(name, scripts),
@@ -169,29 +138,9 @@ class LegacyReplica:
             agent_card=agent_card(),
             queue_manager=self.queues,
         )
-        self.streams: list[Stream] = []
-
-    def send_stream(self, key: str) -> Stream:
-        return self._stream(self.handler.on_message_send_stream(send_request(key), ctx()))
 
     async def send(self, key: str) -> Task | Message:
         return await asyncio.wait_for(self.handler.on_message_send(send_request(key), ctx()), GUARD)
-
-    def subscribe(self, task_id: str) -> Stream:
-        request = SubscribeToTaskRequest(id=task_id)
-        return self._stream(self.handler.on_subscribe_to_task(request, ctx()))
-
-    def _stream(self, events: AsyncGenerator[Event, None]) -> Stream:
-        stream = Stream(events)
-        self.streams.append(stream)
-        return stream
-
-    async def get(self, task_id: str) -> Task:
-        task = await asyncio.wait_for(
-            self.handler.on_get_task(GetTaskRequest(id=task_id), ctx()), GUARD
-        )
-        assert task is not None
-        return task
 
     async def settled(self) -> None:
         """Wait for the handler's background cleanups, then for every queue, lease and tap
@@ -200,36 +149,21 @@ class LegacyReplica:
 
         async def wait() -> None:
             while True:
-                # The SDK keeps its deferred cleanups (queue close) in this private set.
-                background = list(self.handler._background_tasks)
-                if background:
-                    await asyncio.gather(*background, return_exceptions=True)
-                elif self.queues.stats() == IDLE:
+                await background_settled(self.handler)
+                if self.queues.stats() == IDLE:
                     return
-                else:
-                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)
 
         await asyncio.wait_for(wait(), GUARD)
 
     async def close(self) -> None:
-        for stream in self.streams:
-            await stream.close()
+        await super().close()
         await self.settled()
         await self.queues.aclose()
         await self.client.aclose()
 
 
-@dataclass
-class Cluster:
-    a: LegacyReplica
-    b: LegacyReplica
-    scripts: dict[str, Script]
-
-    def script(self, **kwargs: object) -> tuple[str, Script]:
-        key = f"job-{uuid.uuid4().hex[:10]}"
-        self.scripts[key] = Script(**kwargs)  # type: ignore[arg-type]
-        return key, self.scripts[key]
-
+class Cluster(Pair[LegacyReplica]):
     async def settled(self) -> None:
         await self.a.settled()
         await self.b.settled()
@@ -238,16 +172,8 @@ class Cluster:
 @pytest.fixture
 async def cluster(real_url: str, real_redis: aioredis.Redis, prefix: str) -> AsyncIterator[Cluster]:
     # real_redis: its teardown deletes the prefix's keys, after the replicas are closed.
-    scripts: dict[str, Script] = {}
-    a = LegacyReplica("A", real_url, prefix, scripts)
-    b = LegacyReplica("B", real_url, prefix, scripts)
-    try:
-        yield Cluster(a, b, scripts)
-    finally:
-        for script in scripts.values():  # after a failure, agents may wait at their gates
-            script.unblock()
-        await a.close()
-        await b.close()
+    async with in_process_pair(LegacyReplica, real_url, prefix, Cluster) as pair:
+        yield pair
 
 
 # --- helpers for assertions -------------------------------------------------------------
@@ -435,32 +361,6 @@ def replicas(
         yield pair
 
 
-@pytest.fixture
-async def clients(
-    replicas: tuple[ReplicaProcess, ReplicaProcess],
-) -> AsyncIterator[tuple[Client, Client]]:
-    async with client_pair(*replicas) as pair:
-        yield pair
-
-
-async def _subscribe(client: Client, task_id: str) -> tuple[list[StreamResponse], asyncio.Task]:
-    """Subscribe in a task; return once a live chunk (after the snapshot) arrived."""
-    seen: list[StreamResponse] = []
-    live_chunk = asyncio.get_running_loop().create_future()
-    # The client's default read timeout (5 s) is shorter than a lease: no SSE comes while
-    # B waits for a dead owner's heartbeat, and the stream must end from the server's side.
-    quiet = ClientCallContext(timeout=OWNER_LOST_GUARD)
-    stream = client.subscribe(SubscribeToTaskRequest(id=task_id), context=quiet)
-    runner = asyncio.create_task(drain_stream(stream, seen, live_chunk))
-    try:
-        await asyncio.wait_for(asyncio.shield(live_chunk), GUARD)
-    except BaseException:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        raise
-    return seen, runner
-
-
 async def test_processes_resubscribe_on_b_mid_stream_gets_every_later_event(clients):
     a, b = clients
     task_id, seen_a, runner = await start_stream(a, "chunks=4")
@@ -489,7 +389,7 @@ async def test_processes_owner_killed_ends_the_resubscription_on_b(replicas, cli
     replica_a, _ = replicas
     a, b = clients
     task_id, _, runner_a = await start_stream(a, "chunks=200")
-    seen_b, runner_b = await _subscribe(b, task_id)
+    seen_b, runner_b = await subscribe_live(b, task_id, read_timeout=OWNER_LOST_GUARD, guard=GUARD)
 
     replica_a.kill()
     await asyncio.gather(runner_a, return_exceptions=True)  # A's own stream breaks

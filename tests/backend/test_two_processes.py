@@ -6,7 +6,7 @@ The replicas are ``examples/agent_server.py``; the driver is ``a2a.client``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 from a2a.client import Client
@@ -23,7 +23,6 @@ from a2a.utils.errors import A2AError
 from tests.helpers import (
     ReplicaProcess,
     chunks,
-    client_pair,
     final_state,
     replica_pair,
     send_request,
@@ -38,14 +37,6 @@ def replicas(
     real_url: str, real_redis: object, prefix: str
 ) -> Iterator[tuple[ReplicaProcess, ReplicaProcess]]:
     with replica_pair(real_url, prefix, 0.15) as pair:
-        yield pair
-
-
-@pytest.fixture
-async def clients(
-    replicas: tuple[ReplicaProcess, ReplicaProcess],
-) -> AsyncIterator[tuple[Client, Client]]:
-    async with client_pair(*replicas) as pair:
         yield pair
 
 

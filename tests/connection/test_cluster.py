@@ -20,7 +20,17 @@ from a2a_redis.log.codec import index_member
 from a2a_redis.log.keys import Keys
 from a2a_redis.ops.embedded import EmbeddedCluster, EmbeddedServer, call
 from a2a_redis.stores import task_index
-from tests.helpers import connect, ctx, eventually, make_task, numbered
+from tests.helpers import (
+    Follow,
+    backend_pair,
+    connect,
+    ctx,
+    eventually,
+    make_task,
+    numbered,
+    start_task,
+    write_numbered,
+)
 
 GUARD = 60  # seconds: a hang guard only
 S = TaskState
@@ -77,23 +87,11 @@ async def test_resharding_a_live_task_loses_and_duplicates_nothing(
     cluster: EmbeddedCluster, prefix: str
 ):
     """Move the slot of a streaming task to another primary mid-stream (MIGRATE)."""
-    writer = RedisBackend.from_url(cluster.url, prefix=prefix)
-    reader = RedisBackend.from_url(cluster.url, prefix=prefix)
-    try:
-        task = make_task("t", state=S.TASK_STATE_WORKING)
-        version = await writer.task_store.save(
-            task, event=task, prev_version=TaskVersion.MISSING, context=ctx()
-        )
+    async with backend_pair(cluster.url, prefix) as (writer, reader):
+        task, version = await start_task(writer.task_store)
         total = 120
-        received: list[int] = []
-
-        async def follow() -> None:
-            async for item in reader.event_stream.subscribe("t", after=version):
-                received.append(int(item.event.metadata["n"]))
-                if len(received) == total:
-                    return
-
-        follower = asyncio.create_task(follow())
+        subscription = reader.event_stream.subscribe("t", after=version)
+        follower = Follow(subscription, last=total - 1, guard=GUARD)
         while not reader.listener.connected:
             await asyncio.sleep(0.01)
         slot = _slot_of(writer.task_store.keys.task("t"))
@@ -101,24 +99,17 @@ async def test_resharding_a_live_task_loses_and_duplicates_nothing(
         target = next(p for p in cluster.primaries if p is not source)
         moved = 0
         for n in range(total):
-            event = numbered(n, "t")
-            version = await writer.task_store.save(
-                task, event=event, prev_version=version, context=ctx()
-            )
-            await writer.event_stream.publish("t", VersionedEvent(event, version))
+            version = await write_numbered(writer, task, version, n)
             if n == total // 2:  # the task's record, stream and push keys move now
                 moved = await asyncio.to_thread(move_slot, cluster, slot, target)
-        await asyncio.wait_for(follower, GUARD)
+        assert await follower.ended() is None
         assert moved >= 2  # the record and the stream (at least) really moved
         assert cluster.node_for_slot(slot) is target
-        assert received == list(range(total))  # every event once, in order
+        assert follower.ns == list(range(total))  # every event once, in order
         stored = await reader.task_store.get("t", ctx())
         assert stored is not None and stored.version == TaskVersion(total + 1)
         page = await reader.task_store.list(ListTasksRequest(), ctx())
         assert [t.id for t in page.tasks] == ["t"]
-    finally:
-        await writer.aclose()
-        await reader.aclose()
 
 
 async def test_indexes_across_slots_are_repaired_on_read(

@@ -12,11 +12,10 @@ from a2a.server.events.event_consumer import EventConsumer
 from a2a.server.events.event_queue import EventQueueLegacy
 from a2a.server.events.queue_manager import NoTaskQueue, QueueManager, TaskQueueExists
 from a2a.types.a2a_pb2 import TaskState, TaskStatusUpdateEvent
-from a2a.utils._async_queue_compat import QueueShutDown
 
 from a2a_redis.events.queue_manager import RedisQueueManager
 from a2a_redis.log.keys import Keys
-from tests.helpers import connect, eventually, numbered
+from tests.helpers import connect, drain_queue, eventually, numbered
 
 GUARD = 60  # seconds: a hang guard only
 # An owner's lease in the tests where it must stay alive for a moment (a tap taken, an
@@ -27,14 +26,7 @@ LEASE = 2.0
 
 async def drain(queue: EventQueueLegacy) -> list[TaskStatusUpdateEvent]:
     """Dequeue until the queue is closed and empty."""
-    out = []
-    while True:
-        try:
-            event = await asyncio.wait_for(queue.dequeue_event(), GUARD)
-        except QueueShutDown:
-            return out
-        queue.task_done()
-        out.append(event)  # type: ignore[arg-type]
+    return await drain_queue(queue, GUARD)
 
 
 async def close_draining(manager: QueueManager, task_id: str, queue: EventQueueLegacy) -> None:

@@ -13,12 +13,11 @@ import asyncio
 import time
 
 from a2a.server.cluster import TaskVersion, VersionedEvent
-from a2a.types.a2a_pb2 import TaskState
 from redis.crc import key_slot
 
-from a2a_redis import RedisBackend, RedisUnavailableError
+from a2a_redis import RedisUnavailableError
 from a2a_redis.ops.embedded import EmbeddedCluster, EmbeddedServer, call
-from tests.helpers import ctx, make_task, numbered
+from tests.helpers import Follow, backend_pair, ctx, numbered, start_task
 
 GUARD = 60  # seconds: a hang guard only
 
@@ -34,23 +33,12 @@ def replicated(primary: EmbeddedServer) -> bool:
 
 async def test_primary_killed_mid_stream_fails_over_and_loses_nothing(prefix: str):
     with EmbeddedCluster(replicas=1, node_timeout=1000) as cluster:
-        writer = RedisBackend.from_url(cluster.url, prefix=prefix, socket_connect_timeout=1)
-        reader = RedisBackend.from_url(cluster.url, prefix=prefix, socket_connect_timeout=1)
-        try:
-            task = make_task("t", state=TaskState.TASK_STATE_WORKING)
-            version = await writer.task_store.save(
-                task, event=task, prev_version=TaskVersion.MISSING, context=ctx()
-            )
+        pair = backend_pair(cluster.url, prefix, socket_connect_timeout=1)
+        async with pair as (writer, reader):
+            task, version = await start_task(writer.task_store)
             total = 40
-            received: list[int] = []
-
-            async def follow() -> None:
-                async for item in reader.event_stream.subscribe("t", after=version):
-                    received.append(int(item.event.metadata["n"]))
-                    if len(received) == total:
-                        return
-
-            follower = asyncio.create_task(follow())
+            subscription = reader.event_stream.subscribe("t", after=version)
+            follower = Follow(subscription, last=total - 1, guard=GUARD)
             while not reader.listener.connected:
                 await asyncio.sleep(0.01)
             slot = key_slot(writer.task_store.keys.task("t").encode())
@@ -76,12 +64,9 @@ async def test_primary_killed_mid_stream_fails_over_and_loses_nothing(prefix: st
                         assert time.monotonic() < deadline, "the cluster never failed over"
                         await asyncio.sleep(0.2)
                 await writer.event_stream.publish("t", VersionedEvent(event, version))
-            await asyncio.wait_for(follower, GUARD)
-            assert received == list(range(total))  # every event once, in order
+            assert await follower.ended() is None
+            assert follower.ns == list(range(total))  # every event once, in order
             assert outage_errors > 0  # the outage was seen, as a typed error
             assert cluster.node_for_slot(slot) is not primary  # a replica was promoted
             stored = await reader.task_store.get("t", ctx())
             assert stored is not None and stored.version == TaskVersion(total + 1)
-        finally:
-            await writer.aclose()
-            await reader.aclose()

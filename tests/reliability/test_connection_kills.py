@@ -12,12 +12,20 @@ from a2a.server.cluster import (
     TaskVersion,
     VersionedEvent,
 )
-from a2a.types.a2a_pb2 import Task, TaskState, TaskStatusUpdateEvent
+from a2a.types.a2a_pb2 import Task
 
 from a2a_redis import RedisBackend, RedisUnavailableError
 from a2a_redis.log.codec import decode_event
 from a2a_redis.ops.embedded import EmbeddedServer
-from tests.helpers import ctx, eventually, make_task, subscriber_count
+from tests.helpers import (
+    Follow,
+    backend_pair,
+    ctx,
+    eventually,
+    numbered,
+    start_task,
+    subscriber_count,
+)
 
 GUARD = 60  # seconds: a hang guard only
 
@@ -37,9 +45,7 @@ async def write_until_in(
     backend: RedisBackend, task: Task, version: TaskVersion, n: int
 ) -> TaskVersion:
     """Save event n (as the SDK's caller would, until it is in) and publish it."""
-    event = TaskStatusUpdateEvent(task_id="t", context_id="ctx")
-    event.metadata["n"] = str(n)
-    event.status.state = TaskState.TASK_STATE_WORKING
+    event = numbered(n, "t")
     while True:
         try:
             version = await backend.task_store.save(
@@ -61,51 +67,37 @@ async def write_until_in(
     return version
 
 
-async def test_killed_connections_neither_lose_nor_duplicate_events(prefix: str):
-    with EmbeddedServer() as server:
-        a = RedisBackend.from_url(server.url, prefix=prefix)
-        b = RedisBackend.from_url(server.url, prefix=prefix)
-        admin = aioredis.Redis.from_url(server.url)
-        try:
-            task = make_task("t", state=TaskState.TASK_STATE_WORKING)
-            version = await a.task_store.save(
-                task, event=task, prev_version=TaskVersion.MISSING, context=ctx()
-            )
-            received: list[int] = []
-            writes = 150
+async def test_killed_connections_neither_lose_nor_duplicate_events(
+    private_server: EmbeddedServer, prefix: str
+):
+    url = private_server.url
+    async with backend_pair(url, prefix) as (a, b), aioredis.Redis.from_url(url) as admin:
+        task, version = await start_task(a.task_store)
+        writes = 150
+        follower = Follow(
+            b.event_stream.subscribe("t", after=version), last=writes - 1, guard=GUARD
+        )
+        # Subscribed on the server: the pub/sub kills below hit B's live connection.
+        await eventually(lambda: subscriber_count(admin, b.task_store.keys.wake("t")))
 
-            async def follow() -> None:
-                async for item in b.event_stream.subscribe("t", after=version):
-                    received.append(int(item.event.metadata["n"]))
-                    if received[-1] == writes - 1:
-                        return
+        async def killer() -> None:
+            for i in range(40):
+                kind = "pubsub" if i % 3 == 0 else "normal"
+                with contextlib.suppress(Exception):
+                    await admin.execute_command("CLIENT", "KILL", "TYPE", kind, "SKIPME", "yes")
+                await asyncio.sleep(0.02)
 
-            follower = asyncio.create_task(follow())
-            # Subscribed on the server: the pub/sub kills below hit B's live connection.
-            await eventually(lambda: subscriber_count(admin, b.task_store.keys.wake("t")))
+        kills = asyncio.create_task(killer())
+        for n in range(writes):
+            version = await write_until_in(a, task, version, n)
+        await kills
+        assert await follower.ended() is None
 
-            async def killer() -> None:
-                for i in range(40):
-                    kind = "pubsub" if i % 3 == 0 else "normal"
-                    with contextlib.suppress(Exception):
-                        await admin.execute_command("CLIENT", "KILL", "TYPE", kind, "SKIPME", "yes")
-                    await asyncio.sleep(0.02)
-
-            kills = asyncio.create_task(killer())
-            for n in range(writes):
-                version = await write_until_in(a, task, version, n)
-            await kills
-            await asyncio.wait_for(follower, GUARD)
-
-            assert received == list(range(writes))  # every event once, in order
-            key = a.task_store.keys.events("t")
-            log = [decode_event(key, f) for _, f in await admin.xrange(key)]
-            versions = [v for v, _ in log]
-            assert versions == list(range(1, writes + 2))  # one entry per accepted write
-            stored = await a.task_store.get("t", ctx())
-            assert stored is not None
-            assert stored.version == TaskVersion(writes + 1)
-        finally:
-            await a.aclose()
-            await b.aclose()
-            await admin.aclose()
+        assert follower.ns == list(range(writes))  # every event once, in order
+        key = a.task_store.keys.events("t")
+        log = [decode_event(key, f) for _, f in await admin.xrange(key)]
+        versions = [v for v, _ in log]
+        assert versions == list(range(1, writes + 2))  # one entry per accepted write
+        stored = await a.task_store.get("t", ctx())
+        assert stored is not None
+        assert stored.version == TaskVersion(writes + 1)

@@ -30,7 +30,6 @@ from a2a.types.a2a_pb2 import (
     Part,
     Role,
     TaskState,
-    TaskStatusUpdateEvent,
 )
 from a2a.utils.proto_utils import to_stream_response
 from hypothesis import given, settings
@@ -52,22 +51,13 @@ from a2a_redis.log.codec import (
     member_task_id,
 )
 from a2a_redis.log.event_log import decode_rows, unpack_wake
-from tests.helpers import ctx, make_task
+from tests.helpers import ctx, make_task, numbered
 
 MISSING = TaskVersion.MISSING
 S = TaskState
 GUARD = 30  # seconds: a hang guard only
 SECRET = b"SECRET-PAYLOAD"  # planted bytes that must never reach a log
-
-
-def status_event(task_id: str, n: int) -> TaskStatusUpdateEvent:
-    event = TaskStatusUpdateEvent(task_id=task_id, context_id="ctx")
-    event.status.state = S.TASK_STATE_WORKING
-    event.metadata["n"] = str(n)
-    return event
-
-
-GOOD_EVENT = to_stream_response(status_event("t", 0)).SerializeToString()
+GOOD_EVENT = to_stream_response(numbered(0, "t")).SerializeToString()
 
 
 def rich_task() -> bytes:
@@ -323,14 +313,14 @@ async def test_reads_meeting_wrong_typed_keys_name_them(
         await redis.set(keys.events("t"), SECRET)
         for call in (
             _first(stream.subscribe("t", after=MISSING)),
-            stream.publish("t", VersionedEvent(status_event("t", 1), TaskVersion(1))),
+            stream.publish("t", VersionedEvent(numbered(1, "t"), TaskVersion(1))),
         ):
             with pytest.raises(CorruptDataError) as info:
                 await asyncio.wait_for(call, GUARD)
             assert info.value.key == keys.events("t")
         queue = await owner.create_or_tap("t")  # the lease is fine: only appends fail
         with pytest.raises(CorruptDataError) as info:
-            await queue.enqueue_event(status_event("t", 1))
+            await queue.enqueue_event(numbered(1, "t"))
         assert info.value.key == keys.events("t")
         await redis.delete(keys.lease("q"))
         await redis.hset(keys.lease("q"), b"x", SECRET)

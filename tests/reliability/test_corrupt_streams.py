@@ -17,15 +17,14 @@ than jump over it. Wake-ups are planted with PUBLISH on the task's channel.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable
-from contextlib import aclosing
+from collections.abc import Callable
 
 import msgpack
 import pytest
 import redis.asyncio as aioredis
 from a2a.server.cluster import TaskVersion, VersionedEvent
 from a2a.server.events.event_queue import QueueShutDown
-from a2a.types.a2a_pb2 import TaskState, TaskStatusUpdateEvent
+from a2a.types.a2a_pb2 import TaskState
 from a2a.utils.proto_utils import to_stream_response
 
 from a2a_redis import (
@@ -38,21 +37,12 @@ from a2a_redis import (
     VersionedRedisTaskStore,
 )
 from a2a_redis.log.codec import version_int
-from tests.helpers import ctx, make_task
+from tests.helpers import Follow, ctx, make_task, numbered, start_task
 
 MISSING = TaskVersion.MISSING
 GUARD = 30  # seconds: a hang guard only
 SECRET = b"SECRET-PAYLOAD"  # planted bytes that must never reach a log
-
-
-def status_event(task_id: str, n: int) -> TaskStatusUpdateEvent:
-    event = TaskStatusUpdateEvent(task_id=task_id, context_id="ctx")
-    event.status.state = TaskState.TASK_STATE_WORKING
-    event.metadata["n"] = str(n)
-    return event
-
-
-GOOD = to_stream_response(status_event("t", 0)).SerializeToString()
+GOOD = to_stream_response(numbered(0, "t")).SerializeToString()
 
 # Fields of a planted entry (V: the version the next good write will also get), and the
 # error a subscriber that needs it ends with.
@@ -66,48 +56,6 @@ CORRUPT: dict[str, tuple[dict[bytes, bytes], type[CorruptDataError]]] = {
 }
 
 
-class Follow:
-    """Drives one subscription in a task, keeping every event and the error it ended with."""
-
-    def __init__(self, events: AsyncGenerator[VersionedEvent, None]) -> None:
-        self.events: list[VersionedEvent] = []
-        self.error: BaseException | None = None
-        self._changed = asyncio.Event()
-        self.task = asyncio.create_task(self._run(events))
-
-    async def _run(self, events: AsyncGenerator[VersionedEvent, None]) -> None:
-        try:
-            async with aclosing(events) as it:
-                async for item in it:
-                    self.events.append(item)
-                    self._changed.set()
-        except Exception as e:
-            self.error = e
-        finally:
-            self._changed.set()
-
-    @property
-    def ns(self) -> list[int]:
-        return [int(item.event.metadata["n"]) for item in self.events]
-
-    async def until(self, n: int) -> None:
-        async def wait() -> None:
-            while len(self.events) < n and not self.task.done():
-                self._changed.clear()
-                await self._changed.wait()
-
-        await asyncio.wait_for(wait(), GUARD)
-        assert len(self.events) >= n, (self.ns, self.error)
-
-    async def ended(self) -> BaseException | None:
-        await asyncio.wait_for(asyncio.shield(self.task), GUARD)
-        return self.error
-
-    async def close(self) -> None:
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-
-
 class Writer:
     """The executing replica: save + publish, as the SDK does."""
 
@@ -117,13 +65,12 @@ class Writer:
         self.versions: dict[str, TaskVersion] = {}
 
     async def start(self, task_id: str) -> TaskVersion:
-        task = make_task(task_id, state=TaskState.TASK_STATE_WORKING)
-        v = await self.store.save(task, event=task, prev_version=MISSING, context=ctx())
+        _, v = await start_task(self.store, task_id)
         self.versions[task_id] = v
         return v
 
     async def emit(self, task_id: str, n: int) -> TaskVersion:
-        event = status_event(task_id, n)
+        event = numbered(n, task_id)
         task = make_task(task_id, state=TaskState.TASK_STATE_WORKING)
         v = await self.store.save(
             task, event=event, prev_version=self.versions[task_id], context=ctx()
@@ -243,13 +190,13 @@ async def test_a_remote_tap_meeting_a_corrupt_entry_closes_and_others_carry_on(
         queue, other = await owner.create_or_tap("q"), await owner.create_or_tap("r")
         tap, other_tap = await remote.tap("q"), await remote.tap("r")
         assert tap is not None and other_tap is not None
-        await queue.enqueue_event(status_event("q", 1))
+        await queue.enqueue_event(numbered(1, "q"))
         assert (await asyncio.wait_for(tap.dequeue_event(), GUARD)).metadata["n"] == "1"
         entry_id = await redis.xadd(Keys(prefix).events("q"), {b"f": b"1", b"e": SECRET})
-        await queue.enqueue_event(status_event("q", 2))
+        await queue.enqueue_event(numbered(2, "q"))
         with pytest.raises(QueueShutDown):  # closed at the corrupt entry: never event 2
             await asyncio.wait_for(tap.dequeue_event(), GUARD)
-        await other.enqueue_event(status_event("r", 1))  # the same listener, another task
+        await other.enqueue_event(numbered(1, "r"))  # the same listener, another task
         assert (await asyncio.wait_for(other_tap.dequeue_event(), GUARD)).metadata["n"] == "1"
     finally:
         await remote.aclose()

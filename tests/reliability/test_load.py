@@ -75,21 +75,22 @@ class Replica:
 
 
 @pytest.fixture
-async def replicas(prefix: str) -> AsyncIterator[tuple[Replica, Replica, aioredis.Redis]]:
-    with EmbeddedServer() as server:
-        made = []
-        for _ in range(2):
-            backend = RedisBackend.from_url(server.url, prefix=prefix)
-            agent = GatedAgent()
-            made.append(Replica(backend, backend.request_handler(agent, agent_card()), agent))  # type: ignore[arg-type]
-        admin = aioredis.Redis.from_url(server.url)
-        try:
-            yield made[0], made[1], admin
-        finally:
-            for replica in made:
-                await replica.handler.aclose()  # type: ignore[attr-defined]
-                await replica.backend.aclose()
-            await admin.aclose()
+async def replicas(
+    private_server: EmbeddedServer, prefix: str
+) -> AsyncIterator[tuple[Replica, Replica, aioredis.Redis]]:
+    made = []
+    for _ in range(2):
+        backend = RedisBackend.from_url(private_server.url, prefix=prefix)
+        agent = GatedAgent()
+        made.append(Replica(backend, backend.request_handler(agent, agent_card()), agent))  # type: ignore[arg-type]
+    admin = aioredis.Redis.from_url(private_server.url)
+    try:
+        yield made[0], made[1], admin
+    finally:
+        for replica in made:
+            await replica.handler.aclose()  # type: ignore[attr-defined]
+            await replica.backend.aclose()
+        await admin.aclose()
 
 
 def artifact_ids(events: list) -> list[str]:

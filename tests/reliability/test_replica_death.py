@@ -15,7 +15,6 @@ Timeouts are hang guards only, never asserted bounds.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -25,10 +24,6 @@ from a2a.server.cluster import TaskVersion, VersionedEvent
 from a2a.types import (
     CancelTaskRequest,
     GetTaskRequest,
-    Message,
-    Part,
-    Role,
-    SendMessageRequest,
     StreamResponse,
     SubscribeToTaskRequest,
     TaskState,
@@ -42,6 +37,7 @@ from a2a_redis.log.keys import Keys
 from a2a_redis.ops.embedded import EmbeddedServer
 from tests.helpers import (
     ReplicaProcess,
+    backend_pair,
     chunks,
     client_pair,
     connect,
@@ -51,7 +47,9 @@ from tests.helpers import (
     final_state,
     make_task,
     replica_pair,
+    send_request,
     start_stream,
+    subscribe_live,
     subscriber_count,
 )
 
@@ -70,21 +68,6 @@ def working(task_id: str, state: int = S.TASK_STATE_WORKING) -> TaskStatusUpdate
     return event
 
 
-async def subscribed(client: Client, task_id: str) -> tuple[list[StreamResponse], asyncio.Task]:
-    """Subscribe in a task; return once a live chunk (after the snapshot) has arrived."""
-    seen: list[StreamResponse] = []
-    live_chunk = asyncio.get_running_loop().create_future()
-    stream = client.subscribe(SubscribeToTaskRequest(id=task_id), context=QUIET)
-    runner = asyncio.create_task(drain_stream(stream, seen, live_chunk))
-    try:
-        await asyncio.wait_for(asyncio.shield(live_chunk), GUARD)
-    except BaseException:
-        runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
-        raise
-    return seen, runner
-
-
 async def expect_released(admin: Any, prefix: str, task_id: str) -> None:
     """Wait until the dead owner's lease has lapsed and no replica listens to the task."""
     keys = Keys(prefix)
@@ -94,6 +77,19 @@ async def expect_released(admin: Any, prefix: str, task_id: str) -> None:
         return lease is None and await subscriber_count(admin, keys.wake(task_id)) == 0
 
     await eventually(released, what="the lease lapsed and B let go")
+
+
+async def owner_killed_mid_stream(
+    owner: ReplicaProcess, a: Client, b: Client
+) -> tuple[str, list[StreamResponse], list[StreamResponse], asyncio.Task[None]]:
+    """A (``owner``) streams a long task; B subscribes to it (a live chunk came); then A
+    is SIGKILLed and its own client loses its stream. The task id, A's responses, B's
+    (still growing) and the task draining B's stream."""
+    task_id, seen_a, runner_a = await start_stream(a, "chunks=500")
+    seen_b, runner_b = await subscribe_live(b, task_id, read_timeout=GUARD, guard=GUARD)
+    owner.kill()
+    await asyncio.gather(runner_a, return_exceptions=True)  # A's own client loses its stream
+    return task_id, seen_a, seen_b, runner_b
 
 
 def in_order(got: list[str], replica: str = "A") -> bool:
@@ -130,13 +126,8 @@ async def clients_default(v2_default_lease) -> AsyncIterator[tuple[Client, Clien
 async def test_v2_owner_killed_the_remote_subscriber_gets_an_error(
     v2_short_lease, clients_short, real_url: str, prefix: str
 ):
-    replica_a, _ = v2_short_lease
     a, b = clients_short
-    task_id, _, runner_a = await start_stream(a, "chunks=500")
-    seen_b, runner_b = await subscribed(b, task_id)
-
-    replica_a.kill()
-    await asyncio.gather(runner_a, return_exceptions=True)  # A's own client loses its stream
+    task_id, _, seen_b, runner_b = await owner_killed_mid_stream(v2_short_lease[0], a, b)
     with pytest.raises(InternalError) as raised:  # not a clean end: the task did not finish
         await asyncio.wait_for(runner_b, GUARD)
     assert "heartbeat from the task's owner" in str(raised.value)  # OwnerLostError's text
@@ -173,13 +164,8 @@ async def test_v2_owner_killed_the_remote_subscriber_gets_an_error(
 async def test_v2_owner_killed_a_cancel_on_b_ends_the_waiting_subscriber(
     v2_default_lease, clients_default
 ):
-    replica_a, _ = v2_default_lease
     a, b = clients_default
-    task_id, _, runner_a = await start_stream(a, "chunks=500")
-    seen_b, runner_b = await subscribed(b, task_id)
-
-    replica_a.kill()
-    await asyncio.gather(runner_a, return_exceptions=True)
+    task_id, _, seen_b, runner_b = await owner_killed_mid_stream(v2_default_lease[0], a, b)
     cancelled = await b.cancel_task(CancelTaskRequest(id=task_id))  # B: nothing runs here
     assert cancelled.status.state == S.TASK_STATE_CANCELED
     await asyncio.wait_for(runner_b, GUARD)  # the subscriber ends cleanly, at CANCELED
@@ -192,23 +178,10 @@ async def test_v2_owner_killed_a_cancel_on_b_ends_the_waiting_subscriber(
 async def test_v2_owner_killed_a_follow_up_on_b_runs_the_task_to_the_end(
     v2_default_lease, clients_default
 ):
-    replica_a, _ = v2_default_lease
     a, b = clients_default
-    task_id, seen_a, runner_a = await start_stream(a, "chunks=500")
-    seen_b, runner_b = await subscribed(b, task_id)
-
-    replica_a.kill()
-    await asyncio.gather(runner_a, return_exceptions=True)
+    task_id, seen_a, seen_b, runner_b = await owner_killed_mid_stream(v2_default_lease[0], a, b)
     context_id = next(r.artifact_update.context_id for r in seen_a if r.HasField("artifact_update"))
-    follow_up = SendMessageRequest(
-        message=Message(
-            role=Role.ROLE_USER,
-            message_id=uuid.uuid4().hex,
-            task_id=task_id,
-            context_id=context_id,
-            parts=[Part(text="go on, chunks=3")],
-        )
-    )
+    follow_up = send_request("go on, chunks=3", task_id=task_id, context_id=context_id)
     responses = await asyncio.wait_for(_collect(b.send_message(follow_up)), GUARD)
     assert chunks(responses)[-3:] == [f"chunk {i} from B" for i in range(3)]  # B ran it
     assert final_state(responses) == S.TASK_STATE_COMPLETED
@@ -248,12 +221,8 @@ def legacy_pair(real_url: str, prefix: str) -> Iterator[tuple[ReplicaProcess, Re
 async def test_legacy_owner_killed_the_remote_tap_ends_within_the_lease(
     legacy_pair, real_url: str, prefix: str
 ):
-    replica_a, _ = legacy_pair
     async with client_pair(*legacy_pair) as (a, b):
-        task_id, _, runner_a = await start_stream(a, "chunks=500")
-        seen_b, runner_b = await subscribed(b, task_id)
-        replica_a.kill()
-        await asyncio.gather(runner_a, return_exceptions=True)
+        task_id, _, seen_b, runner_b = await owner_killed_mid_stream(legacy_pair[0], a, b)
         await asyncio.wait_for(runner_b, GUARD)  # the tap closes: a clean end, no hang
         got = chunks(seen_b)
         assert 1 <= len(got) < 500
@@ -271,13 +240,8 @@ async def test_legacy_owner_killed_the_remote_tap_ends_within_the_lease(
 
 @pytest.fixture
 async def pair(real_url: str, prefix: str) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
-    a = RedisBackend.from_url(real_url, prefix=prefix, lease_ttl=LEASE)
-    b = RedisBackend.from_url(real_url, prefix=prefix, lease_ttl=LEASE)
-    try:
-        yield a, b
-    finally:
-        await a.aclose()
-        await b.aclose()
+    async with backend_pair(real_url, prefix, lease_ttl=LEASE) as replicas:
+        yield replicas
 
 
 async def start_running(a: RedisBackend, task_id: str) -> TaskVersion:
@@ -364,41 +328,36 @@ async def test_a_remote_cancel_drops_the_runners_lease_at_its_next_renewal(pair)
     assert not b.leases.holds("t")
 
 
-async def test_subscribers_wait_through_an_outage_longer_than_the_lease(prefix: str):
+async def test_subscribers_wait_through_an_outage_longer_than_the_lease(
+    durable_server: EmbeddedServer, prefix: str
+):
     """Silence counts only while the subscriber's own connection is up (see the listener)."""
-    with EmbeddedServer(appendonly=True) as server:
-        a = RedisBackend.from_url(server.url, prefix=prefix, lease_ttl=LEASE)
-        b = RedisBackend.from_url(server.url, prefix=prefix, lease_ttl=LEASE)
-        try:
-            version = await start_running(a, "t")
-            # From one version back: its first event proves the backlog was read, so B is
-            # following (a subscribe still reading its backlog when Redis dies fails instead).
-            subscription = b.event_stream.subscribe(
-                "t", after=TaskVersion(version_int(version) - 1)
-            )
-            assert (await asyncio.wait_for(subscription.__anext__(), GUARD)).version == version
-            pending = asyncio.ensure_future(subscription.__anext__())
-            await listening(b, "t")
-            server.kill()
-            await eventually(lambda: not b.listener.connected, what="B sees the outage")
-            await asyncio.sleep(LEASE * 1.5)  # more than a lease with nothing reaching anyone
-            assert not pending.done()
-            server.start()
-            await eventually(lambda: b.listener.connected, what="B reconnects")
-            await listening(b, "t")  # re-subscribed: silence counts again from here
-            await asyncio.sleep(LEASE * 1.5)  # more than a lease after: A's heartbeats are back
-            assert not pending.done()
-            assert b.listener.stats()["reconnects"] >= 1
-            task = make_task("t", state=S.TASK_STATE_COMPLETED)
-            done = working("t", S.TASK_STATE_COMPLETED)
-            version = await a.task_store.save(task, event=done, prev_version=version, context=ctx())
-            await a.event_stream.publish("t", VersionedEvent(done, version))
-            assert (await asyncio.wait_for(pending, GUARD)).version == version
-            await subscription.aclose()
-            assert len(a.leases) == 0
-        finally:
-            await a.aclose()
-            await b.aclose()
+    server = durable_server
+    async with backend_pair(server.url, prefix, lease_ttl=LEASE) as (a, b):
+        version = await start_running(a, "t")
+        # From one version back: its first event proves the backlog was read, so B is
+        # following (a subscribe still reading its backlog when Redis dies fails instead).
+        subscription = b.event_stream.subscribe("t", after=TaskVersion(version_int(version) - 1))
+        assert (await asyncio.wait_for(subscription.__anext__(), GUARD)).version == version
+        pending = asyncio.ensure_future(subscription.__anext__())
+        await listening(b, "t")
+        server.kill()
+        await eventually(lambda: not b.listener.connected, what="B sees the outage")
+        await asyncio.sleep(LEASE * 1.5)  # more than a lease with nothing reaching anyone
+        assert not pending.done()
+        server.start()
+        await eventually(lambda: b.listener.connected, what="B reconnects")
+        await listening(b, "t")  # re-subscribed: silence counts again from here
+        await asyncio.sleep(LEASE * 1.5)  # more than a lease after: A's heartbeats are back
+        assert not pending.done()
+        assert b.listener.stats()["reconnects"] >= 1
+        task = make_task("t", state=S.TASK_STATE_COMPLETED)
+        done = working("t", S.TASK_STATE_COMPLETED)
+        version = await a.task_store.save(task, event=done, prev_version=version, context=ctx())
+        await a.event_stream.publish("t", VersionedEvent(done, version))
+        assert (await asyncio.wait_for(pending, GUARD)).version == version
+        await subscription.aclose()
+        assert len(a.leases) == 0
 
 
 async def test_a_corrupt_record_or_lease_does_not_stop_other_tasks_heartbeats(pair):

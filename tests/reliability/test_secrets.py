@@ -37,20 +37,14 @@ import pytest
 import redis.asyncio as aioredis
 from a2a.server.request_handlers import RequestHandler
 from a2a.types.a2a_pb2 import (
-    AuthenticationInfo,
     CancelTaskRequest,
     GetTaskPushNotificationConfigRequest,
     GetTaskRequest,
     ListTaskPushNotificationConfigsRequest,
     ListTasksRequest,
-    Message,
-    Part,
-    Role,
-    SendMessageRequest,
     SubscribeToTaskRequest,
     Task,
     TaskArtifactUpdateEvent,
-    TaskPushNotificationConfig,
     TaskState,
 )
 from a2a.utils.errors import TaskNotFoundError
@@ -61,7 +55,15 @@ from a2a_redis.errors import CorruptDataError, RedisUnavailableError
 from a2a_redis.log.codec import F_TASK
 from a2a_redis.log.keys import Keys
 from a2a_redis.ops.embedded import EmbeddedServer
-from tests.helpers import ScriptedAgent, Tap, ctx, push_card, state_of
+from tests.helpers import (
+    ScriptedAgent,
+    Tap,
+    ctx,
+    push_card,
+    push_config,
+    send_request,
+    state_of,
+)
 
 S = TaskState
 GUARD = 30.0  # seconds: a hang guard only
@@ -117,25 +119,6 @@ def holding(blobs: dict[bytes, bytes], secret: str) -> list[bytes]:
     return sorted(key for key, blob in blobs.items() if any(f in blob for f in forms))
 
 
-def config(task_id: str, config_id: str, token: str, credentials: str, url: str = "") -> Any:
-    return TaskPushNotificationConfig(
-        task_id=task_id,
-        id=config_id,
-        url=url or f"https://hooks.example/{config_id}",
-        token=token,
-        authentication=AuthenticationInfo(scheme="Bearer", credentials=credentials),
-    )
-
-
-def request(text: str, push: TaskPushNotificationConfig | None = None) -> SendMessageRequest:
-    out = SendMessageRequest(
-        message=Message(role=Role.ROLE_USER, message_id=uuid.uuid4().hex, parts=[Part(text=text)])
-    )
-    if push is not None:
-        out.configuration.task_push_notification_config.CopyFrom(push)
-    return out
-
-
 # -- at rest -----------------------------------------------------------------------------------
 async def set_secrets(handler: RequestHandler, agent: ScriptedAgent) -> tuple[list[str], Tap]:
     """Push configs with secrets, through the handler, on finished and live tasks of two
@@ -143,17 +126,19 @@ async def set_secrets(handler: RequestHandler, agent: ScriptedAgent) -> tuple[li
     secrets = [marker(k) for k in ("token", "cred", "token", "cred", "url", "token", "cred")]
     t_alice, c_alice, t_alice2, c_alice2, url, t_bob, c_bob = secrets
     done = await handler.on_message_send(
-        request("complete please", config("", "on-send", t_alice, c_alice)), ctx("alice")
+        send_request("complete please", push_config("", "on-send", t_alice, c_alice)),
+        ctx("alice"),
     )
     assert isinstance(done, Task) and done.status.state == S.TASK_STATE_COMPLETED
     stored = await handler.on_create_task_push_notification_config(
-        config(done.id, "second", t_alice2, c_alice2, f"https://hooks.example/{url}"),
+        push_config(done.id, "second", t_alice2, c_alice2, f"https://hooks.example/{url}"),
         ctx("alice"),
     )
     assert stored.token == t_alice2 and stored.authentication.credentials == c_alice2
     live = Tap(
         handler.on_message_send_stream(
-            request("hold on", config("", "live", t_bob, c_bob)), ctx("bob")
+            send_request("hold on", push_config("", "live", t_bob, c_bob)),
+            ctx("bob"),
         )
     )
     head = await live.until(3)
@@ -267,9 +252,9 @@ class Scenario:
 
     def send(self, replica: int, push: bool = False) -> Tap:
         m = self.markers
-        pushed = config("", "on-send", m.token, m.credentials) if push else None
+        pushed = push_config("", "on-send", m.token, m.credentials) if push else None
         text = f"hold {m.message}"
-        tap = Tap(self.handlers[replica].on_message_send_stream(request(text, pushed), ctx()))
+        tap = Tap(self.handlers[replica].on_message_send_stream(send_request(text, pushed), ctx()))
         self.taps.append(tap)
         return tap
 
@@ -313,7 +298,7 @@ async def run_scenario(server: EmbeddedServer, prefix: str, sc: Scenario) -> Non
         remote = sc.subscribe(1, task_id)
         await remote.until(1)
         await b.on_create_task_push_notification_config(
-            config(task_id, "second", m.token, m.credentials), ctx()
+            push_config(task_id, "second", m.token, m.credentials), ctx()
         )
         await a.on_get_task_push_notification_config(
             GetTaskPushNotificationConfigRequest(task_id=task_id, id="second"), ctx()
@@ -346,7 +331,7 @@ async def run_scenario(server: EmbeddedServer, prefix: str, sc: Scenario) -> Non
         await admin.hset(keys.task(task_id), F_TASK, record[:-3])  # truncated, markers kept
         await sc.expect(CorruptDataError, a.on_get_task(GetTaskRequest(id=task_id), ctx()))
         await sc.expect(CorruptDataError, b.on_list_tasks(ListTasksRequest(), ctx()))
-        plain = config(doomed, "planted", m.token, m.credentials).SerializeToString()
+        plain = push_config(doomed, "planted", m.token, m.credentials).SerializeToString()
         import msgpack  # type: ignore[import-untyped,unused-ignore]
 
         planted = msgpack.packb([1, 1, b"", False, plain[:-2]])
@@ -376,7 +361,7 @@ async def run_scenario(server: EmbeddedServer, prefix: str, sc: Scenario) -> Non
         await sc.expect(
             RedisUnavailableError,
             b.on_create_task_push_notification_config(
-                config(live, "during-outage", m.token, m.credentials), ctx()
+                push_config(live, "during-outage", m.token, m.credentials), ctx()
             ),
         )
         # B's pub/sub link reports the loss once redis-py's own reconnect attempts (a
@@ -394,18 +379,17 @@ async def run_scenario(server: EmbeddedServer, prefix: str, sc: Scenario) -> Non
 
 
 async def test_debug_logs_carry_no_message_artifact_or_token(
-    caplog: pytest.LogCaptureFixture, prefix: str
+    caplog: pytest.LogCaptureFixture, durable_server: EmbeddedServer, prefix: str
 ) -> None:
     caplog.set_level(logging.DEBUG)
     for name in ("a2a", "a2a_redis", "redis", "push_response"):
         caplog.set_level(logging.DEBUG, logger=name)
     markers = Markers()
-    with EmbeddedServer(appendonly=True) as server:
-        sc = Scenario(server.url, prefix, markers, lambda: caplog.records)
-        try:
-            await run_scenario(server, prefix, sc)
-        finally:
-            await sc.close()
+    sc = Scenario(durable_server.url, prefix, markers, lambda: caplog.records)
+    try:
+        await run_scenario(durable_server, prefix, sc)
+    finally:
+        await sc.close()
 
     # The scenario carried the markers, and the capture saw our records at every level.
     texts = [

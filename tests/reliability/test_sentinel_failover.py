@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from a2a.server.cluster import ConcurrentTaskModificationError, TaskVersion, VersionedEvent
-from a2a.types.a2a_pb2 import Task, TaskState
+from a2a.types.a2a_pb2 import Task
 from redis.asyncio.sentinel import Sentinel
 
 from a2a_redis import (
@@ -29,7 +29,7 @@ from a2a_redis import (
 from a2a_redis.log.codec import decode_event, version_int
 from a2a_redis.log.keys import Keys
 from tests.deployments import SERVICE, SentinelDeployment
-from tests.helpers import ctx, make_task, numbered
+from tests.helpers import Follow, backend_pair, ctx, numbered, start_task, write_numbered
 
 GUARD = 60  # seconds: a hang guard only
 logger = logging.getLogger(__name__)
@@ -136,27 +136,16 @@ async def test_primary_killed_mid_stream_fails_over_without_losing_acknowledged_
         b_client = sentinel.master_for(SERVICE, socket_timeout=5, socket_connect_timeout=1)
         b = RedisBackend(b_client, prefix=prefix)  # a client the test owns
         try:
-            task = make_task("t", state=TaskState.TASK_STATE_WORKING)
-            first = await a.task_store.save(
-                task, event=task, prev_version=TaskVersion.MISSING, context=ctx()
-            )
+            task, first = await start_task(a.task_store)
             writer = Writer(a, task, first)
-            received: list[int] = []
-            received_at: list[float] = []
             loop = asyncio.get_running_loop()
-
-            async def follow() -> None:
-                async for item in b.event_stream.subscribe("t", after=first):
-                    received.append(int(item.event.metadata["n"]))
-                    received_at.append(loop.time())
-
-            follower = asyncio.create_task(follow())
+            follower = Follow(b.event_stream.subscribe("t", after=first), guard=GUARD)
             while not b.listener.stats()["subscribers"]:  # joined (bounded by the timeout)
                 await asyncio.sleep(0.01)
             writing = asyncio.create_task(writer.run())
 
             # 1. Mid-stream: SIGKILL the primary.
-            await writer.until(lambda: len(received) >= 30)
+            await writer.until(lambda: len(follower.events) >= 30)
             old_port = await deployment.master_port()
             assert old_port == deployment.primary.port
             acked_before = dict(writer.acked)
@@ -183,12 +172,8 @@ async def test_primary_killed_mid_stream_fails_over_without_losing_acknowledged_
             total = writer.n
 
             # Every event once, in order, on the subscriber that never restarted.
-            async def all_received() -> None:
-                while len(received) < total:
-                    await asyncio.sleep(0.01)
-
-            await asyncio.wait_for(all_received(), GUARD)
-            assert received == list(range(total))
+            await follower.until(total)
+            assert follower.ns == list(range(total))
 
             # Every write acknowledged with WAIT 1 survived, at its version, once.
             promoted = aioredis.Redis(port=new_port)
@@ -215,9 +200,8 @@ async def test_primary_killed_mid_stream_fails_over_without_losing_acknowledged_
             assert writer.outage_errors >= 1
             assert (await a.health())["ok"] is True
             assert (await b.health())["ok"] is True
-            follower.cancel()
-            await asyncio.gather(follower, return_exceptions=True)
-            delivered = [t for t in received_at if t > killed_at]
+            await follower.close()
+            delivered = [t for t in follower.times if t > killed_at]
             logger.info(
                 "failover observed: promoted %.2f s after SIGKILL (as the Sentinels report "
                 "it); writer blocked %.2f s (%d outage errors); %d writes applied but not "
@@ -244,30 +228,16 @@ async def test_a_demoted_master_sends_writers_to_the_new_one(prefix: str):
     """SENTINEL FAILOVER: the old master lives on as a replica; pooled connections to it
     must not turn saves into READONLY errors: they reconnect through the Sentinels."""
     with SentinelDeployment(down_after_ms=5000) as deployment:
-        a = RedisBackend.from_url(deployment.url, prefix=prefix, socket_connect_timeout=1)
-        b = RedisBackend.from_url(deployment.url, prefix=prefix, socket_connect_timeout=1)
-        try:
-            task = make_task("t", state=TaskState.TASK_STATE_WORKING)
-            version = await a.task_store.save(
-                task, event=task, prev_version=TaskVersion.MISSING, context=ctx()
-            )
-            received: list[int] = []
-
-            async def follow() -> None:
-                async for item in b.event_stream.subscribe("t", after=version):
-                    received.append(int(item.event.metadata["n"]))
-
-            follower = asyncio.create_task(follow())
+        pair = backend_pair(deployment.url, prefix, socket_connect_timeout=1)
+        async with pair as (a, b):
+            task, version = await start_task(a.task_store)
+            follower = Follow(b.event_stream.subscribe("t", after=version), guard=GUARD)
             while not b.listener.stats()["subscribers"]:
                 await asyncio.sleep(0.01)
             for n in range(5):  # pooled connections to the master that is about to step down
-                event = numbered(n)
-                version = await a.task_store.save(
-                    task, event=event, prev_version=version, context=ctx()
-                )
                 # As the SDK does: publishing a running task's event holds its lease, whose
                 # heartbeats tell B's subscriber that the owner lives through the failover.
-                await a.event_stream.publish("t", VersionedEvent(event, version))
+                version = await write_numbered(a, task, version, n)
             old_port = await deployment.master_port()
             sentinel = aioredis.Redis(port=deployment.sentinels[0].port)
             try:
@@ -293,15 +263,6 @@ async def test_a_demoted_master_sends_writers_to_the_new_one(prefix: str):
                         await asyncio.sleep(0.05)
                 await a.event_stream.publish("t", VersionedEvent(event, version))
             assert a.redis.connection_pool.master_address == ("127.0.0.1", new_port)
-
-            async def all_received() -> None:
-                while len(received) < 10:
-                    await asyncio.sleep(0.01)
-
-            await asyncio.wait_for(all_received(), GUARD)
-            assert received == list(range(10))
-            follower.cancel()
-            await asyncio.gather(follower, return_exceptions=True)
-        finally:
-            await a.aclose()
-            await b.aclose()
+            await follower.until(10)
+            assert follower.ns == list(range(10))
+            await follower.close()

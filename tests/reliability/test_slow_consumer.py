@@ -22,14 +22,24 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
 from a2a.server.cluster import TaskVersion, VersionedEvent
-from a2a.server.events.event_queue import EventQueueLegacy, QueueShutDown
+from a2a.server.events.event_queue import EventQueueLegacy
 from a2a.types.a2a_pb2 import SubscribeToTaskRequest, TaskState
 
 from a2a_redis import RedisBackend, SubscriberLagError
 from a2a_redis.events.feed import SUBSCRIBER_BATCH
 from a2a_redis.events.queue_manager import RedisQueueManager
 from a2a_redis.log.event_log import StreamEntry, StreamRetention
-from tests.helpers import agent_card, connect, ctx, eventually, make_task, numbered
+from tests.helpers import (
+    agent_card,
+    backend_pair,
+    connect,
+    ctx,
+    drain_queue,
+    eventually,
+    make_task,
+    numbered,
+    write_numbered,
+)
 
 S = TaskState
 GUARD = 60.0  # seconds: a hang guard only
@@ -46,13 +56,8 @@ async def pair(
     real_url: str, prefix: str, maxlen: int
 ) -> AsyncIterator[tuple[RedisBackend, RedisBackend]]:
     retention = StreamRetention(maxlen=maxlen)
-    a = RedisBackend.from_url(real_url, prefix=prefix, stream_retention=retention)
-    b = RedisBackend.from_url(real_url, prefix=prefix, stream_retention=retention)
-    try:
-        yield a, b
-    finally:
-        await a.aclose()
-        await b.aclose()
+    async with backend_pair(real_url, prefix, stream_retention=retention) as replicas:
+        yield replicas
 
 
 class Writer:
@@ -73,11 +78,7 @@ class Writer:
 
     async def write(self, count: int) -> None:
         for _ in range(count):
-            event = numbered(self.written)
-            self.version = await self.backend.task_store.save(
-                self.task, event=event, prev_version=self.version, context=ctx()
-            )
-            await self.backend.event_stream.publish("t", VersionedEvent(event, self.version))
+            self.version = await write_numbered(self.backend, self.task, self.version, self.written)
             self.written += 1
 
 
@@ -227,14 +228,7 @@ async def test_through_the_handler_a_stalled_subscription_raises_subscriber_lag_
 
 
 async def drain(queue: EventQueueLegacy) -> list[int]:
-    out = []
-    while True:
-        try:
-            event = await asyncio.wait_for(queue.dequeue_event(), GUARD)
-        except QueueShutDown:
-            return out
-        out.append(int(event.metadata["n"]))  # type: ignore[union-attr]
-        queue.task_done()
+    return [int(event.metadata["n"]) for event in await drain_queue(queue, GUARD)]
 
 
 async def test_legacy_a_remote_tap_nobody_reads_is_let_go_after_the_lease(

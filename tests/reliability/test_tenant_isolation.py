@@ -38,7 +38,7 @@ import itertools
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -46,7 +46,6 @@ from a2a.server.context import ServerCallContext
 from a2a.server.events.event_queue import Event
 from a2a.server.request_handlers import RequestHandler
 from a2a.types.a2a_pb2 import (
-    AuthenticationInfo,
     CancelTaskRequest,
     DeleteTaskPushNotificationConfigRequest,
     GetTaskPushNotificationConfigRequest,
@@ -54,8 +53,6 @@ from a2a.types.a2a_pb2 import (
     ListTaskPushNotificationConfigsRequest,
     ListTasksRequest,
     Message,
-    Part,
-    Role,
     SendMessageRequest,
     SubscribeToTaskRequest,
     Task,
@@ -74,7 +71,17 @@ from a2a_redis import RedisBackend
 from a2a_redis.log.codec import TERMINAL_STATES, member_task_id
 from a2a_redis.log.keys import Keys
 from a2a_redis.stores.push_config_store import RedisPushNotificationConfigStore
-from tests.helpers import ROOT, ScriptedAgent, Tap, connect, ctx, push_card
+from tests.helpers import (
+    ROOT,
+    ScriptedAgent,
+    Tap,
+    background_settled,
+    connect,
+    ctx,
+    push_card,
+    push_config,
+    user_message,
+)
 
 S = TaskState
 GUARD = 30.0  # seconds: a hang guard only
@@ -213,24 +220,13 @@ class World:
         mine[config.id] = config
 
 
-def push_config(task_id: str, config_id: str, owner: str) -> TaskPushNotificationConfig:
-    return TaskPushNotificationConfig(
-        task_id=task_id,
-        id=config_id,
-        url=f"https://hooks.example/{config_id}",
-        token=f"token-of-{owner or 'anon'}",
-        authentication=AuthenticationInfo(scheme="Bearer", credentials=f"cred-{owner}"),
-    )
+def owner_config(task_id: str, config_id: str, owner: str) -> TaskPushNotificationConfig:
+    return push_config(task_id, config_id, f"token-of-{owner or 'anon'}", f"cred-{owner}")
 
 
 def message(kind: str, *, task_id: str = "", context_id: str = "") -> Message:
-    return Message(
-        role=Role.ROLE_USER,
-        message_id=f"m-{next(_IDS)}",
-        parts=[Part(text=f"{kind} request")],
-        task_id=task_id,
-        context_id=context_id,
-    )
+    text, message_id = f"{kind} request", f"m-{next(_IDS)}"
+    return user_message(text, task_id=task_id, context_id=context_id, message_id=message_id)
 
 
 _IDS = itertools.count()
@@ -264,7 +260,7 @@ async def apply_send(world: World, op: Send) -> None:
             request.message.CopyFrom(message(op.kind, task_id=task_id))
             if op.push:
                 request.configuration.task_push_notification_config.CopyFrom(
-                    push_config(task_id, "sent", owner)
+                    owner_config(task_id, "sent", owner)
                 )
             await expect_not_found(world, victim, lambda: handler.on_message_send(request, context))
             return
@@ -277,7 +273,9 @@ async def apply_send(world: World, op: Send) -> None:
         request.message.CopyFrom(message(op.kind, context_id=context_id))
         existing = None
     if op.push:
-        request.configuration.task_push_notification_config.CopyFrom(push_config("", "sent", owner))
+        request.configuration.task_push_notification_config.CopyFrom(
+            owner_config("", "sent", owner)
+        )
     if op.kind == "hold":
         tap = Tap(handler.on_message_send_stream(request, context))
         world.taps.append(tap)
@@ -300,7 +298,7 @@ async def apply_send(world: World, op: Send) -> None:
         world.tasks.append(info)
     assert await world.stored_state(info.id) == expected
     if op.push:
-        world.remember_config(owner, push_config(info.id, "sent", owner))
+        world.remember_config(owner, owner_config(info.id, "sent", owner))
 
 
 async def apply_list(world: World, op: List) -> None:
@@ -341,7 +339,7 @@ async def apply_call(world: World, op: Call) -> None:
             handler.on_subscribe_to_task(SubscribeToTaskRequest(id=task_id), context)
         ),
         "set_push": lambda: handler.on_create_task_push_notification_config(
-            push_config(task_id, config_id, owner), context
+            owner_config(task_id, config_id, owner), context
         ),
         "get_push": lambda: handler.on_get_task_push_notification_config(
             GetTaskPushNotificationConfigRequest(task_id=task_id, id=config_id), context
@@ -373,7 +371,7 @@ async def apply_call(world: World, op: Call) -> None:
             assert isinstance(first, Task) and first.id == task_id
     elif op.what == "set_push":
         stored = await asyncio.wait_for(actions["set_push"](), GUARD)
-        assert stored == push_config(task_id, config_id, owner)
+        assert stored == owner_config(task_id, config_id, owner)
         world.remember_config(owner, stored)
     elif op.what == "get_push":
         if config_id in mine:
@@ -464,14 +462,7 @@ async def quiesce(handler: RequestHandler) -> None:
     if closer is not None:
         await closer()
         return
-    # The legacy handler has no aclose: wait for the tasks it tracks (queue cleanups).
-    background = cast("set[asyncio.Task[None]]", getattr(handler, "_background_tasks", set()))
-    while background:
-        running = [task for task in background if not task.done()]
-        if running:
-            await asyncio.gather(*running, return_exceptions=True)
-        else:  # done: their callbacks remove them once the loop runs (3.12+ does not
-            await asyncio.sleep(0)  # yield on a gather of done tasks: this loop would spin)
+    await background_settled(handler)  # the legacy handler has no aclose
 
 
 # -- the tests ---------------------------------------------------------------------------------
@@ -596,10 +587,10 @@ async def test_push_configs_are_scoped_and_only_dispatch_reads_across_owners(
         redis, prefix=prefix, encryption_key=Fernet.generate_key() if encrypted else None
     )
     task_id = "t"
-    configs = {owner: push_config(task_id, "same-id", owner) for owner in OWNERS}
+    configs = {owner: owner_config(task_id, "same-id", owner) for owner in OWNERS}
     for owner in OWNERS:
         await store.set_info(task_id, configs[owner], call_context(owner))
-    extra = push_config(task_id, "alice-only", "alice")
+    extra = owner_config(task_id, "alice-only", "alice")
     await store.set_info(task_id, extra, call_context("alice"))
 
     for owner in OWNERS:
