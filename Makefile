@@ -52,7 +52,7 @@ runs = $(shell $(1) -c "import sys; print(sys.executable)" 2>/dev/null)
 MIN_PY ?= $(or $(call runs,python3.10),$(PY))
 LATEST_PY ?= $(or $(call runs,python3.14),$(call runs,python3.13),$(PY))
 # The contract suites: every test folder but the reliability suite, and the top-level tests.
-CONTRACT_SUITES := $(filter-out tests/reliability/,$(wildcard tests/*/)) $(wildcard tests/test_*.py)
+CONTRACT_SUITES := $(wildcard tests/test_*.py) $(filter-out tests/reliability/,$(sort $(dir $(wildcard tests/*/test_*.py))))
 
 test-min:
 	@echo "test-min on $$($(MIN_PY) --version)"

@@ -44,7 +44,7 @@ from a2a_redis.connection.transaction import batch_args
 from a2a_redis.errors import redis_errors
 from a2a_redis.events.leases import SETTLED_STATES, LeaseKeeper, lease_ttl_of
 from a2a_redis.events.listener import StreamListener
-from a2a_redis.events.plumbing import EventPlumbing
+from a2a_redis.events.plumbing import EventPlumbing, OnEventPlumbing
 from a2a_redis.log.codec import F_STATE, MAX_PAYLOAD_BYTES, version_int
 from a2a_redis.log.event_log import (
     APPEND_IF_NEW_SCRIPT,
@@ -108,7 +108,7 @@ class _OwnerWatch:
         return self.ttl if self.running else None
 
 
-class RedisTaskEventStream(TaskEventStream):
+class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
     """Delivers task events across replicas through per-task Redis Streams.
 
     Args:
@@ -196,21 +196,6 @@ class RedisTaskEventStream(TaskEventStream):
         self._leases = self._log.leases
         self._ledger = AppendLedger() if ledger is None else ledger
         self._append_if_new = redis.register_script(APPEND_IF_NEW_SCRIPT)
-
-    @property
-    def redis(self) -> Client:
-        """The client this stream uses (not owned)."""
-        return self._redis
-
-    @property
-    def listener(self) -> StreamListener:
-        """The process's listener (for health checks)."""
-        return self._log.listener
-
-    @property
-    def leases(self) -> LeaseKeeper:
-        """The leases of the tasks this replica runs (for health checks)."""
-        return self._leases
 
     async def aclose(self) -> None:
         """Close the listener and leases this stream created; waiting subscribers then fail."""

@@ -19,7 +19,7 @@ from a2a_redis.log.event_log import append_commands
 from a2a_redis.log.keys import Keys
 from a2a_redis.options import Options
 
-__all__ = ["EventPlumbing"]
+__all__ = ["EventPlumbing", "OnEventPlumbing"]
 
 
 class EventPlumbing:
@@ -75,3 +75,24 @@ class EventPlumbing:
         finally:
             if self._owns_listener:
                 await self.listener.aclose()
+
+
+class OnEventPlumbing:
+    """The public view both components give of their plumbing (for health checks)."""
+
+    _log: EventPlumbing
+
+    @property
+    def redis(self) -> Client:
+        """The client this component uses (not owned)."""
+        return self._log.redis
+
+    @property
+    def listener(self) -> StreamListener:
+        """The process's listener."""
+        return self._log.listener
+
+    @property
+    def leases(self) -> LeaseKeeper:
+        """The process's lease keeper: the leases of the tasks this replica runs."""
+        return self._log.leases

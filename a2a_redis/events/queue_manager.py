@@ -36,7 +36,7 @@ from a2a_redis.connection.durability import Durability
 from a2a_redis.errors import A2ARedisError, OwnerLostError, redis_errors
 from a2a_redis.events.leases import LeaseKeeper, lease_ttl_of
 from a2a_redis.events.listener import StreamListener
-from a2a_redis.events.plumbing import EventPlumbing
+from a2a_redis.events.plumbing import EventPlumbing, OnEventPlumbing
 from a2a_redis.log.codec import MAX_PAYLOAD_BYTES, close_mark_of
 from a2a_redis.log.event_log import (
     Position,
@@ -99,7 +99,7 @@ class _RemoteTap(EventQueueLegacy):
             self.pump.cancel()
 
 
-class RedisQueueManager(QueueManager):
+class RedisQueueManager(OnEventPlumbing, QueueManager):
     """Event queues that any replica can tap, on per-task Redis Streams.
 
     Args:
@@ -172,21 +172,6 @@ class RedisQueueManager(QueueManager):
         self._queues: dict[str, EventQueueLegacy] = {}  # queues this replica owns
         self._leases: dict[str, bytes] = {}  # owned queues still open -> their lease token
         self._taps: set[_RemoteTap] = set()
-
-    @property
-    def redis(self) -> Client:
-        """The client this manager uses (not owned)."""
-        return self._redis
-
-    @property
-    def listener(self) -> StreamListener:
-        """The process's listener (for health checks)."""
-        return self._log.listener
-
-    @property
-    def leases(self) -> LeaseKeeper:
-        """The leases of the queues this replica owns (for health checks)."""
-        return self._keeper
 
     # -- QueueManager ----------------------------------------------------------------------
     async def add(self, task_id: str, queue: EventQueueLegacy) -> None:
