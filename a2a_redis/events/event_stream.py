@@ -191,9 +191,6 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
         leases: LeaseKeeper | None,
     ) -> None:
         self._log = EventPlumbing(redis, options, listener=listener, leases=leases)
-        self._redis = redis
-        self._keys = self._log.keys
-        self._leases = self._log.leases
         self._ledger = AppendLedger() if ledger is None else ledger
         self._append_if_new = redis.register_script(APPEND_IF_NEW_SCRIPT)
 
@@ -213,9 +210,9 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
         """
         activity = activity_of(event.event)
         if activity is Activity.RUNNING:
-            self._leases.hold(task_id)
+            self.leases.hold(task_id)
         elif activity is Activity.SETTLED:
-            self._leases.drop(task_id)
+            self.leases.drop(task_id)
         version = version_int(event.version)
         if not isinstance(event.event, Message) and self._ledger.consume(task_id, version):
             return
@@ -223,18 +220,18 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
         if not version or isinstance(event.event, Message):
             await self._log.run("publish", task_id, commands)
             return
-        key = self._keys.events(task_id)
+        key = self._log.keys.events(task_id)
         keys, argv = batch_args(commands)  # the stream comes first: XADD is the first command
         durability = self._log.options.durability
         with redis_errors("publish", key):
             await run_script(
-                self._redis, self._append_if_new, keys, [version, *argv], durability, key
+                self.redis, self._append_if_new, keys, [version, *argv], durability, key
             )
 
     async def destroy(self, task_id: str) -> None:
         """Delete the task's stream; its subscribers on every replica end cleanly."""
-        self._leases.drop(task_id)
-        await self._log.run("destroy", task_id, destroy_commands(self._keys, task_id))
+        self.leases.drop(task_id)
+        await self._log.run("destroy", task_id, destroy_commands(self._log.keys, task_id))
 
     async def _first_page(
         self, task_id: str, key: str, after: TaskVersion, watch: _OwnerWatch
@@ -244,20 +241,20 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
         They tell whether the task is running now (so its owner must be alive) and how long
         the owner's lease lasts.
         """
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with self.redis.pipeline(transaction=False) as pipe:
             if after.is_missing:
                 pipe.xrange(key, min="-", max="+", count=FETCH_BATCH)
             else:
                 pipe.xrevrange(key, max="+", min="-", count=_REVERSE_PAGE)
-            pipe.hget(self._keys.task(task_id), F_STATE)
-            pipe.get(self._keys.lease(task_id))
+            pipe.hget(self._log.keys.task(task_id), F_STATE)
+            pipe.get(self._log.keys.lease(task_id))
             rows, state, token = await pipe.execute(raise_on_error=False)
         if isinstance(rows, Exception):
             raise rows
         if isinstance(state, Exception) or isinstance(token, Exception):
             state = token = None  # a corrupt record or lease: no owner to watch (reads say why)
         watch.running = state is not None and state.isdigit() and int(state) not in SETTLED_STATES
-        watch.ttl = lease_ttl_of(token, self._leases.ttl)
+        watch.ttl = lease_ttl_of(token, self.leases.ttl)
         return cast(Rows, rows)
 
     async def _backlog(
@@ -275,7 +272,7 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
             entries = decode_rows(key, rows)
             position = parse_entry_id(rows[-1][0]) if len(rows) == FETCH_BATCH else None
             while position is not None:  # the rest of a long stream, a batch at a time
-                batch, last = await read_entries(self._redis, key, position)
+                batch, last = await read_entries(self.redis, key, position)
                 entries += batch
                 position = last if last != position else None
             return entries, (0, 0)
@@ -293,11 +290,11 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
                 break
             high = "(" + rows[-1][0].decode()
             rows = cast(
-                Rows, await self._redis.xrevrange(key, max=high, min="-", count=_REVERSE_PAGE)
+                Rows, await self.redis.xrevrange(key, max=high, min="-", count=_REVERSE_PAGE)
             )
         found.reverse()
         if found and found[0].version > version_int(after) + 1:
-            await check_not_trimmed(self._redis, key, (0, 0))
+            await check_not_trimmed(self.redis, key, (0, 0))
         return found, (0, 0)
 
     async def subscribe(
@@ -313,9 +310,9 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
         stored state, then the events' states, say so) and neither an event nor a heartbeat
         comes from the replica running it for that replica's ``lease_ttl``: it died.
         """
-        key = self._keys.events(task_id)
+        key = self._log.keys.events(task_id)
         delivered = 0  # highest version of a non-Message event yielded (de-duplication)
-        watch = _OwnerWatch(self._leases.ttl)
+        watch = _OwnerWatch(self.leases.ttl)
         entries = self._log.listener.follow(
             task_id, lambda: self._backlog(task_id, key, after, watch), idle_timeout=watch.timeout
         )

@@ -165,9 +165,6 @@ class RedisQueueManager(OnEventPlumbing, QueueManager):
         tap_max_queue_size: int,
     ) -> None:
         self._log = EventPlumbing(redis, options, listener=listener, leases=leases)
-        self._redis = redis
-        self._keys = self._log.keys
-        self._keeper = self._log.leases
         self._tap_size = tap_max_queue_size
         self._queues: dict[str, EventQueueLegacy] = {}  # queues this replica owns
         self._leases: dict[str, bytes] = {}  # owned queues still open -> their lease token
@@ -201,9 +198,9 @@ class RedisQueueManager(OnEventPlumbing, QueueManager):
         local = self._queues.get(task_id)
         if local is not None:
             return await local.tap()
-        lease = self._keys.lease(task_id)
+        lease = self._log.keys.lease(task_id)
         with redis_errors("tap", lease):
-            token = await self._redis.get(lease)
+            token = await self.redis.get(lease)
         if token is None:
             return None
         return await self._remote_tap(task_id, cast(bytes, token))
@@ -252,7 +249,7 @@ class RedisQueueManager(OnEventPlumbing, QueueManager):
         closes. Its token names this opening of the queue and tells taps how long the
         owner's lease lasts.
         """
-        self._leases[task_id] = await self._keeper.take(task_id)
+        self._leases[task_id] = await self.leases.take(task_id)
 
     async def _append(self, task_id: str, event: Event) -> None:
         commands = self._log.append_commands(task_id, 0, event)
@@ -263,20 +260,20 @@ class RedisQueueManager(OnEventPlumbing, QueueManager):
         token = self._leases.pop(task_id, None)
         if token is None:
             return
-        self._keeper.drop(task_id, token)
+        self.leases.drop(task_id, token)
         retention = self._log.options.stream_retention
-        commands = close_commands(self._keys, task_id, token=token, retention=retention)
+        commands = close_commands(self._log.keys, task_id, token=token, retention=retention)
         await self._log.run("close the queue", task_id, commands)
-        await self._keeper.release(task_id, token)
+        await self.leases.release(task_id, token)
 
     # -- tap side --------------------------------------------------------------------------
     async def _remote_tap(self, task_id: str, token: bytes) -> EventQueueLegacy:
         tap = _RemoteTap(max_queue_size=self._tap_size)
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        key = self._keys.events(task_id)
+        key = self._log.keys.events(task_id)
 
         async def from_the_end() -> tuple[list[StreamEntry], Position]:
-            rows = cast(Rows, await self._redis.xrevrange(key, count=1))
+            rows = cast(Rows, await self.redis.xrevrange(key, count=1))
             if not started.done():
                 started.set_result(None)
             if not rows:
@@ -286,7 +283,7 @@ class RedisQueueManager(OnEventPlumbing, QueueManager):
                 return decode_rows(key, rows), (0, 0)  # closed since we read the lease: end
             return [], parse_entry_id(entry_id)  # (an older opening's close mark is history)
 
-        idle = lease_ttl_of(token, self._keeper.ttl)
+        idle = lease_ttl_of(token, self.leases.ttl)
         tap.pump = asyncio.ensure_future(self._pump(task_id, tap, from_the_end, idle))
         self._taps.add(tap)
         tap.pump.add_done_callback(lambda _: self._taps.discard(tap))
