@@ -26,6 +26,8 @@ from a2a_redis.log.keys import Keys
 from tests.deployments import SessionDeployments, server_names
 from tests.helpers import connect
 
+pytest_plugins = ["tests.hang_guard"]
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--redis-url", default=None, help="test against this server only")

@@ -200,7 +200,7 @@ class LeaseKeeper:
         Keeps going through outages (subscribers decide on their own); ends when no lease
         is held.
         """
-        while self._held:
+        while self._held and not self._closed:  # (closed: even if a cancel was lost)
             await asyncio.sleep(self.ttl / 3)
             try:
                 await self._renew_once()
