@@ -24,9 +24,10 @@ RANKS = {
     "options": 3,
     "stores": 4,
     "events": 5,  # the event stream pairs with a task store: events may import stores
-    "backend": 6,
-    "ops": 7,
-    "__init__": 8,
+    "handlers": 6,  # the SDK's request handlers, over stores and events
+    "backend": 7,
+    "ops": 8,
+    "__init__": 9,
 }
 
 
