@@ -20,11 +20,7 @@ from typing import Any
 
 from a2a.server.agent_execution import AgentExecutor
 from a2a.server.owner_resolver import OwnerResolver, resolve_user_scope
-from a2a.server.request_handlers import (
-    DefaultRequestHandler,
-    LegacyRequestHandler,
-    RequestHandler,
-)
+from a2a.server.request_handlers import LegacyRequestHandler, RequestHandler
 from a2a.types import AgentCard
 from redis import exceptions as rex
 
@@ -33,13 +29,16 @@ from a2a_redis.connection.cluster import Client, is_cluster
 from a2a_redis.connection.durability import Durability
 from a2a_redis.connection.pool import PoolSettings
 from a2a_redis.errors import redis_errors
+from a2a_redis.events.control import ControlPlane
 from a2a_redis.events.event_stream import RedisTaskEventStream
 from a2a_redis.events.leases import LeaseKeeper
 from a2a_redis.events.listener import StreamListener
+from a2a_redis.events.plumbing import EventPlumbing
 from a2a_redis.events.queue_manager import RedisQueueManager
+from a2a_redis.handlers.v2 import RedisRequestHandler
 from a2a_redis.log.codec import MAX_PAYLOAD_BYTES
 from a2a_redis.log.event_log import StreamRetention
-from a2a_redis.options import DEFAULT_LEASE_TTL, Options
+from a2a_redis.options import DEFAULT_CANCEL_TIMEOUT, DEFAULT_LEASE_TTL, Options
 from a2a_redis.stores.push_config_store import RedisPushNotificationConfigStore
 from a2a_redis.stores.task_store import RedisTaskStore, VersionedRedisTaskStore
 
@@ -61,6 +60,11 @@ class RedisBackend:
         durability: Replicas that must confirm every write before it is acknowledged
             (``WAIT``; see :class:`~a2a_redis.connection.durability.Durability`). None: no WAIT.
         max_payload_bytes: Largest encoded Task, event or push config written (8 MiB).
+        cancel_timeout: Seconds to wait for the replica running a task to answer a
+            forwarded cancel before recording CANCELED here (default 2).
+        orphan_policy: ``"fail"`` (default): a survivor ends a dead replica's running tasks
+            FAILED within ``3 * lease_ttl``; ``"keep"``: they stay as they were, and their
+            subscribers get ``OwnerLostError``.
     """
 
     def __init__(
@@ -75,6 +79,8 @@ class RedisBackend:
         encryption_key: bytes | str | None = None,
         durability: Durability | None = None,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+        cancel_timeout: float = DEFAULT_CANCEL_TIMEOUT,
+        orphan_policy: str = "fail",
     ) -> None:
         if durability is not None and durability.waits and is_cluster(redis):
             # Scripted writes (publish, queue appends, push configs) would need their WAIT
@@ -90,10 +96,19 @@ class RedisBackend:
             lease_ttl=lease_ttl,
             durability=durability,
             max_payload_bytes=max_payload_bytes,
+            cancel_timeout=cancel_timeout,
+            orphan_policy=orphan_policy,
         )
         self.task_store = VersionedRedisTaskStore.from_options(redis, options)
         self.listener = StreamListener(redis, self.task_store.keys)
         self.leases = LeaseKeeper(redis, self.task_store.keys, ttl=lease_ttl)
+        #: This replica's control channel (forwarded cancels) and orphan reaper; it starts
+        #: at first use (a subscription, a lease, a request).
+        self.control = ControlPlane(
+            self.task_store.records,
+            EventPlumbing(redis, options, listener=self.listener, leases=self.leases),
+        )
+        self.listener.on_use = self.leases.on_use = self.control.ensure_started
         self.event_stream = RedisTaskEventStream.from_options(
             redis, options, ledger=self.task_store.ledger, listener=self.listener,
             leases=self.leases,
@@ -175,11 +190,12 @@ class RedisBackend:
                 queue_manager=self.queue_manager,
                 **handler_kwargs,
             )
-        return DefaultRequestHandler(
+        return RedisRequestHandler(
             agent_executor=agent_executor,
             task_store=self.task_store,
             agent_card=agent_card,
             event_stream=self.event_stream,
+            control=self.control,
             **handler_kwargs,
         )
 
@@ -201,6 +217,7 @@ class RedisBackend:
         report["listener"] = self.listener.stats()
         report["queues"] = self.queue_manager.stats()
         report["leases"] = len(self.leases)
+        report["control"] = self.control.stats()
         report["ok"] = report["redis"] and (
             report["listener"]["connected"] or not report["listener"]["tasks"]
         )
@@ -211,6 +228,7 @@ class RedisBackend:
         """Release leases, stop the listener, and close the pool if this backend made it."""
         try:
             try:
+                await self.control.aclose()
                 await self.queue_manager.aclose()
                 await self.leases.aclose()
             finally:

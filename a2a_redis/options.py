@@ -17,10 +17,23 @@ from a2a_redis.log.codec import MAX_PAYLOAD_BYTES
 from a2a_redis.log.event_log import StreamRetention
 from a2a_redis.log.keys import Keys
 
-__all__ = ["DEFAULT_LEASE_TTL", "DEFAULT_MAX_ATTEMPTS", "Options"]
+__all__ = [
+    "DEFAULT_CANCEL_TIMEOUT",
+    "DEFAULT_LEASE_TTL",
+    "DEFAULT_MAX_ATTEMPTS",
+    "ORPHAN_POLICIES",
+    "Options",
+]
 
 DEFAULT_LEASE_TTL = 10.0
 DEFAULT_MAX_ATTEMPTS = 8
+DEFAULT_CANCEL_TIMEOUT = 2.0
+#: "fail": a surviving replica ends a dead replica's running tasks FAILED; "keep": they
+#: stay as they are (subscribers get ``OwnerLostError``).
+ORPHAN_POLICIES = ("fail", "keep")
+#: Under "fail", how many lease TTLs a subscriber waits for the FAILED event before it
+#: gives up with ``OwnerLostError`` anyway (the reaper writes it within 3).
+FAIL_GRACE = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +51,10 @@ class Options:
         durability: Replicas that must confirm every write (``WAIT``); None waits for none.
         max_payload_bytes: Largest encoded Task, event or push config written (8 MiB).
         max_attempts: Optimistic-transaction attempts per task write before giving up.
+        cancel_timeout: Seconds a replica waits for the replica running a task to answer a
+            forwarded cancel before it records CANCELED itself (default 2).
+        orphan_policy: ``"fail"`` (default): a task whose replica died is ended FAILED by a
+            survivor within ``3 * lease_ttl``; ``"keep"``: it stays as it was.
     """
 
     prefix: str = "a2a"
@@ -48,6 +65,15 @@ class Options:
     durability: Durability | None = None
     max_payload_bytes: int = MAX_PAYLOAD_BYTES
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    cancel_timeout: float = DEFAULT_CANCEL_TIMEOUT
+    orphan_policy: str = "fail"
+
+    def owner_silence(self, ttl: float) -> float:
+        """Seconds a running task's owner (lease ``ttl``) may be silent.
+
+        After that its subscribers give up; under "fail", the reaper's FAILED comes first.
+        """
+        return ttl * (FAIL_GRACE if self.orphan_policy == "fail" else 1)
 
     def __post_init__(self) -> None:
         Keys(self.prefix)  # ValueError for an invalid prefix
@@ -59,3 +85,7 @@ class Options:
             raise ValueError("max_payload_bytes must be a positive number of bytes")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if not self.cancel_timeout > 0:
+            raise ValueError("cancel_timeout must be positive seconds")
+        if self.orphan_policy not in ORPHAN_POLICIES:
+            raise ValueError(f"orphan_policy must be one of {ORPHAN_POLICIES}")

@@ -27,7 +27,10 @@ from a2a_redis import RedisBackend
 
 
 class ChunkAgent(AgentExecutor):
-    """WORKING, then ``chunks=N`` (default 5) text chunks ``delay`` seconds apart, then done."""
+    """WORKING, then ``chunks=N`` (default 5) text chunks ``delay`` seconds apart, then done.
+
+    ``silent=S``: first S seconds without a word (an agent waiting on a model or a tool).
+    """
 
     def __init__(self, replica: str, delay: float) -> None:
         self.replica = replica
@@ -44,6 +47,9 @@ class ChunkAgent(AgentExecutor):
         if "input" in text and "answer" not in text:
             await updater.requires_input(updater.new_agent_message([Part(text="your answer?")]))
             return
+        silent = re.search(r"silent=([\d.]+)", text)
+        if silent:
+            await asyncio.sleep(float(silent.group(1)))
         found = re.search(r"chunks=(\d+)", text)
         for i in range(int(found.group(1)) if found else 5):
             await asyncio.sleep(self.delay)
@@ -54,7 +60,9 @@ class ChunkAgent(AgentExecutor):
         await updater.complete()
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
-        """Nothing to stop: the handler cancels the producer and records CANCELED."""
+        """Report CANCELED, naming this replica (the handler then stops ``execute``)."""
+        updater = TaskUpdater(event_queue, str(context.task_id), str(context.context_id))
+        await updater.cancel(updater.new_agent_message([Part(text=f"{self.replica}: cancelled")]))
 
 
 def build_app(
@@ -65,6 +73,7 @@ def build_app(
     delay: float,
     legacy: bool = False,
     lease_ttl: float = 10.0,
+    orphan_policy: str = "fail",
 ) -> Starlette:
     """The replica's Starlette app: the SDK's JSON-RPC routes over a2a-redis.
 
@@ -87,7 +96,9 @@ def build_app(
             )
         ],
     )
-    backend = RedisBackend.from_url(redis_url, prefix=prefix, lease_ttl=lease_ttl)
+    backend = RedisBackend.from_url(
+        redis_url, prefix=prefix, lease_ttl=lease_ttl, orphan_policy=orphan_policy
+    )
     handler = backend.request_handler(ChunkAgent(name, delay), card, legacy=legacy)  # the line
 
     @contextlib.asynccontextmanager
@@ -108,7 +119,11 @@ def main() -> None:
     parser.add_argument("--name", default="replica")
     parser.add_argument("--delay", type=float, default=0.3, help="seconds between chunks")
     parser.add_argument("--legacy", action="store_true", help="LegacyRequestHandler + queues")
-    parser.add_argument("--lease-ttl", type=float, default=10.0, help="queue lease seconds")
+    parser.add_argument("--lease-ttl", type=float, default=10.0, help="task lease seconds")
+    parser.add_argument(
+        "--orphan-policy", default="fail", choices=("fail", "keep"),
+        help="what a survivor does with a dead replica's running tasks",
+    )  # fmt: skip
     parser.add_argument("--log-level", default="warning", help="python logging level")
     parser.add_argument(
         "--public-url", default="", help="URL the agent card advertises (e.g. the load balancer)"
@@ -117,8 +132,9 @@ def main() -> None:
     logging.basicConfig(level=args.log_level.upper())
     url = args.public_url or f"http://{args.host}:{args.port}/"
     app = build_app(
-        url, args.redis_url, args.prefix, args.name, args.delay, args.legacy, args.lease_ttl
-    )
+        url, args.redis_url, args.prefix, args.name, args.delay, args.legacy, args.lease_ttl,
+        args.orphan_policy,
+    )  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
 
 

@@ -98,14 +98,15 @@ def _needed(version: int, after: TaskVersion, delivered: int) -> bool:
 class _OwnerWatch:
     """Whether a subscriber expects its task's owner alive, and for how long it waits."""
 
-    __slots__ = ("running", "ttl")
+    __slots__ = ("options", "running", "ttl")
 
-    def __init__(self, ttl: float) -> None:
+    def __init__(self, ttl: float, options: Options) -> None:
         self.running = False
         self.ttl = ttl
+        self.options = options
 
     def timeout(self) -> float | None:
-        return self.ttl if self.running else None
+        return self.options.owner_silence(self.ttl) if self.running else None
 
 
 class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
@@ -312,7 +313,7 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
         """
         key = self._log.keys.events(task_id)
         delivered = 0  # highest version of a non-Message event yielded (de-duplication)
-        watch = _OwnerWatch(self.leases.ttl)
+        watch = _OwnerWatch(self.leases.ttl, self._log.options)
         entries = self._log.listener.follow(
             task_id, lambda: self._backlog(task_id, key, after, watch), idle_timeout=watch.timeout
         )

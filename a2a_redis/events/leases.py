@@ -19,6 +19,19 @@ A lease held for a running task also checks the task's record at each renewal: o
 record is terminal, or waiting for input or authentication, whoever wrote it (a FAILED
 write that is never published, or a cancel from another replica), the lease is dropped.
 So a lease never outlives its task by more than one renewal period.
+
+Replicas. Each keeper is one replica, with a random id (``replica``) that leads every lease
+token it writes (``<replica>-<nonce>:<ttl ms>``), so that any replica can tell which one
+runs a task and forward it a cancel (``control.py``). While it holds leases, a replica
+keeps two more things in Redis, written by the same renewal pipeline:
+
+* its heartbeat deadline in ``keys.replicas`` (a zset scored by server time + ``ttl``);
+* the ids of the tasks it runs in ``keys.replica_tasks(replica)``, added when a lease is
+  taken or first held (a task newly held is written within one event-loop turn, not at
+  the next renewal, so that a replica dying right after starting a task leaves a trace),
+  removed when it is let go.
+
+A replica whose deadline has passed is dead; ``orphans.py`` ends its running tasks.
 """
 
 from __future__ import annotations
@@ -27,17 +40,21 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from a2a.types.a2a_pb2 import TaskState
+from redis.typing import EncodableT
 
 from a2a_redis.connection.cluster import Client, is_cluster
 from a2a_redis.errors import redis_errors
+from a2a_redis.events.feed import wait_at_most
 from a2a_redis.log.codec import F_STATE, TERMINAL_STATES
 from a2a_redis.log.event_log import HEARTBEAT
 from a2a_redis.log.keys import Keys
 
-__all__ = ["SETTLED_STATES", "LeaseKeeper", "lease_ttl_of"]
+__all__ = ["SETTLED_STATES", "LeaseKeeper", "lease_ttl_of", "new_replica_id", "replica_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +86,29 @@ redis.call(ARGV[5], ARGV[3], ARGV[4])
 return 1"""
 
 
+# The replica's heartbeat: its deadline in the replicas zset, by the server's clock (so that
+# replicas' clocks need not agree). ARGV: replica id, ttl ms.
+_HEARTBEAT = """local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return now"""
+
+
+def new_replica_id() -> str:
+    """A fresh replica id: 16 lower-case hex digits."""
+    return os.urandom(8).hex()
+
+
+def replica_of(token: bytes | None) -> str | None:
+    """The id of the replica that wrote a lease token (None for a foreign token)."""
+    if not token:
+        return None
+    head, sep, _ = token.partition(b"-")
+    if not sep or not 0 < len(head) <= 32 or head.strip(b"0123456789abcdef"):
+        return None
+    return head.decode()
+
+
 def lease_ttl_of(token: bytes | None, default: float) -> float:
     """The owner's lease TTL in seconds, read from its lease token (``default`` if foreign)."""
     if not token:
@@ -91,24 +131,37 @@ class LeaseKeeper:
         redis: The shared client; not owned.
         keys: The namespace's key builder.
         ttl: Seconds a lease lasts without renewal (default 10); renewed every ``ttl / 3``.
+        replica: This replica's id (default: a fresh random one).
 
     Round trips: ``take`` 1, ``hold`` and ``drop`` 0, ``release`` 1; renewal one pipeline
-    per ``ttl / 3`` for every lease of the process.
+    per ``ttl / 3`` for every lease of the process, and one for the tasks newly held in
+    one event-loop turn.
     """
 
-    def __init__(self, redis: Client, keys: Keys, *, ttl: float = 10.0) -> None:
+    def __init__(
+        self, redis: Client, keys: Keys, *, ttl: float = 10.0, replica: str | None = None
+    ) -> None:
         if ttl <= 0:
             raise ValueError("lease ttl must be positive seconds")
         self._redis = redis
         self._keys = keys
         self.ttl = ttl
+        self.replica = replica or new_replica_id()
+        keys.replica_tasks(self.replica)  # InvalidIdError for a malformed id
         self._ttl_ms = int(ttl * 1000)
         self._release = redis.register_script(_RELEASE)
         self._renew_script = redis.register_script(_RENEW)
+        self._heartbeat = redis.register_script(_HEARTBEAT)
         self._held: dict[str, _Lease] = {}
+        self._fresh: set[str] = set()  # held, not yet renewed (nor in the replica's set)
+        self._gone: set[str] = set()  # let go, still in the replica's set
+        self._due = asyncio.Event()  # set when something fresh or gone awaits a write
         self._renewer: asyncio.Task[None] | None = None
         self._closed = False
         self._settled = [b"%d" % state for state in sorted(SETTLED_STATES)]
+        self.renewals = 0  # renewal pipelines sent (for stats)
+        #: Called whenever a lease is taken or held (the control plane starts itself there).
+        self.on_use: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self._held)
@@ -123,23 +176,34 @@ class LeaseKeeper:
         return task_id in self._held
 
     def _token(self) -> bytes:
-        # Names this holding, and tells subscribers how long the owner's lease lasts.
-        return b"%s:%d" % (os.urandom(8).hex().encode(), self._ttl_ms)
+        # Names this replica and this holding, and tells subscribers how long it lasts.
+        return b"%s-%s:%d" % (self.replica.encode(), os.urandom(6).hex().encode(), self._ttl_ms)
 
     async def take(self, task_id: str) -> bytes:
-        """Take ``task_id``'s lease now (one SET), whoever held it; return its token."""
+        """Take ``task_id``'s lease now, whoever held it; return its token.
+
+        One round trip: the lease, this replica's heartbeat and its set of tasks.
+        """
         token = self._token()
         lease = self._keys.lease(task_id)
+        self._gone.discard(task_id)
         with redis_errors("take the lease", lease):
-            await self._redis.set(lease, token, px=self._ttl_ms)
+            await self._write(register=[task_id], unregister=[], take=(lease, token))
         self._held[task_id] = _Lease(token, None)
         self._start()
         return token
 
     def hold(self, task_id: str) -> None:
-        """Hold ``task_id``'s lease while its record is not settled (no round trip now)."""
+        """Hold ``task_id``'s lease while its record is not settled.
+
+        No round trip now: the lease is written by a pipeline sent at the end of this
+        event-loop turn, shared by every task held in it.
+        """
         if task_id not in self._held and not self._closed:
             self._held[task_id] = _Lease(self._token(), self._keys.task(task_id))
+            self._gone.discard(task_id)
+            self._fresh.add(task_id)
+            self._due.set()
             self._start()
 
     def drop(self, task_id: str, token: bytes | None = None) -> bytes | None:
@@ -151,6 +215,8 @@ class LeaseKeeper:
         if lease is None or (token is not None and lease.token != token):
             return None
         del self._held[task_id]
+        self._fresh.discard(task_id)
+        self._gone.add(task_id)
         return lease.token
 
     async def release(self, task_id: str, token: bytes) -> None:
@@ -159,83 +225,182 @@ class LeaseKeeper:
         Call :meth:`drop` first to stop renewing it.
         """
         lease = self._keys.lease(task_id)
+        self._gone.discard(task_id)
         with redis_errors("release the lease", lease):
-            await self._release(keys=[lease], args=[token])
+            await self._write(register=[], unregister=[task_id], release=(lease, token))
+
+    async def _write(
+        self,
+        *,
+        register: list[str],
+        unregister: list[str],
+        take: tuple[str, bytes] | None = None,
+        release: tuple[str, bytes] | None = None,
+    ) -> None:
+        """A lease taken or released, with the heartbeat and set changes: one round trip."""
+        tasks = self._keys.replica_tasks(self.replica)
+        beat: tuple[list[str], list[EncodableT]] = (
+            [self._keys.replicas],
+            [self.replica, self._ttl_ms],
+        )
+        if is_cluster(self._redis):  # one slot per command: concurrently
+            calls: list[Awaitable[object]] = [self._heartbeat(keys=beat[0], args=beat[1])]
+            if take is not None:
+                calls.append(self._redis.set(take[0], take[1], px=self._ttl_ms))
+            if register:
+                calls.append(self._redis.sadd(tasks, *register))
+            if unregister:
+                calls.append(self._redis.srem(tasks, *unregister))
+            if release is not None:
+                calls.append(self._release(keys=[release[0]], args=[release[1]]))
+            await asyncio.gather(*calls)
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            if take is not None:
+                pipe.set(take[0], take[1], px=self._ttl_ms)
+            await self._heartbeat(keys=beat[0], args=beat[1], client=pipe)
+            if register:
+                pipe.sadd(tasks, *register)
+            if unregister:
+                pipe.srem(tasks, *unregister)
+            if release is not None:
+                await self._release(keys=[release[0]], args=[release[1]], client=pipe)
+            await pipe.execute()
 
     async def aclose(self) -> None:
-        """Stop renewing; delete the leases still held (best effort, one pipeline)."""
+        """Stop renewing; delete the leases still held (best effort, one round trip).
+
+        A replica that closes while it still runs tasks leaves them registered with a
+        deadline already passed, so that a survivor ends them at its next sweep; one that
+        runs none removes itself from the replicas' zset.
+        """
         self._closed = True
         if self._renewer is not None:
             self._renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
         held, self._held = self._held, {}
-        if not held:
-            return
+        gone, self._gone = self._gone, set()
+        self._fresh.clear()
         try:
-            if is_cluster(self._redis):  # no scripts in cluster pipelines
-                await asyncio.gather(
-                    *(
-                        self._release(keys=[self._keys.lease(t)], args=[lease.token])
-                        for t, lease in held.items()
-                    )
-                )
-                return
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for task_id, lease in held.items():
-                    await self._release(
-                        keys=[self._keys.lease(task_id)], args=[lease.token], client=pipe
-                    )
-                await pipe.execute()
+            await self._write_goodbye(held, gone)
         except Exception as e:  # they expire by themselves
             logger.warning("releasing %d leases at close failed: %s", len(held), e)
 
+    async def _write_goodbye(self, held: dict[str, _Lease], gone: set[str]) -> None:
+        tasks = self._keys.replica_tasks(self.replica)
+        releases = [([self._keys.lease(t)], [lease.token]) for t, lease in held.items()]
+        if is_cluster(self._redis):  # no scripts in cluster pipelines
+            calls: list[Awaitable[object]] = [self._release(keys=k, args=a) for k, a in releases]
+            if gone:
+                calls.append(self._redis.srem(tasks, *gone))
+            if held:
+                calls.append(self._redis.zadd(self._keys.replicas, {self.replica: 0}))
+            else:
+                calls += [self._redis.zrem(self._keys.replicas, self.replica)]
+            await asyncio.gather(*calls)
+            if not held:
+                await self._redis.delete(tasks)  # after the SREM: in its own slot, ordered
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for keys, args in releases:
+                await self._release(keys=keys, args=args, client=pipe)
+            if gone:
+                pipe.srem(tasks, *gone)
+            if held:
+                pipe.zadd(self._keys.replicas, {self.replica: 0})
+            else:
+                pipe.zrem(self._keys.replicas, self.replica)
+                pipe.delete(tasks)
+            await pipe.execute()
+
     def _start(self) -> None:
+        if self.on_use is not None:
+            self.on_use()
         if not self._closed and (self._renewer is None or self._renewer.done()):
             self._renewer = asyncio.ensure_future(self._renew())
 
     async def _renew(self) -> None:
-        """Every ``ttl / 3``: renew every lease and send its heartbeat, in one pipeline.
+        """Renew every lease every ``ttl / 3``, and write newly held ones at once.
 
         Keeps going through outages (subscribers decide on their own); ends when no lease
-        is held.
+        is held and nothing is left to unregister.
         """
-        while self._held and not self._closed:  # (closed: even if a cancel was lost)
-            await asyncio.sleep(self.ttl / 3)
+        loop = asyncio.get_running_loop()
+        next_full = loop.time() + self.ttl / 3
+        while (self._held or self._gone) and not self._closed:  # (closed: if a cancel was lost)
+            await wait_at_most(self._due, next_full - loop.time())
+            self._due.clear()
+            full = loop.time() >= next_full
+            if full:
+                next_full = loop.time() + self.ttl / 3
             try:
-                await self._renew_once()
+                await self._renew_once(full)
             except Exception as e:
                 logger.warning("renewal of %d leases failed: %s", len(self._held), e)
 
-    async def _renew_once(self) -> None:
-        """One pipeline renewing every lease held.
+    async def _renew_once(self, full: bool) -> None:
+        """One pipeline: the leases (all, or the fresh ones), heartbeat and task set.
 
         A method of its own, so that nothing of the batch stays referenced while the loop
         sleeps.
         """
-        batch = list(self._held.items())
+        names = list(self._held) if full else [t for t in self._fresh if t in self._held]
+        batch = [(t, self._held[t]) for t in names]
+        gone = list(self._gone)
+        self._fresh.difference_update(names)
+        self._gone.clear()
+        self.renewals += 1
+        try:
+            results = await self._send_renewals(batch, gone)
+        except BaseException:
+            self._fresh.update(t for t in names if t in self._held)
+            self._gone.update(gone)
+            raise
+        if any(isinstance(r, Exception) for r in results[len(batch) :]):
+            self._gone.update(gone)
+            logger.warning("replica %s: heartbeat or task set write failed", self.replica)
+        for (task_id, lease), result in zip(batch, results, strict=False):
+            if isinstance(result, Exception):  # this task's keys only (say, a corrupt lease)
+                logger.warning("renewal of task %r's lease failed: %s", task_id, result)
+            elif result == -1 and self._held.get(task_id) is lease:
+                del self._held[task_id]  # the task settled, whoever wrote it
+                self._gone.add(task_id)
+                logger.debug("task %r settled: its lease is dropped", task_id)
+
+    async def _send_renewals(self, batch: list[tuple[str, _Lease]], gone: list[str]) -> list[Any]:
+        """The renewals' replies first (one per lease), then the heartbeat's and the set's."""
         calls = []
         for task_id, lease in batch:
             keys = [self._keys.lease(task_id)]
             if lease.record is not None:
                 keys.append(lease.record)
-            args: list[bytes | str | int] = [
+            args: list[EncodableT] = [
                 lease.token, self._ttl_ms, self._keys.wake(task_id), HEARTBEAT,
                 self._keys.publish, F_STATE, *self._settled,
             ]  # fmt: skip
             calls.append((keys, args))
+        tasks = self._keys.replica_tasks(self.replica)
+        names = [task_id for task_id, _ in batch]
+        beat_keys = [self._keys.replicas]
+        beat_args: list[EncodableT] = [self.replica, self._ttl_ms]
         if is_cluster(self._redis):  # no scripts in cluster pipelines
-            results = await asyncio.gather(
-                *(self._renew_script(keys=k, args=a) for k, a in calls), return_exceptions=True
+            extra: list[Awaitable[object]] = [self._heartbeat(keys=beat_keys, args=beat_args)]
+            if names:
+                extra.append(self._redis.sadd(tasks, *names))
+            if gone:
+                extra.append(self._redis.srem(tasks, *gone))
+            return await asyncio.gather(
+                *(self._renew_script(keys=k, args=a) for k, a in calls),
+                *extra,
+                return_exceptions=True,
             )
-        else:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for keys, args in calls:
-                    await self._renew_script(keys=keys, args=args, client=pipe)
-                results = await pipe.execute(raise_on_error=False)
-        for (task_id, lease), result in zip(batch, results, strict=True):
-            if isinstance(result, Exception):  # this task's keys only (say, a corrupt lease)
-                logger.warning("renewal of task %r's lease failed: %s", task_id, result)
-            elif result == -1 and self._held.get(task_id) is lease:
-                del self._held[task_id]  # the task settled, whoever wrote it
-                logger.debug("task %r settled: its lease is dropped", task_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                await self._renew_script(keys=keys, args=args, client=pipe)
+            await self._heartbeat(keys=beat_keys, args=beat_args, client=pipe)
+            if names:
+                pipe.sadd(tasks, *names)
+            if gone:
+                pipe.srem(tasks, *gone)
+            return await pipe.execute(raise_on_error=False)

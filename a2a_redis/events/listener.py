@@ -90,6 +90,9 @@ class StreamListener:
         self._in_flight: set[str] = set()  # feeds whose fetch is on the wire
         self._fetch_due = asyncio.Event()
         self._fetcher: asyncio.Task[None] | None = None
+        self._services: dict[bytes, Callable[[Any], None]] = {}  # channels not of a task
+        #: Called at each subscription (the control plane starts itself there).
+        self.on_use: Callable[[], None] | None = None
         self._closed = False
 
     @property
@@ -117,6 +120,8 @@ class StreamListener:
         """Register a local subscriber of ``task_id``; returns once its feed is live."""
         if self._closed:
             raise ListenerClosedError("the listener is closed")
+        if self.on_use is not None:
+            self.on_use()
         feed = self._feeds.get(task_id)
         if feed is None:
             channel = self._keys.wake(task_id).encode()
@@ -132,6 +137,17 @@ class StreamListener:
             await self.leave(feed)
             raise
         return feed
+
+    async def serve(self, channel: bytes, handler: Callable[[Any], None]) -> None:
+        """Hand every message on ``channel`` (not a task's) to ``handler``.
+
+        On this same transport; returns once the server confirmed the subscription.
+        """
+        if self._closed:
+            raise ListenerClosedError("the listener is closed")
+        self._services[channel] = handler
+        with redis_errors("subscribe", channel.decode()):
+            await self._router.subscribe(channel)
 
     async def leave(self, feed: TaskFeed) -> None:
         """Unregister a local subscriber; the last one out unsubscribes the channel."""
@@ -331,6 +347,9 @@ class StreamListener:
         """A wake-up on a feed's channel: an entry it carries, a fetch, or an end."""
         feed = self._by_channel.get(channel)
         if feed is None:
+            service = self._services.get(channel)
+            if service is not None:
+                service(data)
             return
         if data == DESTROYED:
             feed.destroyed = True

@@ -283,7 +283,7 @@ class RedisQueueManager(OnEventPlumbing, QueueManager):
                 return decode_rows(key, rows), (0, 0)  # closed since we read the lease: end
             return [], parse_entry_id(entry_id)  # (an older opening's close mark is history)
 
-        idle = lease_ttl_of(token, self.leases.ttl)
+        idle = self._log.options.owner_silence(lease_ttl_of(token, self.leases.ttl))
         tap.pump = asyncio.ensure_future(self._pump(task_id, tap, from_the_end, idle))
         self._taps.add(tap)
         tap.pump.add_done_callback(lambda _: self._taps.discard(tap))

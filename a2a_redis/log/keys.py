@@ -13,6 +13,11 @@ Layout (``P`` is the prefix, ``T`` an encoded task id, ``O`` an encoded owner)::
     P:{o:O}:ctxst:C:S   zset    ... filtered by both
     P:{o:O}:expiring    zset    index locators of terminal tasks that have a TTL
     P:{o:O}:pending     zset    (Redis Cluster) writes whose index update is pending
+    P:replicas          zset    replica ids holding leases, scored by heartbeat deadline (ms)
+    P:{r:R}:tasks       set     ids of the tasks replica R runs (for the orphan reaper)
+    P:{r:R}:reaper      string  which replica is ending dead replica R's tasks (TTL)
+    P:{r:R}:control     channel control requests to replica R (forwarded cancels), and
+                                the replies to the requests R sent
 
 All keys of one task share the Redis Cluster hash tag ``{t:T}`` so that WATCH, MULTI/EXEC
 and scripts on a task stay in one slot; all index keys of one owner share ``{o:O}``.
@@ -49,6 +54,7 @@ MAX_ID_BYTES = 1024
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 _HEX = "0123456789ABCDEF"
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9._\-:/]{1,64}$")
+_REPLICA_RE = re.compile(r"^[0-9a-f]{1,32}$")
 
 
 def encode_id(value: str) -> str:
@@ -189,6 +195,32 @@ class Keys:
     def pending(self, owner: str) -> str:
         """Redis Cluster only: the owner's zset of writes whose index update is pending."""
         return self._owner_base(owner) + ":pending"
+
+    # -- replicas (R: a replica id, lower-case hex) ----------------------------------------
+    @property
+    def replicas(self) -> str:
+        """The zset of replicas that hold leases, scored by their heartbeat deadline (ms)."""
+        return f"{self.prefix}:replicas"
+
+    def _replica_base(self, replica: str) -> str:
+        if not _REPLICA_RE.match(replica):
+            raise InvalidIdError(
+                f"replica id {replica!r}: use 1-32 lower-case hex digits",
+                key=f"{self.prefix}:{{r:...}}",
+            )
+        return f"{self.prefix}:{{r:{replica}}}"
+
+    def replica_tasks(self, replica: str) -> str:
+        """The set of the ids of the tasks ``replica`` runs."""
+        return self._replica_base(replica) + ":tasks"
+
+    def reaper(self, replica: str) -> str:
+        """Which live replica is ending dead ``replica``'s tasks (a short-lived claim)."""
+        return self._replica_base(replica) + ":reaper"
+
+    def control(self, replica: str) -> str:
+        """The channel of control requests to ``replica`` (and of replies to its requests)."""
+        return self._replica_base(replica) + ":control"
 
     # -- admin ---------------------------------------------------------------------------
     def scan_pattern(self) -> str:

@@ -92,14 +92,21 @@ class TaskRecords:
     # -- read ----------------------------------------------------------------------------
     async def read(self, task_id: str, owner: str) -> tuple[Task, int] | None:
         """The owner's task and its version, or None. One round trip (HMGET)."""
-        key = self.keys.task(task_id)
         self.keys.expiring(owner)  # an over-long owner raises InvalidIdError, as everywhere
-        with redis_errors("get task", key):
-            row = await self.redis.hmget(key, [F_SCHEMA, F_OWNER, F_VERSION, F_TASK])
-        stored = decode_stored(key, task_id, cast("list[bytes | None]", row))
+        stored = await self.read_any(task_id)
         if stored is None or stored[0] != owner:
             return None
         return stored[1], stored[2]
+
+    async def read_any(self, task_id: str) -> tuple[str, Task, int] | None:
+        """Whoever owns it: the task's owner, the task and its version, or None.
+
+        For the replicas' own bookkeeping (the orphan reaper), never for a caller's request.
+        """
+        key = self.keys.task(task_id)
+        with redis_errors("get task", key):
+            row = await self.redis.hmget(key, [F_SCHEMA, F_OWNER, F_VERSION, F_TASK])
+        return decode_stored(key, task_id, cast("list[bytes | None]", row))
 
     # -- write ---------------------------------------------------------------------------
     def _write_commands(

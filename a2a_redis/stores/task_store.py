@@ -10,7 +10,10 @@ store, ``TaskOwnedElsewhereError`` for the plain one) instead of overwriting the
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 from typing import TypeVar
 
 from a2a.server.cluster import (
@@ -37,6 +40,7 @@ from a2a_redis.stores.records import TaskRecords
 __all__ = ["RedisTaskStore", "VersionedRedisTaskStore"]
 
 _Store = TypeVar("_Store", bound="_OverRecords")
+_STRICT: contextvars.ContextVar[bool] = contextvars.ContextVar("a2a_redis_strict", default=False)
 
 
 class _OverRecords:
@@ -93,6 +97,11 @@ class _OverRecords:
         """The key builder of this store's namespace."""
         return self._records.keys
 
+    @property
+    def records(self) -> TaskRecords:
+        """The record engine under this store (unscoped: for the replicas' bookkeeping)."""
+        return self._records
+
 
 class VersionedRedisTaskStore(_OverRecords, VersionedTaskStore):
     """The SDK's cluster-mode ``VersionedTaskStore`` on Redis.
@@ -114,6 +123,21 @@ class VersionedRedisTaskStore(_OverRecords, VersionedTaskStore):
         max_payload_bytes: Largest encoded Task, and event, a save accepts (default 8 MiB);
             a larger one raises ``PayloadTooLargeError`` and writes nothing.
     """
+
+    @staticmethod
+    @contextlib.contextmanager
+    def strict_cancel() -> Iterator[None]:
+        """Within this block (this task's context), a CANCELED write is version-checked.
+
+        The SDK's contract lets CANCELED skip the check, so that a cancel wins over the
+        agent's writes; a handler that re-reads and retries uses this instead, so that the
+        CANCELED task keeps every artifact stored before it.
+        """
+        token = _STRICT.set(True)
+        try:
+            yield
+        finally:
+            _STRICT.reset(token)
 
     @functools.cached_property
     def as_task_store(self) -> RedisTaskStore:
@@ -142,7 +166,8 @@ class VersionedRedisTaskStore(_OverRecords, VersionedTaskStore):
         ``ConcurrentTaskModificationError`` and are never retried here.
         """
         del prev
-        cancel = task.status.state == TaskState.TASK_STATE_CANCELED
+        # (A strict cancel is checked against prev_version like any write.)
+        cancel = task.status.state == TaskState.TASK_STATE_CANCELED and not _STRICT.get()
 
         def decide(old: RecordHead | None) -> int:
             if cancel:

@@ -36,6 +36,7 @@ from a2a.types import (
     TaskStatusUpdateEvent,
 )
 
+from a2a_redis.events.orphans import LOST_REPLICA_TEXT
 from a2a_redis.events.queue_manager import RedisQueueManager
 from tests.backend.replicas import (
     GUARD,
@@ -385,7 +386,7 @@ async def test_processes_resubscribe_on_b_mid_stream_gets_every_later_event(clie
         assert task.status.state == S.TASK_STATE_COMPLETED
 
 
-async def test_processes_owner_killed_ends_the_resubscription_on_b(replicas, clients):
+async def test_processes_owner_killed_ends_the_resubscription_on_b_with_failed(replicas, clients):
     replica_a, _ = replicas
     a, b = clients
     task_id, _, runner_a = await start_stream(a, "chunks=200")
@@ -393,11 +394,18 @@ async def test_processes_owner_killed_ends_the_resubscription_on_b(replicas, cli
 
     replica_a.kill()
     await asyncio.gather(runner_a, return_exceptions=True)  # A's own stream breaks
-    # B's stream ends, cleanly: no heartbeat from A, so B's tap closes after about a lease.
+    # B's stream ends, cleanly, with FAILED: B's reaper sees A's lapsed heartbeat and ends
+    # A's running task (orphan_policy "fail", the default), before B's tap gives up.
     await asyncio.wait_for(runner_b, OWNER_LOST_GUARD)
 
     got = chunks(seen_b)
     assert seen_b[0].HasField("task")
     assert 2 <= len(got) < 200
     assert got == [chunk("A", i) for i in range(len(got))]  # in order, no gap, no duplicate
-    assert final_state(seen_b) == S.TASK_STATE_WORKING  # nobody finished the task
+    assert final_state(seen_b) == S.TASK_STATE_FAILED
+    last = seen_b[-1].status_update.status
+    assert last.message.parts[0].text == LOST_REPLICA_TEXT
+    stored = await b.get_task(GetTaskRequest(id=task_id))
+    assert stored.status.state == S.TASK_STATE_FAILED
+    kept = chunks([StreamResponse(task=stored)])  # what A saved before it died, once each
+    assert kept == got[: len(kept)]

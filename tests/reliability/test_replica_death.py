@@ -1,20 +1,27 @@
 """A replica dies mid-task (SIGKILL of a real uvicorn replica) while another one's client is
 subscribed: the subscriber neither hangs forever nor believes the task finished.
 
-Cluster mode (``DefaultRequestHandler``): the replica publishing a running task's events
-holds the task's lease and heartbeats every ``lease_ttl / 3`` (``a2a_redis/leases.py``). When
-it dies, a subscriber on another replica raises ``OwnerLostError`` after about the lease;
-through the SDK's JSON-RPC routes its client gets a JSON-RPC error in the SSE stream
-(``InternalError`` naming the lost owner), never a clean end. A cancel or a follow-up sent
-to a surviving replica recovers the task. Legacy (``--legacy``): the remote tap closes after
-about the lease, and the client's stream ends with the task still WORKING.
+The replica publishing a running task's events holds the task's lease and heartbeats every
+``lease_ttl / 3`` (``a2a_redis/events/leases.py``).
 
-Timeouts are hang guards only, never asserted bounds.
+* ``orphan_policy="fail"`` (the default): a survivor's reaper (``events/orphans.py``) sees
+  the dead replica's lapsed heartbeat and writes the task FAILED, within 3 leases; the
+  subscriber's stream ends cleanly with that FAILED event, on both handlers, and GetTask
+  says FAILED on every replica.
+* ``"keep"``: nobody ends the task. Cluster mode: a subscriber on another replica raises
+  ``OwnerLostError`` after about the lease (through the SDK's JSON-RPC routes, a JSON-RPC
+  ``InternalError`` in the SSE stream, never a clean end); a cancel or a follow-up sent to
+  a surviving replica recovers the task. Legacy: the remote tap closes after about the
+  lease, and the stream ends with the task still WORKING.
+
+Timeouts are hang guards only, never asserted bounds; the time from the kill to FAILED is
+logged (``make bench`` measures it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -32,6 +39,7 @@ from a2a.types.a2a_pb2 import TaskStatusUpdateEvent
 from a2a.utils.errors import A2AError, InternalError
 
 from a2a_redis import OwnerLostError, RedisBackend
+from a2a_redis.events.orphans import LOST_REPLICA_TEXT
 from a2a_redis.log.codec import version_int
 from a2a_redis.log.keys import Keys
 from a2a_redis.ops.embedded import EmbeddedServer
@@ -53,6 +61,7 @@ from tests.helpers import (
     subscriber_count,
 )
 
+logger = logging.getLogger(__name__)
 S = TaskState
 GUARD = 40.0  # seconds: a hang guard only, never an asserted bound
 # The lease of the in-process tests. An owner counts as alive while its heartbeats (every
@@ -101,6 +110,12 @@ def in_order(got: list[str], replica: str = "A") -> bool:
 
 @pytest.fixture
 def v2_short_lease(real_url: str, prefix: str) -> Iterator[tuple[ReplicaProcess, ReplicaProcess]]:
+    with replica_pair(real_url, prefix, 0.2, "--lease-ttl", "2", "--orphan-policy", "keep") as pair:
+        yield pair
+
+
+@pytest.fixture
+def v2_reaped(real_url: str, prefix: str) -> Iterator[tuple[ReplicaProcess, ReplicaProcess]]:
     with replica_pair(real_url, prefix, 0.2, "--lease-ttl", "2") as pair:
         yield pair
 
@@ -123,7 +138,33 @@ async def clients_default(v2_default_lease) -> AsyncIterator[tuple[Client, Clien
         yield pair
 
 
-async def test_v2_owner_killed_the_remote_subscriber_gets_an_error(
+async def test_v2_owner_killed_the_subscriber_on_b_gets_failed_and_so_does_get_task(
+    v2_reaped, real_url: str, prefix: str
+):
+    async with client_pair(*v2_reaped) as (a, b):
+        loop = asyncio.get_running_loop()
+        task_id, _, seen_b, runner_b = await owner_killed_mid_stream(v2_reaped[0], a, b)
+        killed = loop.time()
+        await asyncio.wait_for(runner_b, GUARD)  # a clean end: the FAILED event
+        logger.info("kill to FAILED on B's stream: %.2fs (lease 2s)", loop.time() - killed)
+
+        got = chunks(seen_b)
+        assert 1 <= len(got) < 500
+        assert in_order(got)
+        assert final_state(seen_b) == S.TASK_STATE_FAILED
+        assert seen_b[-1].status_update.status.message.parts[0].text == LOST_REPLICA_TEXT
+        stored = await b.get_task(GetTaskRequest(id=task_id))
+        assert stored.status.state == S.TASK_STATE_FAILED
+        kept = chunks([StreamResponse(task=stored)])
+        assert kept == got[: len(kept)]  # what A stored stays, once
+        # The task is over: a new subscription and a cancel are refused, as for any ended task.
+        with pytest.raises(A2AError, match="terminal state"):
+            await _collect(b.subscribe(SubscribeToTaskRequest(id=task_id), context=QUIET))
+        with pytest.raises(A2AError):
+            await b.cancel_task(CancelTaskRequest(id=task_id))
+
+
+async def test_v2_owner_killed_under_keep_the_remote_subscriber_gets_an_error(
     v2_short_lease, clients_short, real_url: str, prefix: str
 ):
     a, b = clients_short
@@ -218,9 +259,29 @@ def legacy_pair(real_url: str, prefix: str) -> Iterator[tuple[ReplicaProcess, Re
         yield pair
 
 
-async def test_legacy_owner_killed_the_remote_tap_ends_within_the_lease(
-    legacy_pair, real_url: str, prefix: str
+async def test_legacy_owner_killed_the_remote_tap_gets_failed_then_ends(legacy_pair):
+    async with client_pair(*legacy_pair) as (a, b):
+        task_id, _, seen_b, runner_b = await owner_killed_mid_stream(legacy_pair[0], a, b)
+        await asyncio.wait_for(runner_b, GUARD)  # the FAILED event, then the close mark
+        got = chunks(seen_b)
+        assert 1 <= len(got) < 500
+        assert in_order(got)
+        assert final_state(seen_b) == S.TASK_STATE_FAILED
+        stored = await b.get_task(GetTaskRequest(id=task_id))
+        assert stored.status.state == S.TASK_STATE_FAILED
+
+
+@pytest.fixture
+def legacy_keep(real_url: str, prefix: str) -> Iterator[tuple[ReplicaProcess, ReplicaProcess]]:
+    extra = ("--legacy", "--lease-ttl", "2", "--orphan-policy", "keep")
+    with replica_pair(real_url, prefix, 1.0, *extra) as pair:
+        yield pair
+
+
+async def test_legacy_owner_killed_under_keep_the_remote_tap_ends_within_the_lease(
+    legacy_keep, real_url: str, prefix: str
 ):
+    legacy_pair = legacy_keep
     async with client_pair(*legacy_pair) as (a, b):
         task_id, _, seen_b, runner_b = await owner_killed_mid_stream(legacy_pair[0], a, b)
         await asyncio.wait_for(runner_b, GUARD)  # the tap closes: a clean end, no hang

@@ -1,0 +1,106 @@
+"""``RedisRequestHandler``: the SDK's V2 handler, with cancels that cross replicas.
+
+The SDK's ``DefaultRequestHandlerV2.on_cancel_task`` cancels locally when this replica's
+registry holds the task; otherwise (``_cancel_remote``) it writes CANCELED onto the copy of
+the task it read, skipping the version check, and the replica running the agent notices only
+at its next save, so a silent agent runs on, and a chunk saved in between can be erased.
+
+Here ``_cancel_remote`` first forwards the cancel to the replica that holds the task's lease
+(:class:`~a2a_redis.events.control.ControlPlane`); that replica runs ``cancel_here``, which
+is the SDK's own local cancel (``AgentExecutor.cancel``, then the producer is stopped) with
+the call context of the request that runs the task, and its answer is returned. Only when no
+replica holds the lease, or it does not answer within ``cancel_timeout``, is CANCELED
+recorded here, and then on the latest stored task at its version (``_write_cancel``), so it
+keeps every artifact stored before it.
+
+Differences from the SDK's code, deliberately: ``_cancel_remote`` forwards first;
+``_write_cancel`` re-reads the task and writes at the version read, retrying while the task
+stays non-terminal, instead of overwriting a stale copy; and the agent executor is wrapped
+in :class:`~a2a_redis.handlers.executor.VisibleCancel`, so that a cancel always ends the
+task's streams with a CANCELED event (the SDK records CANCELED after its queues closed when
+the agent's ``cancel`` enqueues nothing, and a streaming client never sees it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from a2a.server.cluster import ConcurrentTaskModificationError, TaskVersion
+from a2a.server.context import ServerCallContext
+from a2a.server.request_handlers import DefaultRequestHandler
+from a2a.types.a2a_pb2 import Task
+from a2a.utils.errors import TaskNotFoundError
+
+from a2a_redis.events.control import ControlPlane
+from a2a_redis.handlers.executor import VisibleCancel
+from a2a_redis.log.codec import TERMINAL_STATES
+from a2a_redis.stores.task_store import VersionedRedisTaskStore
+
+__all__ = ["RedisRequestHandler"]
+
+
+class RedisRequestHandler(DefaultRequestHandler):
+    """``DefaultRequestHandler`` (V2, cluster mode) whose cancels reach the running agent.
+
+    Args:
+        control: The backend's control plane.
+        args, kwargs: Those of the SDK's ``DefaultRequestHandler``; ``task_store`` must be
+            a :class:`VersionedRedisTaskStore`.
+    """
+
+    def __init__(self, *args: Any, control: ControlPlane, **kwargs: Any) -> None:
+        if args:
+            args = (VisibleCancel(args[0]), *args[1:])
+        else:
+            kwargs["agent_executor"] = VisibleCancel(kwargs["agent_executor"])
+        super().__init__(*args, **kwargs)
+        self._control = control
+        control.register(self)
+
+    async def cancel_here(self, task_id: str) -> Task | None:
+        """Cancel ``task_id`` as a local cancel does, if it runs here; else None.
+
+        Uses the call context of the request that runs the task: the replica that received
+        the cancel checked the caller's ownership already.
+        """
+        active = await self._active_task_registry.get(task_id)
+        if active is None:
+            return None
+        context: ServerCallContext = active._task_manager._call_context
+        return await self._cancel_local(task_id, context)
+
+    async def _cancel_remote(
+        self, task_id: str, task: Task, version: TaskVersion, context: ServerCallContext
+    ) -> Task:
+        self._control.ensure_started()
+        cancelled = await self._control.forward_cancel(task_id)
+        if cancelled is not None:
+            return cancelled
+        return await super()._cancel_remote(task_id, task, version, context)
+
+    async def _write_cancel(
+        self, task_id: str, current: Task, version: TaskVersion, context: ServerCallContext
+    ) -> Task:
+        """Write CANCELED on the latest stored task, at its version (no artifact lost)."""
+        store = self._versioned_store
+        assert isinstance(store, VersionedRedisTaskStore)
+        for _ in range(store.options.max_attempts):
+            try:
+                return await self._write_cancel_at(task_id, current, version, context)
+            except ConcurrentTaskModificationError:
+                stored = await store.get(task_id, context)
+                if stored is None:
+                    raise TaskNotFoundError from None
+                if stored.task.status.state in TERMINAL_STATES:
+                    raise
+                current, version = stored.task, stored.version
+        return await self._write_cancel_at(task_id, current, version, context)
+
+    async def _write_cancel_at(
+        self, task_id: str, current: Task, version: TaskVersion, context: ServerCallContext
+    ) -> Task:
+        """The SDK's write of CANCELED, but checked against ``version``."""
+        store = self._versioned_store
+        assert isinstance(store, VersionedRedisTaskStore)
+        with store.strict_cancel():
+            return await super()._write_cancel(task_id, current, version, context)
