@@ -206,6 +206,22 @@ class LeaseKeeper:
             self._due.set()
             self._start()
 
+    async def hold_now(self, task_id: str) -> None:
+        """Hold ``task_id``'s lease, and write it with this replica's registration now.
+
+        One round trip the first time (nothing if held already), so that a replica that dies
+        right after it starts a task leaves the trace the orphan reaper needs. Never
+        raises: if Redis does not answer, the renewal loop writes it later.
+        """
+        if task_id in self._held or self._closed:
+            return
+        self.hold(task_id)
+        try:
+            await self._renew_once(full=False)
+        except Exception as e:  # the loop retries it (the task is fresh again)
+            logger.warning("registration of task %r failed: %s; retrying", task_id, e)
+            self._due.set()
+
     def drop(self, task_id: str, token: bytes | None = None) -> bytes | None:
         """Stop renewing ``task_id``'s lease (it expires by itself); its token, if held.
 

@@ -28,7 +28,15 @@ from typing import Any
 from a2a.server.cluster import ConcurrentTaskModificationError, TaskVersion
 from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers import DefaultRequestHandler
-from a2a.types.a2a_pb2 import Task
+from a2a.types.a2a_pb2 import (
+    CancelTaskRequest,
+    GetTaskRequest,
+    ListTasksRequest,
+    ListTasksResponse,
+    Message,
+    SendMessageRequest,
+    Task,
+)
 from a2a.utils.errors import TaskNotFoundError
 
 from a2a_redis.events.control import ControlPlane
@@ -57,6 +65,36 @@ class RedisRequestHandler(DefaultRequestHandler):
         self._control = control
         control.register(self)
 
+    async def on_get_task(self, params: GetTaskRequest, context: ServerCallContext) -> Task | None:
+        """The SDK's; the first request of any kind starts this replica's control plane."""
+        self._control.ensure_started()
+        result: Task | None = await super().on_get_task(params, context)
+        return result
+
+    async def on_list_tasks(
+        self, params: ListTasksRequest, context: ServerCallContext
+    ) -> ListTasksResponse:
+        """The SDK's (and starts the control plane)."""
+        self._control.ensure_started()
+        result: ListTasksResponse = await super().on_list_tasks(params, context)
+        return result
+
+    async def on_cancel_task(
+        self, params: CancelTaskRequest, context: ServerCallContext
+    ) -> Task | None:
+        """The SDK's (and starts the control plane); see ``_cancel_remote``."""
+        self._control.ensure_started()
+        result: Task | None = await super().on_cancel_task(params, context)
+        return result
+
+    async def on_message_send(
+        self, params: SendMessageRequest, context: ServerCallContext
+    ) -> Message | Task:
+        """The SDK's (and starts the control plane)."""
+        self._control.ensure_started()
+        result: Message | Task = await super().on_message_send(params, context)
+        return result
+
     async def cancel_here(self, task_id: str) -> Task | None:
         """Cancel ``task_id`` as a local cancel does, if it runs here; else None.
 
@@ -72,7 +110,6 @@ class RedisRequestHandler(DefaultRequestHandler):
     async def _cancel_remote(
         self, task_id: str, task: Task, version: TaskVersion, context: ServerCallContext
     ) -> Task:
-        self._control.ensure_started()
         cancelled = await self._control.forward_cancel(task_id)
         if cancelled is not None:
             return cancelled
