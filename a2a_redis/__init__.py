@@ -16,6 +16,7 @@ from a2a_redis.errors import (
     ReplicationTimeoutError,
     SubscriberLagError,
     TaskOwnedElsewhereError,
+    TerminalStateError,
     UnsupportedSchemaError,
 )
 from a2a_redis.events.event_stream import RedisTaskEventStream
@@ -52,6 +53,7 @@ __all__ = [
     "StreamRetention",
     "SubscriberLagError",
     "TaskOwnedElsewhereError",
+    "TerminalStateError",
     "UnsupportedSchemaError",
     "VersionedRedisTaskStore",
     "__version__",

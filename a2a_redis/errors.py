@@ -3,6 +3,7 @@
 Every error raised by this package derives from :class:`A2ARedisError` and names the Redis
 key it concerns, except the SDK's own ``ConcurrentTaskModificationError``, which the
 versioned store raises on a version conflict exactly as the SDK's SQL store does.
+:class:`TerminalStateError` is both: ours, and a ``ConcurrentTaskModificationError``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from a2a.server.cluster.task_store import ConcurrentTaskModificationError
+from a2a.types.a2a_pb2 import TaskState
 from redis import exceptions as rex
 
 __all__ = [
@@ -27,6 +30,7 @@ __all__ = [
     "ReplicationTimeoutError",
     "SubscriberLagError",
     "TaskOwnedElsewhereError",
+    "TerminalStateError",
     "UnsupportedSchemaError",
     "raise_if_pool_exhausted",
     "redis_errors",
@@ -80,6 +84,45 @@ class TaskOwnedElsewhereError(A2ARedisError):
     Task ids are unique per prefix (the SDK's runtime keys its registries and event streams
     by task id alone), so the write is refused instead of overwriting the other owner's task.
     """
+
+
+class TerminalStateError(A2ARedisError, ConcurrentTaskModificationError):
+    """A save would move a task out of its terminal state; nothing was written.
+
+    In A2A a task that is COMPLETED, CANCELED, FAILED or REJECTED is final: it cannot be
+    restarted (a follow-up needs a new task). Both stores refuse a save that would change a
+    stored terminal state to any other state; rewriting the same terminal state (say, a
+    COMPLETED task saved again with its last artifact) is allowed.
+
+    It is also the SDK's ``ConcurrentTaskModificationError``, so the SDK's cluster-mode
+    consumer treats it as a conflict: it reloads the task, finds it terminal (for example
+    canceled from another replica) and stops its producer. ``task_id`` is the SDK's
+    attribute; ``stored_state`` and ``refused_state`` are ``TaskState`` numbers.
+    """
+
+    def __init__(
+        self, task_id: str, *, key: str | None, stored_state: int, refused_state: int
+    ) -> None:
+        reason = (
+            f"task {task_id!r} is {_state_name(stored_state)}, a terminal state: the save "
+            f"that would make it {_state_name(refused_state)} was refused (a task in a "
+            "terminal state cannot be restarted; send a follow-up as a new task)"
+        )
+        # A2ARedisError.__init__ passes its text up the MRO, which here reaches the SDK
+        # class (whose one argument is the task id): so each base is initialised by name.
+        ConcurrentTaskModificationError.__init__(self, task_id)
+        Exception.__init__(self, reason if key is None else f"{reason} (key {key!r})")
+        self.key = key
+        self.reason = reason
+        self.stored_state = stored_state
+        self.refused_state = refused_state
+
+
+def _state_name(state: int) -> str:
+    try:
+        return TaskState.Name(state)
+    except ValueError:  # protobuf keeps enum numbers it does not know
+        return f"state {state}"
 
 
 class ReplicationTimeoutError(A2ARedisError):

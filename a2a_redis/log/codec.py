@@ -154,6 +154,22 @@ def _int(key: str, field: str, raw: bytes | None) -> int:
         raise CorruptDataError(f"field {field!r} is not an integer", key=key) from None
 
 
+def _state(key: str, raw: bytes | None) -> int:
+    """The record's state field: strictly a decimal int32, as written (``b"%d"``).
+
+    Anything else (missing, blank, padded, ``+3``, ``0_3``, which ``int()`` would accept) is
+    :class:`CorruptDataError`: writers decide on this field (a terminal state is final), so
+    a damaged one must never pass for a state, terminal or not.
+    """
+    digits = raw[1:] if raw is not None and raw[:1] == b"-" else raw
+    if raw is None or digits is None or not digits.isdigit() or len(digits) > 10:
+        raise CorruptDataError("record has no valid state", key=key)
+    state = int(raw)
+    if not -(2**31) <= state < 2**31:
+        raise CorruptDataError("record has no valid state", key=key)
+    return state
+
+
 def ends_task_stream(event: Event) -> bool:
     """Whether ``event`` ends a task's activity (terminal state, or a Message reply)."""
     if isinstance(event, Message):
@@ -202,7 +218,7 @@ def decode_head(key: str, values: list[bytes | None]) -> RecordHead | None:
         owner=decode_text(key, "o", owner),
         version=_int(key, "v", version),
         context_id=decode_text(key, "c", context_id or b""),
-        state=_int(key, "s", state),
+        state=_state(key, state),
         member=member,
         write_id=write_id or b"",
         expires_at=_int(key, "x", expires),

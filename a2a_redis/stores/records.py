@@ -3,8 +3,11 @@
 A task is a hash (``codec.encode_record``); every write is an optimistic transaction (WATCH
 + read, then MULTI/EXEC, see ``connection/transaction.py``) that also keeps the owner's
 ListTasks indexes (``task_index.py``) and, when the write carries an event, appends it to the
-task's event log with its version. Writes are retried a bounded number of times
-(``Options.max_attempts``), never in an unbounded loop as redis-py's ``transaction()`` does.
+task's event log with its version. A terminal state is final: a write that would change a
+stored terminal state is refused (``TerminalStateError``), decided on the record read under
+WATCH, so the EXEC that would follow any change to it aborts. Writes are retried a bounded
+number of times (``Options.max_attempts``), never in an unbounded loop as redis-py's
+``transaction()`` does.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from a2a_redis.errors import (
     ContentionError,
     RedisUnavailableError,
     TaskOwnedElsewhereError,
+    TerminalStateError,
     raise_if_pool_exhausted,
     redis_errors,
     require_binary_client,
@@ -161,9 +165,10 @@ class TaskRecords:
         """Write ``task`` for ``owner`` at the version ``decide`` picks; return that version.
 
         Round trips: 2 per attempt (WATCH + HMGET; MULTI ... EXEC), +1 (UNWATCH) when
-        ``decide`` refuses, +1-2 after a terminal write with a TTL (purge of expired index
-        entries); on a cluster +1 (the index update after the commit; the pending index
-        intent travels with the first WATCH).
+        the write is refused (by ``decide``, or because it would change a stored terminal
+        state: :class:`TerminalStateError`), +1-2 after a terminal write with a TTL (purge of
+        expired index entries); on a cluster +1 (the index update after the commit; the
+        pending index intent travels with the first WATCH).
         A lost race (EXEC aborted), a transient connection error or a slot move is
         retried, with jittered backoff, up to ``max_attempts`` times; each attempt re-reads
         and decides again, so a conflict is reported as soon as the re-read shows one. A
@@ -265,6 +270,15 @@ class TaskRecords:
                         raise TaskOwnedElsewhereError(
                             "task id is held by another owner; refusing to overwrite", key=key
                         )
+                    if (
+                        old is not None
+                        and old.state in TERMINAL_STATES
+                        and task.status.state != old.state
+                    ):
+                        raise TerminalStateError(
+                            task.id, key=key, stored_state=old.state,
+                            refused_state=task.status.state,
+                        )  # fmt: skip
                     version = decide(old)
                 except BaseException:
                     await tx.unwatch()

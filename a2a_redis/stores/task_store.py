@@ -6,6 +6,11 @@ registry and its ``TaskEventStream`` are keyed by task id alone). The record nam
 owner: another owner's ``get`` sees None, its ``list`` does not see the task, its
 ``delete`` is a no-op, and its writes are refused (a version conflict for the versioned
 store, ``TaskOwnedElsewhereError`` for the plain one) instead of overwriting the task.
+
+In both, a terminal state (COMPLETED, CANCELED, FAILED, REJECTED) is final: a save that
+would change it raises ``TerminalStateError`` (a ``ConcurrentTaskModificationError`` too)
+and writes nothing; a save in the same terminal state is allowed. The SDK's in-memory and
+SQL stores do not enforce this.
 """
 
 from __future__ import annotations
@@ -163,7 +168,10 @@ class VersionedRedisTaskStore(_OverRecords, VersionedTaskStore):
         ``prev_version`` MISSING is a first write and conflicts with any stored task. A write
         moving the task to CANCELED skips the version check if the stored task is
         non-terminal, and conflicts if it is terminal or absent. Conflicts raise the SDK's
-        ``ConcurrentTaskModificationError`` and are never retried here.
+        ``ConcurrentTaskModificationError`` and are never retried here. A write that would
+        change a stored terminal state raises its subclass ``TerminalStateError``, whatever
+        ``prev_version`` (re-reading cannot help); one keeping that state (say, COMPLETED
+        saved again with a last artifact) is checked as any other write.
         """
         del prev
         # (A strict cancel is checked against prev_version like any write.)
@@ -207,15 +215,16 @@ class VersionedRedisTaskStore(_OverRecords, VersionedTaskStore):
 class RedisTaskStore(_OverRecords, TaskStore):
     """The SDK's plain ``TaskStore`` on Redis, over the same records as the versioned store.
 
-    ``save`` is an unconditional upsert (each write still advances the version, so a
-    versioned view of the same task stays consistent). It raises
-    ``TaskOwnedElsewhereError`` if another owner holds the task id.
+    ``save`` is an upsert (each write still advances the version, so a versioned view of
+    the same task stays consistent). It raises ``TaskOwnedElsewhereError`` if another
+    owner holds the task id, and ``TerminalStateError`` if the stored task is in a terminal
+    state and the write would change it (the same terminal state may be written again).
 
     Args are those of :class:`VersionedRedisTaskStore`.
     """
 
     async def save(self, task: Task, context: ServerCallContext) -> None:
-        """Insert or overwrite the owner's task."""
+        """Insert or overwrite the owner's task, unless that would end a terminal state."""
         owner = self._records.owner_resolver(context)
         await self._records.write(
             task, owner, None, lambda old: 1 if old is None else old.version + 1

@@ -14,6 +14,10 @@ later writes), crafted cursors and garbage.
 
 Task ids are owner-specific in the generated operations: an id is unique per prefix in our
 store but per owner in the SDK's, a documented difference shown by its own test below.
+The other deliberate difference: our store refuses a save that would change a stored
+terminal state (``TerminalStateError``; A2A tasks in a terminal state are final), which the
+SDK's store accepts. Such a save is checked to be exactly that case and is not applied to
+the oracle (``tests/stores/test_terminal_state.py`` tests the rule itself).
 
 Each Hypothesis example gets a fresh sub-prefix under the fixture's ``prefix`` (cleaned at
 teardown) and a fresh ``InMemoryTaskStore``. pytest-asyncio runs the async ``@given`` test's
@@ -40,7 +44,8 @@ from a2a.utils.task import ListTasksCursor, encode_list_tasks_cursor, encode_pag
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
-from a2a_redis.errors import TaskOwnedElsewhereError
+from a2a_redis.errors import TaskOwnedElsewhereError, TerminalStateError
+from a2a_redis.log.codec import TERMINAL_STATES
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
 from tests.helpers import ctx, make_task
 
@@ -317,7 +322,15 @@ async def _apply(stores: Stores, step: int, op: Op) -> None:
             task_id(op.owner, op.name), context_id=op.context_id, state=op.state, ts_ns=op.ts_ns
         )
         task.metadata.update({"step": step})  # each upsert is distinguishable
-        await stores.ours.save(task, context)
+        try:
+            await stores.ours.save(task, context)
+        except TerminalStateError:  # the documented difference: the oracle would accept it
+            before = await stores.oracle.get(task.id, context)
+            assert before is not None, label
+            assert before.status.state in TERMINAL_STATES, label
+            assert before.status.state != task.status.state, label
+            event("save refused: terminal state")
+            return
         await stores.oracle.save(task, context)
     elif isinstance(op, Delete | Get):
         tid = task_id(op.owner if op.task_owner is None else op.task_owner, op.name)
