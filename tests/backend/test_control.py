@@ -161,6 +161,10 @@ async def test_a_replica_frozen_past_its_lease_finds_its_task_failed_and_stops(f
     replica_a, _ = frozen_pair
     async with client_pair(*frozen_pair) as (a, b):
         task_id, seen_a, runner_a = await start(a, "chunks=100")
+        for _ in range(int(GUARD * 50)):  # mid-stream: a chunk has come
+            if chunks(seen_a):
+                break
+            await asyncio.sleep(0.02)
 
         async def failed_on_b() -> bool:
             task = await b.get_task(GetTaskRequest(id=task_id))
