@@ -34,6 +34,8 @@ Where this deviates from the SDK (a2a-sdk 1.3, ``default_request_handler.py``), 
    end: the stream ends cleanly, ``on_message_send`` returns the FAILED task instead of an
    error, remote taps end with QueueShutDown. A failure after the agent's final event (the
    consumer already stopped) changes nothing: the task keeps the state the agent gave it.
+   A producer that the SDK cancels (``on_message_send`` does when its consumer fails) ends
+   the run too: no cancel then waits for that consumer.
 4. ``_cleanup_producer`` runs ``queue_manager.close`` in a ``finally`` (the SDK re-raises
    before it, leaving the queue open and its lease held), ignores ``NoTaskQueue`` (a second
    run on the task closed it), lets a cancel in progress finish first (its CANCELED must go
@@ -330,7 +332,13 @@ class RedisLegacyRequestHandler(LegacyRequestHandler):
         gate = run.gate if run is not None and mine else _Gate(queue)
         try:
             await self.agent_executor.execute(request, gate)
-        except Exception as e:  # (a cancel's CancelledError is no failure: it passes)
+        except asyncio.CancelledError:
+            # Not by a cancel's takeover (that is no failure): the SDK stopped the producer
+            # because its consumer failed; no cancel may wait for that consumer now.
+            if gate.state == "open":
+                gate.state = "finished"
+            raise
+        except Exception as e:
             await self._end(gate, request, e)
         else:
             await self._end(gate, request, None)

@@ -62,6 +62,7 @@ class Plan:
     chunks: int | None = 3
     pause_at: int | None = None
     fail: bool = False
+    fail_first: bool = False  # raise before any event
     go: asyncio.Event = field(default_factory=asyncio.Event)
     stop: bool = False  # teardown: end a plan without end
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # execute() has returned
@@ -81,6 +82,8 @@ class PlanAgent(AgentExecutor):
         self.by_task[context.task_id] = plan
         plan.runs.append(self.name)
         try:
+            if plan.fail_first:
+                raise AgentFailure("secret-detail-7")
             updater = TaskUpdater(event_queue, context.task_id, context.context_id)
             await event_queue.enqueue_event(new_task_from_user_message(context.message))
             await updater.start_work()
@@ -275,6 +278,21 @@ async def test_agent_raising_on_a_blocking_send_returns_the_failed_task(pair: Re
     assert result.status.state == S.TASK_STATE_FAILED
     await pair.settled()
     assert (await b.get(result.id)).status.state == S.TASK_STATE_FAILED
+
+
+async def test_agent_raising_before_any_event_leaves_a_failed_task(pair: Replicas):
+    a, b = pair.a, pair.b
+    key, _ = pair.plan(fail_first=True)
+    send = a.send_stream(key)
+    events = await send.finish()
+    assert send.error is None
+    assert [type(e) for e in events] == [TaskStatusUpdateEvent]
+    assert state_of(events[0]) == S.TASK_STATE_FAILED
+    task_id = events[0].task_id  # type: ignore[union-attr]
+    await pair.settled()
+    stored = await b.get(task_id)
+    assert stored.status.state == S.TASK_STATE_FAILED
+    assert [m.parts[0].text for m in stored.history] == [key]  # the user's message
 
 
 # --- 3. a local cancel ends the sender's stream with CANCELED ----------------------------
