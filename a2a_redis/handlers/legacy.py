@@ -16,12 +16,13 @@ A subclass (the SDK is not patched); same constructor. With ``RedisQueueManager`
 Where this deviates from the SDK (a2a-sdk 1.3, ``default_request_handler.py``), and why:
 
 1. ``task_store`` is the given store behind a thin wrapper that tells the handler when its
-   own consumer stored the state at which it stops (terminal or input-required): a cancel
-   answers with what the owner stored, and the SDK gives no other signal for it. Reads and
-   writes pass through unchanged.
+   consumer stored the state at which it stops (terminal or input-required): a cancel
+   answers with what the owner stored, and the SDK gives no other signal. A failed save
+   (the consumer dies with it) closes that queue at once: the SDK left it undrained, so its
+   closes waited forever. Reads and writes pass through unchanged.
 2. ``_setup_message_execution`` (called as is) also records the run: the request's call
    context (``cancel_here`` cancels with it; the receiving replica checked the owner), the
-   queue, the producer task and the gate below. ``on_message_send`` and
+   queue, the producer task and its gate (``_runs.py``). ``on_message_send`` and
    ``on_message_send_stream`` are unchanged: their consumer stores every event before the
    client reads it, and ends at the final event.
 3. ``_run_event_stream``: the agent writes through a gate, a queue that forwards to the
@@ -30,7 +31,7 @@ Where this deviates from the SDK (a2a-sdk 1.3, ``default_request_handler.py``), 
    its consumer re-raises (the stream fails, the task stays WORKING). Here the failure is
    logged with its traceback, a FAILED status event is enqueued (its status message names
    only the exception's type: an exception's text may hold user data or secrets) and the
-   queue is closed; the producer then returns normally, so each consumer gets FAILED then the
+   queue is closed; the producer returns normally, so each consumer gets FAILED then the
    end: the stream ends cleanly, ``on_message_send`` returns the FAILED task instead of an
    error, remote taps end with QueueShutDown. A failure after the agent's final event (the
    consumer already stopped) changes nothing: the task keeps the state the agent gave it.
@@ -40,14 +41,17 @@ Where this deviates from the SDK (a2a-sdk 1.3, ``default_request_handler.py``), 
    before it, leaving the queue open and its lease held), ignores ``NoTaskQueue`` (a second
    run on the task closed it), lets a cancel in progress finish first (its CANCELED must go
    into the queue before it closes) and forgets only its own producer.
-5. ``on_cancel_task`` on the replica that runs the agent: the SDK hands ``cancel`` a tap that
-   the sender never reads, then cancels the producer, whose queue nobody closes: the sender's
-   stream hangs and CANCELED reaches only the store. Here the cancel closes the gate, calls
+5. ``on_cancel_task`` where the agent runs: the SDK hands ``cancel`` a tap that the sender
+   never reads, then cancels the producer, whose queue nobody closes: the sender's stream
+   hangs and CANCELED reaches only the store. Here the cancel closes the gate, calls
    ``AgentExecutor.cancel`` with the task's own queue, stops the producer and waits until it
-   ended, adds CANCELED if the agent's cancel did not end the task (FAILED if it raised, as V2
-   does, and then re-raises), and answers with what the sender's consumer stored. Concurrent
-   cancels share one takeover. Where the agent does not run here, the SDK's path is used;
-   cancelling an agent on another replica is the control plane's job (``cancel_here``).
+   ended, adds CANCELED if the agent's cancel did not end the task (FAILED if it raised, as
+   V2 does, then re-raises), and answers with what the sender's consumer stored (if that
+   save failed: the stored record, when terminal). A task stored CANCELED while its agent
+   runs here (a cancel written elsewhere) is cancelled here too, where the SDK raised
+   ``TaskNotCancelableError`` and left the agent running. Concurrent cancels share one
+   takeover. Where the agent does not run here, the SDK's path is used; an agent on another
+   replica is the control plane's job (it calls ``cancel_here`` there).
 6. ``on_subscribe_to_task`` reads the task as the SDK does, then taps the queue *before*
    yielding the task (the SDK taps only when the client asks for the next event, so events
    in between were lost), relays the tap's events without a ``TaskManager`` (the SDK saved
@@ -56,148 +60,59 @@ Where this deviates from the SDK (a2a-sdk 1.3, ``default_request_handler.py``), 
    any event rather than after the snapshot.
 
 Residuals: a cancel waits for the sender's consumer, which stores each event only when its
-client reads the previous one (so a sender that stops reading without leaving holds the
-cancel, as it holds the agent); if that consumer is gone without a final event (an SDK error
-path that also leaves the queue undrained), the cancel waits too. If the consumer stopped
-at a Message or input-required, CANCELED is written directly.
+client reads the previous one (a sender that stops reading without leaving holds the cancel,
+as it holds the agent), and for ever if that consumer died of an invalid agent event (not a
+failed save). If the consumer stopped at a Message or input-required, CANCELED is written
+directly.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
-from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from a2a.server.agent_execution import RequestContext
 from a2a.server.context import ServerCallContext
 from a2a.server.events import Event, EventConsumer, EventQueueLegacy
-from a2a.server.events.event_queue import EventQueue
 from a2a.server.events.queue_manager import NoTaskQueue
 from a2a.server.request_handlers import LegacyRequestHandler
 from a2a.server.request_handlers.request_handler import validate, validate_request_params
-from a2a.server.tasks import ResultAggregator, TaskManager, TaskStore
+from a2a.server.tasks import ResultAggregator, TaskManager
 from a2a.types.a2a_pb2 import (
     CancelTaskRequest,
-    ListTasksRequest,
-    ListTasksResponse,
-    Message,
-    Part,
-    Role,
     SendMessageRequest,
     SubscribeToTaskRequest,
     Task,
     TaskState,
-    TaskStatus,
-    TaskStatusUpdateEvent,
 )
 from a2a.utils.errors import TaskNotCancelableError, TaskNotFoundError, UnsupportedOperationError
+
+from a2a_redis.handlers._runs import (
+    CONSUMER_FINAL,
+    TERMINAL,
+    Gate,
+    ReportingStore,
+    Run,
+    Watch,
+    status_event,
+)
 
 __all__ = ["RedisLegacyRequestHandler"]
 
 logger = logging.getLogger(__name__)
 
 S = TaskState
-TERMINAL = frozenset({S.TASK_STATE_COMPLETED, S.TASK_STATE_CANCELED, S.TASK_STATE_FAILED,
-                      S.TASK_STATE_REJECTED})  # fmt: skip
-#: The task states at which the SDK's ``EventConsumer`` stops (it stops at a Message too).
-CONSUMER_FINAL = TERMINAL | {S.TASK_STATE_INPUT_REQUIRED, S.TASK_STATE_UNSPECIFIED}
-
-
-def _status_event(task_id: str, context_id: str, state: int, text: str) -> TaskStatusUpdateEvent:
-    """A status update to ``state`` now, with an agent message saying ``text``."""
-    status = TaskStatus(state=state)  # type: ignore[arg-type]
-    status.timestamp.GetCurrentTime()
-    status.message.CopyFrom(
-        Message(role=Role.ROLE_AGENT, message_id=uuid.uuid4().hex, task_id=task_id,
-                context_id=context_id, parts=[Part(text=text)])
-    )  # fmt: skip
-    return TaskStatusUpdateEvent(task_id=task_id, context_id=context_id, status=status)
-
-
-class _Gate(EventQueue):
-    """What the agent's ``execute`` writes to: the task's queue, until the run ends.
-
-    ``state``: ``open``; ``finished`` once the producer ended the run itself; ``taken`` once
-    a cancel took it over. Only ``open`` forwards; ``lock`` orders the two endings and waits
-    for an event in flight.
-    """
-
-    def __init__(self, queue: EventQueueLegacy) -> None:
-        self.queue = queue
-        self.state = "open"
-        self.lock = asyncio.Lock()
-        self.replied = False  # the agent sent a Message (its consumer stops there, unsaved)
-
-    async def enqueue_event(self, event: Event) -> None:
-        async with self.lock:
-            if self.state == "open":
-                self.replied = self.replied or isinstance(event, Message)
-                await self.queue.enqueue_event(event)
-                return
-        logger.debug("dropped a %s from an agent being cancelled", type(event).__name__)
-
-
-class _Watch(EventQueue):
-    """What the agent's ``cancel`` writes to: the task's queue, noting a terminal event."""
-
-    def __init__(self, queue: EventQueueLegacy) -> None:
-        self.queue = queue
-        self.ended = False
-
-    async def enqueue_event(self, event: Event) -> None:
-        await self.queue.enqueue_event(event)
-        if isinstance(event, Task | TaskStatusUpdateEvent) and event.status.state in TERMINAL:
-            self.ended = True
-
-
-@dataclass(eq=False)
-class _Run:
-    """One execution of the agent on this replica."""
-
-    task_id: str
-    context: ServerCallContext  # of the request that started it
-    queue: EventQueueLegacy
-    producer: asyncio.Task[Any]
-    gate: _Gate
-    final: asyncio.Future[Task]  # what its consumer stored at the state where it stops
-    takeover: asyncio.Task[Task | None] | None = None
-    taken_over: bool = False  # the takeover is over
-
-
-class _ReportingStore(TaskStore):
-    """The handler's task store, reporting each save to ``report``."""
-
-    def __init__(self, store: TaskStore, report: Callable[[Task], None]) -> None:
-        self.store = store
-        self._report = report
-
-    async def save(self, task: Task, context: ServerCallContext) -> None:
-        await self.store.save(task, context)
-        self._report(task)
-
-    async def get(self, task_id: str, context: ServerCallContext) -> Task | None:
-        return await self.store.get(task_id, context)
-
-    async def list(self, params: ListTasksRequest, context: ServerCallContext) -> ListTasksResponse:
-        return await self.store.list(params, context)
-
-    async def delete(self, task_id: str, context: ServerCallContext) -> None:
-        await self.store.delete(task_id, context)
 
 
 class RedisLegacyRequestHandler(LegacyRequestHandler):
-    """``LegacyRequestHandler`` whose resubscribe, failure and cancel paths hold across replicas.
-
-    Same arguments as the SDK's. The module docstring lists each deviation, and why.
-    """
+    """The SDK's ``LegacyRequestHandler`` (same arguments), correct across replicas."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._runs: dict[str, _Run] = {}
-        self.task_store = _ReportingStore(self.task_store, self._saved)
+        self._runs: dict[str, Run] = {}
+        self.task_store = ReportingStore(self.task_store, self._saved)
 
     # -- the control plane's hooks ---------------------------------------------------------
     def runs(self, task_id: str) -> bool:
@@ -232,12 +147,13 @@ class RedisLegacyRequestHandler(LegacyRequestHandler):
         result: Task | None = await super().on_cancel_task(params, context)
         return result
 
-    async def _cancel_run(self, run: _Run, context: ServerCallContext) -> Task | None:
+    async def _cancel_run(self, run: Run, context: ServerCallContext) -> Task | None:
         """The local cancel; None if the agent ended on its own before the cancel took it."""
         task = await self.task_store.get(run.task_id, context)  # scoped to the caller
         if task is None:
             raise TaskNotFoundError
-        if task.status.state in TERMINAL:
+        # CANCELED stored while the agent runs here (a cancel written elsewhere): stop it.
+        if task.status.state in TERMINAL - {S.TASK_STATE_CANCELED}:
             raise TaskNotCancelableError(
                 message=f"Task cannot be canceled - current state: {S.Name(task.status.state)}"
             )
@@ -252,13 +168,13 @@ class RedisLegacyRequestHandler(LegacyRequestHandler):
             )
         return result
 
-    async def _take_over(self, run: _Run, task: Task, context: ServerCallContext) -> Task | None:
+    async def _take_over(self, run: Run, task: Task, context: ServerCallContext) -> Task | None:
         try:
             async with run.gate.lock:
                 if run.gate.state != "open":
                     return None
                 run.gate.state = "taken"  # the agent's later events are dropped from here
-            watch = _Watch(run.queue)
+            watch = Watch(run.queue)
             request = RequestContext(call_context=context, request=None, task_id=task.id,
                                      context_id=task.context_id, task=task)  # fmt: skip
             failure: Exception | None = None
@@ -275,7 +191,7 @@ class RedisLegacyRequestHandler(LegacyRequestHandler):
                 state = S.TASK_STATE_FAILED
                 text = f"The agent failed to cancel ({type(failure).__name__})."
             if not watch.ended:
-                await run.queue.enqueue_event(_status_event(task.id, task.context_id, state, text))
+                await run.queue.enqueue_event(status_event(task.id, task.context_id, state, text))
             result = await self._stored_end(run, task, context, state, text)
             if failure is not None:
                 raise failure
@@ -285,7 +201,7 @@ class RedisLegacyRequestHandler(LegacyRequestHandler):
             self._forget(run)
 
     async def _stored_end(
-        self, run: _Run, task: Task, context: ServerCallContext, state: int, text: str
+        self, run: Run, task: Task, context: ServerCallContext, state: int, text: str
     ) -> Task:
         """What the sender's consumer stored last, or ``state`` written here.
 
@@ -294,7 +210,9 @@ class RedisLegacyRequestHandler(LegacyRequestHandler):
         """
         if not (run.queue.is_closed() and run.gate.replied):
             final = await asyncio.shield(run.final)
-            if final.status.state in TERMINAL:
+            if final is None:  # the consumer's save failed (and ended it): read the record
+                final = await self.task_store.get(task.id, context)
+            if final is not None and final.status.state in TERMINAL:
                 return final
         manager = TaskManager(
             task_id=task.id,
@@ -303,14 +221,24 @@ class RedisLegacyRequestHandler(LegacyRequestHandler):
             initial_message=None,
             context=context,
         )
-        stored = await manager.save_task_event(_status_event(task.id, task.context_id, state, text))
+        stored = await manager.save_task_event(status_event(task.id, task.context_id, state, text))
         assert stored is not None
         return stored
 
-    def _saved(self, task: Task) -> None:
-        """Note a save through this handler: the first where a consumer stops is ``final``."""
+    async def _saved(self, task: Task, ok: bool) -> None:
+        """Note a save through this handler for the run's ``final``.
+
+        The first save where a consumer stops is its final one. A failed save ends the
+        consumer too (say, a terminal state stored elsewhere was kept), so its queue closes
+        at once: nothing waits on it any more, and the agent's later events are dropped.
+        """
         run = self._runs.get(task.id)
-        if run is not None and task.status.state in CONSUMER_FINAL and not run.final.done():
+        if run is None or run.final.done():
+            return
+        if not ok:
+            run.final.set_result(None)
+            await run.queue.close(immediate=True)
+        elif task.status.state in CONSUMER_FINAL:
             final = Task()
             final.CopyFrom(task)
             run.final.set_result(final)
@@ -322,14 +250,14 @@ class RedisLegacyRequestHandler(LegacyRequestHandler):
         setup = await super()._setup_message_execution(params, context)
         _, task_id, queue, _, producer = setup
         # The producer has not run yet (nothing awaited since it was created): it finds this.
-        self._runs[task_id] = _Run(task_id, context, queue, producer, _Gate(queue),
+        self._runs[task_id] = Run(task_id, context, queue, producer, Gate(queue),
                                    asyncio.get_running_loop().create_future())  # fmt: skip
         return setup
 
     async def _run_event_stream(self, request: RequestContext, queue: EventQueueLegacy) -> None:
         run = self._runs.get(str(request.task_id))
         mine = run is not None and run.producer is asyncio.current_task()
-        gate = run.gate if run is not None and mine else _Gate(queue)
+        gate = run.gate if run is not None and mine else Gate(queue)
         try:
             await self.agent_executor.execute(request, gate)
         except asyncio.CancelledError:
@@ -343,7 +271,7 @@ class RedisLegacyRequestHandler(LegacyRequestHandler):
         else:
             await self._end(gate, request, None)
 
-    async def _end(self, gate: _Gate, request: RequestContext, failure: Exception | None) -> None:
+    async def _end(self, gate: Gate, request: RequestContext, failure: Exception | None) -> None:
         """The agent returned or raised: end the run, unless a cancel took it over."""
         task_id = str(request.task_id)
         async with gate.lock:
@@ -363,7 +291,7 @@ class RedisLegacyRequestHandler(LegacyRequestHandler):
                     else:
                         text = f"The agent failed ({type(failure).__name__})."
                         context_id = str(request.context_id or "")
-                        event = _status_event(task_id, context_id, S.TASK_STATE_FAILED, text)
+                        event = status_event(task_id, context_id, S.TASK_STATE_FAILED, text)
                         await gate.queue.enqueue_event(event)
             finally:
                 await gate.queue.close()
@@ -393,7 +321,7 @@ class RedisLegacyRequestHandler(LegacyRequestHandler):
                 if run is not None:
                     self._forget(run)
 
-    def _forget(self, run: _Run) -> None:
+    def _forget(self, run: Run) -> None:
         """Drop the run once its producer ended and no cancel needs it any more."""
         if not run.producer.done() or (run.takeover is not None and not run.taken_over):
             return

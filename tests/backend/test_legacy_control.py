@@ -16,11 +16,15 @@ from dataclasses import dataclass, field
 import pytest
 from a2a.helpers.proto_helpers import get_message_text, new_task_from_user_message
 from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.context import ServerCallContext
 from a2a.server.events.event_queue import Event, EventQueue
+from a2a.server.tasks.task_store import TaskStore
 from a2a.server.tasks.task_updater import TaskUpdater
 from a2a.types.a2a_pb2 import (
     CancelTaskRequest,
     GetTaskRequest,
+    ListTasksRequest,
+    ListTasksResponse,
     Part,
     SubscribeToTaskRequest,
     Task,
@@ -165,10 +169,35 @@ class Replicas:
         await self.b.settled()
 
 
-def replica(name: str, backend: RedisBackend, plans: dict[str, Plan]) -> Replica:
+class RefusingStore(TaskStore):
+    """The plain store, refusing every save of the tasks in ``refused`` (as a store that
+    keeps a terminal state another replica wrote refuses to overwrite it)."""
+
+    def __init__(self, store: TaskStore) -> None:
+        self.store = store
+        self.refused: set[str] = set()
+
+    async def save(self, task: Task, context: ServerCallContext) -> None:
+        if task.id in self.refused:
+            raise AgentFailure(f"refused to overwrite task {task.id}")
+        await self.store.save(task, context)
+
+    async def get(self, task_id: str, context: ServerCallContext) -> Task | None:
+        return await self.store.get(task_id, context)
+
+    async def list(self, params: ListTasksRequest, context: ServerCallContext) -> ListTasksResponse:
+        return await self.store.list(params, context)
+
+    async def delete(self, task_id: str, context: ServerCallContext) -> None:
+        await self.store.delete(task_id, context)
+
+
+def replica(
+    name: str, backend: RedisBackend, plans: dict[str, Plan], store: TaskStore | None = None
+) -> Replica:
     handler = RedisLegacyRequestHandler(
         agent_executor=PlanAgent(name, plans),
-        task_store=backend.plain_task_store,
+        task_store=store or backend.plain_task_store,
         agent_card=agent_card(),
         queue_manager=backend.queue_manager,
         push_config_store=backend.push_config_store,
@@ -342,6 +371,29 @@ async def test_cancel_of_another_owner_is_not_found_and_leaves_the_agent_running
     events = await send.finish()
     assert state_of(events[-1]) == S.TASK_STATE_COMPLETED
     assert plan.cancels == []
+
+
+async def test_cancel_answers_with_the_record_when_the_consumer_cannot_store(pair: Replicas):
+    # Another writer stored CANCELED, and the store refuses the sender's consumer from then
+    # on: the consumer fails (its stream with it) and stores nothing more, yet the cancel
+    # answers, with the stored CANCELED, and stops the agent.
+    a = pair.a
+    store = RefusingStore(a.backend.plain_task_store)
+    a.handler = replica("A", a.backend, pair.plans, store).handler
+    key, plan = pair.plan(chunks=None)
+    send = a.send_stream(key)
+    task_id = task_id_of(await send.until(4))
+    store.refused.add(task_id)
+    task = await a.stored(task_id)
+    task.status.state = S.TASK_STATE_CANCELED
+    await a.backend.plain_task_store.save(task, ctx())
+    result, _ = await asyncio.gather(
+        a.handler.on_cancel_task(CancelTaskRequest(id=task_id), ctx()), send.finish()
+    )
+    assert result is not None and result.status.state == S.TASK_STATE_CANCELED
+    await asyncio.wait_for(plan.gone.wait(), GUARD)
+    assert isinstance(send.error, AgentFailure)
+    assert (await a.stored(task_id)).status.state == S.TASK_STATE_CANCELED
 
 
 # --- 4. cancel_here: the control plane's hook ---------------------------------------------
