@@ -237,7 +237,10 @@ class RedisLegacyRequestHandler(LegacyRequestHandler):
             return
         if not ok:
             run.final.set_result(None)
-            await run.queue.close(immediate=True)
+            try:
+                await run.queue.close(immediate=True)
+            except Exception:  # the save's own error is the one to raise
+                logger.warning("task %r: closing its queue failed", task.id, exc_info=True)
         elif task.status.state in CONSUMER_FINAL:
             final = Task()
             final.CopyFrom(task)

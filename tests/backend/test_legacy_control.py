@@ -71,6 +71,7 @@ class Plan:
     stop: bool = False  # teardown: end a plan without end
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # execute() has returned
     runs: list[str] = field(default_factory=list)
+    task_ids: list[str] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
 
 
@@ -85,6 +86,7 @@ class PlanAgent(AgentExecutor):
         plan = self.plans[get_message_text(context.message)]
         self.by_task[context.task_id] = plan
         plan.runs.append(self.name)
+        plan.task_ids.append(context.task_id)
         try:
             if plan.fail_first:
                 raise AgentFailure("secret-detail-7")
@@ -394,6 +396,31 @@ async def test_cancel_answers_with_the_record_when_the_consumer_cannot_store(pai
     await asyncio.wait_for(plan.gone.wait(), GUARD)
     assert isinstance(send.error, AgentFailure)
     assert (await a.stored(task_id)).status.state == S.TASK_STATE_CANCELED
+
+
+async def test_concurrent_cancels_of_a_blocking_send_share_one_cancel(pair: Replicas):
+    a = pair.a
+    key, plan = pair.plan(chunks=None)
+    blocking = asyncio.create_task(a.handler.on_message_send(send_request(key), ctx()))
+    await eventually(lambda: plan.task_ids, what="the agent runs")
+    task_id = plan.task_ids[0]
+    store = a.backend.plain_task_store
+    await eventually(lambda: store.get(task_id, ctx()), what="the task is stored")
+    request = CancelTaskRequest(id=task_id)
+    results = await asyncio.gather(
+        a.handler.on_cancel_task(request, ctx()),
+        a.handler.on_cancel_task(request, ctx()),
+        a.handler.cancel_here(task_id),
+        blocking,
+    )
+    for result in results:
+        assert isinstance(result, Task) and result.status.state == S.TASK_STATE_CANCELED
+    assert plan.cancels == ["A"]  # one AgentExecutor.cancel
+    await asyncio.wait_for(plan.gone.wait(), GUARD)
+    await pair.settled()
+    stored = await a.stored(task_id)
+    assert stored.status.state == S.TASK_STATE_CANCELED
+    assert chunks_of([stored]) == chunks_of([results[-1]])
 
 
 # --- 4. cancel_here: the control plane's hook ---------------------------------------------
