@@ -1,14 +1,17 @@
-"""``LegacyRequestHandler`` on a2a-redis (``RedisTaskStore`` + ``RedisQueueManager``), 2 replicas.
+"""The legacy handler on a2a-redis (``RedisTaskStore`` + ``RedisQueueManager``), 2 replicas.
 
-In one process: two handlers ("A" and "B"), each with its own client, ``RedisTaskStore``,
-``RedisQueueManager`` and agent executor instance, on one prefix; the agent's pace is set by
-the test (a gate per step). Two real processes: ``examples/agent_server.py --legacy`` twice on
-loopback, driven by the official client. Timeouts are hang guards only, never asserted bounds.
+In one process: two ``RedisLegacyRequestHandler`` ("A" and "B"), each with its own client,
+``RedisTaskStore``, ``RedisQueueManager`` and agent executor instance, on one prefix; the
+agent's pace is set by the test (a gate per step). Two real processes:
+``examples/agent_server.py --legacy`` twice on loopback (the SDK's ``LegacyRequestHandler``,
+as ``RedisBackend.request_handler(legacy=True)`` builds it), driven by the official client.
+Timeouts are hang guards only, never asserted bounds.
 
-The SDK's ``on_subscribe_to_task`` reads the stored task, yields it, and only then taps the
-queue: an event written in between reaches neither the snapshot nor the tap (so it is with
-``InMemoryQueueManager`` too). The in-process tests therefore let the agent go on only once
-B's tap is open (B's queue manager records it), so "no gap" is a property of ours, not luck.
+``on_subscribe_to_task`` reads the stored task, then taps the queue (the SDK's handler taps
+only after yielding the task): an event written between the read and the tap reaches
+neither the snapshot nor the tap (so it is with ``InMemoryQueueManager`` too). The in-process
+tests therefore let the agent go on only once B's tap is open (B's queue manager records
+it), so "no gap" is a property of ours, not luck.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import redis.asyncio as aioredis
 from a2a.helpers.proto_helpers import new_task_from_user_message
 from a2a.server.agent_execution import RequestContext
 from a2a.server.events.event_queue import Event, EventQueue, EventQueueLegacy
-from a2a.server.request_handlers import LegacyRequestHandler
 from a2a.server.tasks.task_updater import TaskUpdater
 from a2a.types import (
     GetTaskRequest,
@@ -38,6 +40,7 @@ from a2a.types import (
 
 from a2a_redis.events.orphans import LOST_REPLICA_TEXT
 from a2a_redis.events.queue_manager import RedisQueueManager
+from a2a_redis.handlers.legacy import RedisLegacyRequestHandler
 from tests.backend.replicas import (
     GUARD,
     HandlerReplica,
@@ -133,7 +136,7 @@ class LegacyReplica(HandlerReplica):
     def __init__(self, name: str, url: str, prefix: str, scripts: Scripts) -> None:
         super().__init__(name, url, prefix)
         self.queues = TrackingQueueManager(self.client, prefix=prefix)
-        self.handler = LegacyRequestHandler(
+        self.handler = RedisLegacyRequestHandler(
             agent_executor=ChunkAgent(name, scripts),
             task_store=self.store.as_task_store,
             agent_card=agent_card(),
@@ -255,12 +258,9 @@ async def test_resubscribe_on_b_mid_stream_gets_every_later_event(cluster: Clust
     await cluster.settled()
 
 
-@pytest.mark.xfail(
-    reason="SDK LegacyRequestHandler: the resubscribing handler on B saves the task too, from "
-    "a copy it loads from the store at its first live event, which A has usually saved "
-    "already: B re-appends that chunk (append=True), and the last writer wins",
-    strict=False,
-)
+# The SDK's LegacyRequestHandler failed this: its resubscribe on B saved the task too, from a
+# copy loaded at B's first live event, re-appending that chunk. RedisLegacyRequestHandler's
+# resubscribe does not write.
 async def test_stored_task_after_a_remote_resubscribe_keeps_each_chunk_once(cluster: Cluster):
     a, b = cluster.a, cluster.b
     key, script = cluster.script(steps=6)
