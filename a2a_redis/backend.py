@@ -20,7 +20,7 @@ from typing import Any
 
 from a2a.server.agent_execution import AgentExecutor
 from a2a.server.owner_resolver import OwnerResolver, resolve_user_scope
-from a2a.server.request_handlers import LegacyRequestHandler, RequestHandler
+from a2a.server.request_handlers import RequestHandler
 from a2a.types import AgentCard
 from redis import exceptions as rex
 
@@ -35,6 +35,7 @@ from a2a_redis.events.leases import LeaseKeeper
 from a2a_redis.events.listener import StreamListener
 from a2a_redis.events.plumbing import EventPlumbing
 from a2a_redis.events.queue_manager import RedisQueueManager
+from a2a_redis.handlers.legacy import RedisLegacyRequestHandler
 from a2a_redis.handlers.v2 import RedisRequestHandler
 from a2a_redis.log.codec import MAX_PAYLOAD_BYTES
 from a2a_redis.log.event_log import StreamRetention
@@ -176,18 +177,23 @@ class RedisBackend:
     ) -> RequestHandler:
         """The SDK request handler wired to this backend.
 
-        By default a ``DefaultRequestHandler`` in cluster mode (versioned store + event
-        stream); with ``legacy=True`` a ``LegacyRequestHandler`` with ``RedisTaskStore`` and
-        ``RedisQueueManager``. Both get the push-config store unless ``handler_kwargs``
-        names another; other ``handler_kwargs`` pass through.
+        By default a :class:`~a2a_redis.handlers.v2.RedisRequestHandler` (the SDK's
+        ``DefaultRequestHandler`` in cluster mode: versioned store + event stream); with
+        ``legacy=True`` a :class:`~a2a_redis.handlers.legacy.RedisLegacyRequestHandler` (the
+        SDK's ``LegacyRequestHandler``, with ``RedisTaskStore`` and ``RedisQueueManager``).
+        Both forward a cancel to the replica running the task (``control``). Both get the
+        push-config store unless ``handler_kwargs`` names another; other ``handler_kwargs``
+        pass through.
         """
         handler_kwargs.setdefault("push_config_store", self.push_config_store)
         if legacy:
-            return LegacyRequestHandler(
+            return RedisLegacyRequestHandler(
                 agent_executor=agent_executor,
                 task_store=self.plain_task_store,
                 agent_card=agent_card,
                 queue_manager=self.queue_manager,
+                control=self.control,
+                versioned_store=self.task_store,
                 **handler_kwargs,
             )
         return RedisRequestHandler(

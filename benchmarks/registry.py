@@ -6,12 +6,13 @@ To add one (event stream latency, queue manager, ...): write a module exposing a
 
 from __future__ import annotations
 
-from benchmarks import event_stream, queue_manager, scale, task_store
+from benchmarks import control, event_stream, queue_manager, scale, task_store
 from benchmarks.common import Benchmark
 
 BENCHMARKS: list[Benchmark] = [
     task_store.BENCHMARK,
     event_stream.BENCHMARK,
     queue_manager.BENCHMARK,
+    control.BENCHMARK,
     scale.BENCHMARK,
 ]

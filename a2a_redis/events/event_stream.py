@@ -203,12 +203,12 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
         """Append ``event`` unless the store already did; wake every replica's subscribers.
 
         Round trips: 0 for an event the paired store appended; otherwise 1 (one script:
-        XADD, PEXPIRE and PUBLISH); +1 at a running task's first event on this replica (its
-        lease and this replica's registration, for the orphan reaper). An event other than a Message is not appended if the
+        XADD, PEXPIRE and PUBLISH). An event other than a Message is not appended if the
         stream already holds its version or a later one: the SDK republishes a task it
         reloaded after losing a race, and that state is logged already. The publisher of a
-        running task holds its lease, and lets it go at an event that settles the task (no
-        round trip either way).
+        running task holds its lease, and lets it go at an event that settles the task: +1
+        round trip at a running task's first event on this replica (its lease and this
+        replica's registration, for the orphan reaper), none after.
         """
         activity = activity_of(event.event)
         if activity is Activity.RUNNING:

@@ -221,6 +221,16 @@ class RedisQueueManager(OnEventPlumbing, QueueManager):
         await self.add(task_id, queue)
         return queue
 
+    async def end_taps(self, task_id: str) -> None:
+        """Append a close mark naming no opening: every remote tap of the task ends.
+
+        Each ends once drained: after a CANCELED or FAILED written for a task whose owner is
+        gone. One round trip. The owner's own queue, if it still runs somewhere, is not touched.
+        """
+        retention = self._log.options.stream_retention
+        commands = close_commands(self._log.keys, task_id, token=b"ended", retention=retention)
+        await self._log.run("end the queue's taps", task_id, commands)
+
     # -- lifecycle -------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
         """Owned queues, leases held, remote taps open."""

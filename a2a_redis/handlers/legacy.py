@@ -74,6 +74,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from a2a.server.agent_execution import RequestContext
+from a2a.server.cluster import ConcurrentTaskModificationError
 from a2a.server.context import ServerCallContext
 from a2a.server.events import Event, EventConsumer, EventQueueLegacy
 from a2a.server.events.queue_manager import NoTaskQueue
@@ -89,6 +90,7 @@ from a2a.types.a2a_pb2 import (
 )
 from a2a.utils.errors import TaskNotCancelableError, TaskNotFoundError, UnsupportedOperationError
 
+from a2a_redis.events.control import ControlPlane
 from a2a_redis.handlers._runs import (
     CONSUMER_FINAL,
     TERMINAL,
@@ -98,6 +100,9 @@ from a2a_redis.handlers._runs import (
     Watch,
     status_event,
 )
+from a2a_redis.handlers.base import OnControlPlane
+from a2a_redis.handlers.cancel import record_cancel
+from a2a_redis.stores.task_store import VersionedRedisTaskStore
 
 __all__ = ["RedisLegacyRequestHandler"]
 
@@ -106,13 +111,31 @@ logger = logging.getLogger(__name__)
 S = TaskState
 
 
-class RedisLegacyRequestHandler(LegacyRequestHandler):
+def _not_cancelable(state: int) -> TaskNotCancelableError:
+    return TaskNotCancelableError(
+        message=f"Task cannot be canceled - current state: {S.Name(state)}"
+    )
+
+
+class RedisLegacyRequestHandler(OnControlPlane, LegacyRequestHandler):
     """The SDK's ``LegacyRequestHandler`` (same arguments), correct across replicas."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        control: ControlPlane | None = None,
+        versioned_store: VersionedRedisTaskStore | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._runs: dict[str, Run] = {}
         self.task_store = ReportingStore(self.task_store, self._saved)
+        # Across replicas (``RedisBackend.request_handler`` passes both): cancels forwarded
+        # to the replica running the agent, else CANCELED recorded version-checked here.
+        self._control = control
+        self._versioned = versioned_store
+        if control is not None:
+            control.register(self)
 
     # -- the control plane's hooks ---------------------------------------------------------
     def runs(self, task_id: str) -> bool:
@@ -138,14 +161,49 @@ class RedisLegacyRequestHandler(LegacyRequestHandler):
     async def on_cancel_task(
         self, params: CancelTaskRequest, context: ServerCallContext
     ) -> Task | None:
-        """CancelTask: stop the agent here if it runs here, else the SDK's path."""
+        """CancelTask: stop the agent here, or where it runs, or record CANCELED.
+
+        Here if it runs here; else forwarded to where it runs; else CANCELED is recorded
+        here, version-checked. Without a control plane: the SDK's path.
+        """
         run = self._runs.get(params.id)
         if run is not None and run.gate.state != "finished":
             cancelled = await self._cancel_run(run, context)
             if cancelled is not None:
                 return cancelled
-        result: Task | None = await super().on_cancel_task(params, context)
-        return result
+        if self._control is None or self._versioned is None:
+            result: Task | None = await super().on_cancel_task(params, context)
+            return result
+        self._start_control()
+        task = await self.task_store.get(params.id, context)  # the caller's: owner-scoped
+        if task is None:
+            raise TaskNotFoundError
+        if task.status.state in TERMINAL:
+            raise _not_cancelable(task.status.state)
+        forwarded = await self._control.forward_cancel(params.id)
+        if forwarded is not None:
+            return forwarded
+        return await self._record_cancel(params.id, context)
+
+    async def _record_cancel(self, task_id: str, context: ServerCallContext) -> Task:
+        """CANCELED on the latest stored task; remote taps get it, then their end.
+
+        For a task whose agent runs nowhere that answered.
+        """
+        assert self._versioned is not None
+        try:
+            cancelled, _, _ = await record_cancel(self._versioned, task_id, context)
+        except ConcurrentTaskModificationError:  # terminal meanwhile
+            stored = await self.task_store.get(task_id, context)
+            if stored is None:
+                raise TaskNotFoundError from None
+            if stored.status.state != S.TASK_STATE_CANCELED:
+                raise _not_cancelable(stored.status.state) from None
+            return stored
+        end_taps = getattr(self._queue_manager, "end_taps", None)
+        if end_taps is not None:
+            await end_taps(task_id)
+        return cancelled
 
     async def _cancel_run(self, run: Run, context: ServerCallContext) -> Task | None:
         """The local cancel; None if the agent ended on its own before the cancel took it."""

@@ -14,40 +14,36 @@ recorded here, and then on the latest stored task at its version (``_write_cance
 keeps every artifact stored before it.
 
 Differences from the SDK's code, deliberately: ``_cancel_remote`` forwards first;
-``_write_cancel`` re-reads the task and writes at the version read, retrying while the task
-stays non-terminal, instead of overwriting a stale copy; and the agent executor is wrapped
-in :class:`~a2a_redis.handlers.executor.VisibleCancel`, so that a cancel always ends the
-task's streams with a CANCELED event (the SDK records CANCELED after its queues closed when
-the agent's ``cancel`` enqueues nothing, and a streaming client never sees it).
+``_write_cancel`` records CANCELED with :func:`~a2a_redis.handlers.cancel.record_cancel`
+(on the latest task, version-checked) instead of overwriting a stale copy; and the agent
+executor is wrapped in :class:`~a2a_redis.handlers.executor.VisibleCancel`, so that a
+cancel always ends the task's streams with a CANCELED event (the SDK records CANCELED after
+its queues closed when the agent's ``cancel`` enqueues nothing, and a streaming client never
+sees it).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from a2a.server.cluster import ConcurrentTaskModificationError, TaskVersion
+from a2a.server.cluster import TaskVersion, VersionedEvent
 from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.types.a2a_pb2 import (
     CancelTaskRequest,
-    GetTaskRequest,
-    ListTasksRequest,
-    ListTasksResponse,
-    Message,
-    SendMessageRequest,
     Task,
 )
-from a2a.utils.errors import TaskNotFoundError
 
 from a2a_redis.events.control import ControlPlane
+from a2a_redis.handlers.base import OnControlPlane
+from a2a_redis.handlers.cancel import record_cancel
 from a2a_redis.handlers.executor import VisibleCancel
-from a2a_redis.log.codec import TERMINAL_STATES
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
 
 __all__ = ["RedisRequestHandler"]
 
 
-class RedisRequestHandler(DefaultRequestHandler):
+class RedisRequestHandler(OnControlPlane, DefaultRequestHandler):
     """``DefaultRequestHandler`` (V2, cluster mode) whose cancels reach the running agent.
 
     Args:
@@ -62,37 +58,15 @@ class RedisRequestHandler(DefaultRequestHandler):
         else:
             kwargs["agent_executor"] = VisibleCancel(kwargs["agent_executor"])
         super().__init__(*args, **kwargs)
-        self._control = control
+        self._control: ControlPlane = control
         control.register(self)
-
-    async def on_get_task(self, params: GetTaskRequest, context: ServerCallContext) -> Task | None:
-        """The SDK's; the first request of any kind starts this replica's control plane."""
-        self._control.ensure_started()
-        result: Task | None = await super().on_get_task(params, context)
-        return result
-
-    async def on_list_tasks(
-        self, params: ListTasksRequest, context: ServerCallContext
-    ) -> ListTasksResponse:
-        """The SDK's (and starts the control plane)."""
-        self._control.ensure_started()
-        result: ListTasksResponse = await super().on_list_tasks(params, context)
-        return result
 
     async def on_cancel_task(
         self, params: CancelTaskRequest, context: ServerCallContext
     ) -> Task | None:
         """The SDK's (and starts the control plane); see ``_cancel_remote``."""
-        self._control.ensure_started()
+        self._start_control()
         result: Task | None = await super().on_cancel_task(params, context)
-        return result
-
-    async def on_message_send(
-        self, params: SendMessageRequest, context: ServerCallContext
-    ) -> Message | Task:
-        """The SDK's (and starts the control plane)."""
-        self._control.ensure_started()
-        result: Message | Task = await super().on_message_send(params, context)
         return result
 
     async def cancel_here(self, task_id: str) -> Task | None:
@@ -118,26 +92,10 @@ class RedisRequestHandler(DefaultRequestHandler):
     async def _write_cancel(
         self, task_id: str, current: Task, version: TaskVersion, context: ServerCallContext
     ) -> Task:
-        """Write CANCELED on the latest stored task, at its version (no artifact lost)."""
+        """Record CANCELED on the latest stored task, at its version (``cancel.py``)."""
         store = self._versioned_store
         assert isinstance(store, VersionedRedisTaskStore)
-        for _ in range(store.options.max_attempts):
-            try:
-                return await self._write_cancel_at(task_id, current, version, context)
-            except ConcurrentTaskModificationError:
-                stored = await store.get(task_id, context)
-                if stored is None:
-                    raise TaskNotFoundError from None
-                if stored.task.status.state in TERMINAL_STATES:
-                    raise
-                current, version = stored.task, stored.version
-        return await self._write_cancel_at(task_id, current, version, context)
-
-    async def _write_cancel_at(
-        self, task_id: str, current: Task, version: TaskVersion, context: ServerCallContext
-    ) -> Task:
-        """The SDK's write of CANCELED, but checked against ``version``."""
-        store = self._versioned_store
-        assert isinstance(store, VersionedRedisTaskStore)
-        with store.strict_cancel():
-            return await super()._write_cancel(task_id, current, version, context)
+        cancelled, new_version, event = await record_cancel(store, task_id, context)
+        if self._event_stream is not None:
+            await self._event_stream.publish(task_id, VersionedEvent(event, new_version))
+        return cancelled

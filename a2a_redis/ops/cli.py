@@ -350,8 +350,8 @@ def _parser() -> argparse.ArgumentParser:
         help="check the server: version, mode, latency, eviction, persistence, our keys",
         description=(
             "Check the server for a2a-redis: version, mode, round trip, eviction policy,\n"
-            "persistence, and our keys (count, memory, kinds; at most "
-            f"{doctor.KEY_SCAN_CAP:,} keys are inspected).\n"
+            "persistence, our keys (count, memory, kinds; at most "
+            f"{doctor.KEY_SCAN_CAP:,} keys are inspected), and the replicas running tasks.\n"
             "Exit status 0 when healthy, 3 when a problem was found, 1 on errors."
         ),
     )

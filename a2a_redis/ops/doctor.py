@@ -1,17 +1,19 @@
 """``a2a-redis doctor``: how a server looks to a2a-redis, and what is wrong with it.
 
 Server name and version, mode and role, round trip, memory and ``maxmemory-policy`` (a
-loud warning unless ``noeviction``: eviction silently deletes tasks), persistence, and our
-keys under a prefix (count, memory, by kind). On a Redis Cluster: the topology, slot
-coverage (a warning for uncovered slots or a failed state), primaries without replicas,
-replicas without persistence, then each node's own report. Used by :mod:`a2a_redis.ops.cli`.
+loud warning unless ``noeviction``: eviction silently deletes tasks), persistence, our keys
+under a prefix (count, memory, by kind), and the replicas running tasks (a warning for one
+whose heartbeat is a minute late while its tasks are not ended: no replica sweeps). On a
+Redis Cluster: the topology, slot coverage (a warning for uncovered slots or a failed
+state), primaries without replicas, replicas without persistence, then each node's own
+report. Used by :mod:`a2a_redis.ops.cli`.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis import exceptions as rex
@@ -30,7 +32,7 @@ __all__ = ["KEY_SCAN_CAP", "Report", "check", "size"]
 KEY_SCAN_CAP = 10_000
 MIN_SERVER_VERSION = (6, 2)
 _PINGS = 5
-_KINDS = ("task", "events", "lease", "push", "index")
+_KINDS = ("task", "events", "lease", "push", "index", "replica")
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -126,6 +128,8 @@ def _kind(prefix: str, key: bytes | str) -> str:
     rest = text[len(prefix) + 1 :]
     if rest.startswith("{o:"):
         return "index"
+    if rest.startswith("{r:") or rest == "replicas":
+        return "replica"
     if rest.startswith("{t:"):
         end = rest.find("}:")
         suffix = rest[end + 2 :] if end >= 0 else ""
@@ -167,10 +171,35 @@ async def _our_keys(client: Redis, keys: Keys, report: Report) -> None:
             print(f"  {kind:<11}{n:>8,} {shown}")
 
 
+async def replicas(client: Client, keys: Keys, report: Report) -> None:
+    """The replicas running tasks: live ones, and dead ones whose tasks are not ended yet."""
+    rows = cast(
+        list[tuple[bytes, float]], await client.zrange(keys.replicas, 0, -1, withscores=True)
+    )
+    seconds, micros = await client.time()
+    now = seconds * 1000 + micros // 1000
+    live = [r.decode() for r, deadline in rows if deadline > now]
+    names = f": {', '.join(live)}" if live else ""
+    report.line("replicas", f"{len(live)} running tasks now{names}")
+    for raw, deadline in rows:
+        replica = raw.decode()
+        tasks = int(await client.scard(keys.replica_tasks(replica)))
+        late = (now - deadline) / 1000
+        beat = f"heartbeat due in {-late:.1f}s" if late < 0 else f"heartbeat missed {late:.1f}s ago"
+        print(f"  {replica}  {tasks:>6,} tasks  {beat}")
+        if late > 60:
+            report.problem(
+                f"replica {replica} missed its heartbeat {late:.0f}s ago and {tasks} of its "
+                "tasks are not ended: no live replica sweeps (start one with "
+                "orphan_policy='fail', or end them by hand)"
+            )
+
+
 async def check(client: Client, keys: Keys, report: Report) -> None:
     """Print every section of the report for ``client``, noting problems in ``report``."""
     if is_cluster(client):
         await _cluster(client, keys, report)
+        await replicas(client, keys, report)
         return
     if isinstance(client.connection_pool, SentinelConnectionPool):  # Sentinel-managed
         await sentinel_topology(client, report)
@@ -178,6 +207,7 @@ async def check(client: Client, keys: Keys, report: Report) -> None:
         await _memory(client, report)
         await _persistence(client, report)
         await _our_keys(client, keys, report)
+        await replicas(client, keys, report)
 
 
 # -- Redis Cluster -------------------------------------------------------------------------

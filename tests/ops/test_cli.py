@@ -480,3 +480,27 @@ def test_demo_runs_the_two_replica_demo() -> None:
     assert "[replica 2] cancel        -> CANCELED" in out
     assert "[replica 2] ListTasks     ->" in out
     assert "stopped both replicas" in out
+
+
+def test_doctor_lists_the_replicas_and_flags_one_dead_with_tasks(
+    url: str, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = Keys(prefix)
+
+    async def seed() -> None:
+        client = connect(url)
+        try:
+            await client.zadd(keys.replicas, {"aa11": 2**52, "bb22": 1})  # live; dead long ago
+            await client.sadd(keys.replica_tasks("aa11"), "t-1", "t-2")
+            await client.sadd(keys.replica_tasks("bb22"), "t-3")
+        finally:
+            await client.aclose()
+
+    asyncio.run(seed())
+    assert main(["doctor", "--url", url, "--prefix", prefix]) == 3
+    out = capsys.readouterr().out
+    assert re.search(r"^replicas +1 running tasks now: aa11$", out, re.M)
+    assert re.search(r"^  aa11 +2 tasks  heartbeat due in", out, re.M)
+    assert re.search(r"^  bb22 +1 tasks  heartbeat missed", out, re.M)
+    assert "!!! WARNING: replica bb22 missed its heartbeat" in out
+    assert "orphan_policy='fail'" in out
