@@ -30,6 +30,7 @@ class ChunkAgent(AgentExecutor):
     """WORKING, then ``chunks=N`` (default 5) text chunks ``delay`` seconds apart, then done.
 
     ``silent=S``: first S seconds without a word (an agent waiting on a model or a tool).
+    ``fail``: raise at once; ``fail-late``: raise after the chunks.
     """
 
     def __init__(self, replica: str, delay: float) -> None:
@@ -42,7 +43,7 @@ class ChunkAgent(AgentExecutor):
         if context.current_task is None:
             await event_queue.enqueue_event(new_task_from_user_message(context.message))
         await updater.start_work(updater.new_agent_message([Part(text=f"{self.replica}: on it")]))
-        if "fail" in text:
+        if "fail" in text and "fail-late" not in text:
             raise RuntimeError("the agent was asked to fail")
         if "input" in text and "answer" not in text:
             await updater.requires_input(updater.new_agent_message([Part(text="your answer?")]))
@@ -57,6 +58,8 @@ class ChunkAgent(AgentExecutor):
                 [Part(text=f"chunk {i} from {self.replica}")], artifact_id="answer",
                 name="answer", append=i > 0,
             )  # fmt: skip
+        if "fail-late" in text:
+            raise RuntimeError("the agent was asked to fail after its chunks")
         await updater.complete()
 
     async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:

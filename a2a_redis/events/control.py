@@ -14,6 +14,11 @@ None and the handler records CANCELED itself, as the SDK does. Pub/sub can lose 
 or a reply when a connection drops; that costs the timeout, never a wrong answer, because
 the fallback is a versioned write that a terminal state refuses.
 
+If a request or its reply is lost (a pub/sub connection dropping, a holder too slow), the
+agent is still stopped: at its next lease renewal (``lease_ttl / 3``) the holder finds its
+task's record terminal and calls its handlers' ``stop_here`` (also what stops an agent whose
+task the orphan reaper ended while its replica was only frozen).
+
 The plane also runs the process's orphan reaper (``orphans.py``).
 """
 
@@ -74,6 +79,28 @@ class ControlPlane:
         self.answered = 0  # ... that it answered with the cancelled task
         self.fallbacks = 0  # ... that were recorded here instead (no answer, not there)
         self.served = 0  # cancels this replica ran for another
+        self.stopped = 0  # agents stopped here because their task was ended elsewhere
+        log.leases.on_ended = self._on_ended
+
+    def _on_ended(self, task_id: str) -> None:
+        """A task held here was ended by a write elsewhere: stop its agent here, if any."""
+        if self._closed:
+            return
+        job = asyncio.ensure_future(self._stop(task_id))
+        self._jobs.add(job)
+        job.add_done_callback(self._jobs.discard)
+
+    async def _stop(self, task_id: str) -> None:
+        for canceller in list(self._cancellers):
+            stop = getattr(canceller, "stop_here", None)
+            if stop is None:
+                continue
+            try:
+                if await stop(task_id):
+                    self.stopped += 1
+                    logger.info("task %r was ended elsewhere; its agent here was stopped", task_id)
+            except Exception as e:
+                logger.warning("stopping task %r's agent here failed: %r", task_id, e)
 
     def register(self, canceller: Canceller) -> None:
         """Let forwarded cancels reach ``canceller`` (a request handler of this replica)."""
@@ -107,6 +134,7 @@ class ControlPlane:
             "cancels_answered": self.answered,
             "cancels_fallen_back": self.fallbacks,
             "cancels_served": self.served,
+            "agents_stopped": self.stopped,
             "orphan_sweeps": self.reaper.sweeps,
             "orphans_failed": self.reaper.tasks_failed,
             "dead_replicas_forgotten": self.reaper.replicas_reaped,

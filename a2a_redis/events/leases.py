@@ -40,7 +40,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +54,15 @@ from a2a_redis.log.codec import F_STATE, TERMINAL_STATES
 from a2a_redis.log.event_log import HEARTBEAT
 from a2a_redis.log.keys import Keys
 
-__all__ = ["SETTLED_STATES", "LeaseKeeper", "lease_ttl_of", "new_replica_id", "replica_of"]
+__all__ = [
+    "SETTLED_STATES",
+    "LeaseKeeper",
+    "lease_ttl_of",
+    "members",
+    "new_replica_id",
+    "replica_of",
+    "task_of",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +76,21 @@ return 0"""
 # Renew the lease (or take it again if it expired, say in an outage longer than the TTL)
 # and publish a heartbeat (ARGV[5]: PUBLISH, or SPUBLISH on a cluster); leave it alone if
 # another replica holds the task now (0). Given the task record (KEYS[2]), drop the lease
-# instead once the record's state (field ARGV[6]) is settled (-1); a record that is not a
-# hash (corrupt) settles nothing.
+# instead once the record's state (field ARGV[6]) is settled (ARGV[8...], the first ARGV[7]
+# of them terminal: -2 for those, -1 for the others), or the record is gone (the task was
+# deleted: -1); a record that is not a hash (corrupt) settles nothing.
 _RENEW = """local held = redis.call('GET', KEYS[1])
 if held and held ~= ARGV[1] then return 0 end
 if KEYS[2] then
   local state = redis.pcall('HGET', KEYS[2], ARGV[6])
-  for i = 7, #ARGV do
+  if state == false then
+    if held then redis.call('DEL', KEYS[1]) end
+    return -1
+  end
+  for i = 8, #ARGV do
     if state == ARGV[i] then
       if held then redis.call('DEL', KEYS[1]) end
+      if i - 8 < tonumber(ARGV[7]) then return -2 end
       return -1
     end
   end
@@ -92,6 +106,16 @@ _HEARTBEAT = """local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 return now"""
+
+
+def members(task_ids: Iterable[str]) -> list[bytes]:
+    """Task ids as members of a replica's task set: UTF-8, lone surrogates kept."""
+    return [task_id.encode("utf-8", "surrogatepass") for task_id in task_ids]
+
+
+def task_of(member: bytes) -> str:
+    """The task id a member of a replica's task set names (see :func:`members`)."""
+    return member.decode("utf-8", "surrogatepass")
 
 
 def new_replica_id() -> str:
@@ -158,10 +182,17 @@ class LeaseKeeper:
         self._due = asyncio.Event()  # set when something fresh or gone awaits a write
         self._renewer: asyncio.Task[None] | None = None
         self._closed = False
-        self._settled = [b"%d" % state for state in sorted(SETTLED_STATES)]
+        terminal = sorted(TERMINAL_STATES)
+        others = sorted(SETTLED_STATES - TERMINAL_STATES)
+        self._settled: list[EncodableT] = [len(terminal)]
+        self._settled += [b"%d" % state for state in [*terminal, *others]]
         self.renewals = 0  # renewal pipelines sent (for stats)
         #: Called whenever a lease is taken or held (the control plane starts itself there).
         self.on_use: Callable[[], None] | None = None
+        #: Called with a task this replica holds whose record turned terminal under it
+        #: (a cancel recorded elsewhere, the orphan reaper): the control plane stops the
+        #: agent here, if it still runs.
+        self.on_ended: Callable[[str], None] | None = None
 
     def __len__(self) -> int:
         return len(self._held)
@@ -264,9 +295,9 @@ class LeaseKeeper:
             if take is not None:
                 calls.append(self._redis.set(take[0], take[1], px=self._ttl_ms))
             if register:
-                calls.append(self._redis.sadd(tasks, *register))
+                calls.append(self._redis.sadd(tasks, *members(register)))
             if unregister:
-                calls.append(self._redis.srem(tasks, *unregister))
+                calls.append(self._redis.srem(tasks, *members(unregister)))
             if release is not None:
                 calls.append(self._release(keys=[release[0]], args=[release[1]]))
             await asyncio.gather(*calls)
@@ -276,9 +307,9 @@ class LeaseKeeper:
                 pipe.set(take[0], take[1], px=self._ttl_ms)
             await self._heartbeat(keys=beat[0], args=beat[1], client=pipe)
             if register:
-                pipe.sadd(tasks, *register)
+                pipe.sadd(tasks, *members(register))
             if unregister:
-                pipe.srem(tasks, *unregister)
+                pipe.srem(tasks, *members(unregister))
             if release is not None:
                 await self._release(keys=[release[0]], args=[release[1]], client=pipe)
             await pipe.execute()
@@ -309,7 +340,7 @@ class LeaseKeeper:
         if is_cluster(self._redis):  # no scripts in cluster pipelines
             calls: list[Awaitable[object]] = [self._release(keys=k, args=a) for k, a in releases]
             if gone:
-                calls.append(self._redis.srem(tasks, *gone))
+                calls.append(self._redis.srem(tasks, *members(gone)))
             if held:
                 calls.append(self._redis.zadd(self._keys.replicas, {self.replica: 0}))
             else:
@@ -322,7 +353,7 @@ class LeaseKeeper:
             for keys, args in releases:
                 await self._release(keys=keys, args=args, client=pipe)
             if gone:
-                pipe.srem(tasks, *gone)
+                pipe.srem(tasks, *members(gone))
             if held:
                 pipe.zadd(self._keys.replicas, {self.replica: 0})
             else:
@@ -379,10 +410,12 @@ class LeaseKeeper:
         for (task_id, lease), result in zip(batch, results, strict=False):
             if isinstance(result, Exception):  # this task's keys only (say, a corrupt lease)
                 logger.warning("renewal of task %r's lease failed: %s", task_id, result)
-            elif result == -1 and self._held.get(task_id) is lease:
+            elif result in (-1, -2) and self._held.get(task_id) is lease:
                 del self._held[task_id]  # the task settled, whoever wrote it
                 self._gone.add(task_id)
                 logger.debug("task %r settled: its lease is dropped", task_id)
+                if result == -2 and self.on_ended is not None:
+                    self.on_ended(task_id)  # ended elsewhere: an agent here must stop
 
     async def _send_renewals(self, batch: list[tuple[str, _Lease]], gone: list[str]) -> list[Any]:
         """The renewals' replies first (one per lease), then the heartbeat's and the set's."""
@@ -403,9 +436,9 @@ class LeaseKeeper:
         if is_cluster(self._redis):  # no scripts in cluster pipelines
             extra: list[Awaitable[object]] = [self._heartbeat(keys=beat_keys, args=beat_args)]
             if names:
-                extra.append(self._redis.sadd(tasks, *names))
+                extra.append(self._redis.sadd(tasks, *members(names)))
             if gone:
-                extra.append(self._redis.srem(tasks, *gone))
+                extra.append(self._redis.srem(tasks, *members(gone)))
             return await asyncio.gather(
                 *(self._renew_script(keys=k, args=a) for k, a in calls),
                 *extra,
@@ -416,7 +449,7 @@ class LeaseKeeper:
                 await self._renew_script(keys=keys, args=args, client=pipe)
             await self._heartbeat(keys=beat_keys, args=beat_args, client=pipe)
             if names:
-                pipe.sadd(tasks, *names)
+                pipe.sadd(tasks, *members(names))
             if gone:
-                pipe.srem(tasks, *gone)
+                pipe.srem(tasks, *members(gone))
             return await pipe.execute(raise_on_error=False)

@@ -47,7 +47,8 @@ from a2a.types.a2a_pb2 import (
 )
 
 from a2a_redis.errors import A2ARedisError, redis_errors
-from a2a_redis.events.leases import replica_of
+from a2a_redis.events.leases import members as lease_members
+from a2a_redis.events.leases import replica_of, task_of
 from a2a_redis.events.plumbing import EventPlumbing
 from a2a_redis.log.codec import RecordHead
 from a2a_redis.log.event_log import close_commands
@@ -74,6 +75,13 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))"""
 
 
+# Claim a dead replica for this sweeper (ARGV[1]) for ARGV[2] ms, or keep our own claim.
+_CLAIM = """local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1"""
+
+
 class OrphanReaper:
     """Sweeps for dead replicas once per lease TTL and ends their running tasks.
 
@@ -89,6 +97,7 @@ class OrphanReaper:
         self._leases = log.leases
         self._fail = log.options.orphan_policy == "fail"
         self._dead = records.redis.register_script(_DEAD)
+        self._claim = records.redis.register_script(_CLAIM)
         self._task: asyncio.Task[None] | None = None
         self.sweeps = 0
         self.replicas_reaped = 0
@@ -133,8 +142,8 @@ class OrphanReaper:
                 continue  # our own deadline lapsed (a long pause): our next renewal fixes it
             claim = self._keys.reaper(replica)
             with redis_errors("claim a dead replica", claim):
-                mine = await self._records.redis.set(
-                    claim, self._leases.replica, nx=True, px=int(self.interval * 2000)
+                mine = await self._claim(
+                    keys=[claim], args=[self._leases.replica, int(self.interval * 2000)]
                 )
             if mine:
                 ended += await self._reap(replica)
@@ -152,7 +161,7 @@ class OrphanReaper:
                 await redis.delete(self._keys.reaper(replica))
                 self.replicas_reaped += 1
                 return 0
-        task_ids = [m.decode() for m in members]
+        task_ids = [task_of(m) for m in members]
         tokens = await self._leases_of(task_ids)
         done: list[str] = []
         ended = 0
@@ -165,7 +174,7 @@ class OrphanReaper:
             done.append(task_id)
         if done:
             with redis_errors("forget a dead replica's tasks", tasks):
-                await redis.srem(tasks, *done)
+                await redis.srem(tasks, *lease_members(done))
         self.tasks_failed += ended
         return ended
 

@@ -293,8 +293,8 @@ class RedisQueueManager(OnEventPlumbing, QueueManager):
                 return decode_rows(key, rows), (0, 0)  # closed since we read the lease: end
             return [], parse_entry_id(entry_id)  # (an older opening's close mark is history)
 
-        idle = self._log.options.owner_silence(lease_ttl_of(token, self.leases.ttl))
-        tap.pump = asyncio.ensure_future(self._pump(task_id, tap, from_the_end, idle))
+        lease = lease_ttl_of(token, self.leases.ttl)
+        tap.pump = asyncio.ensure_future(self._pump(task_id, tap, from_the_end, lease))
         self._taps.add(tap)
         tap.pump.add_done_callback(lambda _: self._taps.discard(tap))
         done, _ = await asyncio.wait({started, tap.pump}, return_when=asyncio.FIRST_COMPLETED)
@@ -307,10 +307,15 @@ class RedisQueueManager(OnEventPlumbing, QueueManager):
         task_id: str,
         tap: _RemoteTap,
         start: Callable[[], Awaitable[tuple[list[StreamEntry], Position]]],
-        idle: float,
+        lease: float,
     ) -> None:
-        """Feed ``tap`` until the close mark, or ``idle`` (the owner's lease) of silence."""
-        entries = self._log.listener.follow(task_id, start, idle_timeout=idle)
+        """Feed ``tap`` until the close mark, or until the owner is silent too long.
+
+        Too long: ``Options.owner_silence`` of its ``lease``. A consumer that leaves the
+        tap full for ``lease`` is let go.
+        """
+        silence = self._log.options.owner_silence(lease)
+        entries = self._log.listener.follow(task_id, start, idle_timeout=silence)
         try:
             async for entry in entries:
                 if entry.error is not None:
@@ -318,7 +323,7 @@ class RedisQueueManager(OnEventPlumbing, QueueManager):
                 if entry.event is None:
                     break
                 try:  # a consumer that stops reading for lease_ttl is gone: let go
-                    await asyncio.wait_for(tap.enqueue_event(entry.event), idle)
+                    await asyncio.wait_for(tap.enqueue_event(entry.event), lease)
                 except asyncio.TimeoutError:
                     logger.warning("task %r: a remote tap stopped reading; closing it", task_id)
                     break

@@ -56,8 +56,9 @@ Where this deviates from the SDK (a2a-sdk 1.3, ``default_request_handler.py``), 
    yielding the task (the SDK taps only when the client asks for the next event, so events
    in between were lost), relays the tap's events without a ``TaskManager`` (the SDK saved
    the task again from a stale copy: chunks appended twice, last writer wins), and closes
-   its tap when the client leaves. A task without a queue raises ``TaskNotFoundError`` before
-   any event rather than after the snapshot.
+   its tap when the client leaves. A task without a queue yields the stored task, then ends
+   if it waits for input or authentication (as V2 does), else raises ``TaskNotFoundError``
+   (as the SDK does).
 
 Residuals: a cancel waits for the sender's consumer, which stores each event only when its
 client reads the previous one (a sender that stops reading without leaving holds the cancel,
@@ -109,6 +110,7 @@ __all__ = ["RedisLegacyRequestHandler"]
 logger = logging.getLogger(__name__)
 
 S = TaskState
+INTERRUPTED = frozenset({S.TASK_STATE_INPUT_REQUIRED, S.TASK_STATE_AUTH_REQUIRED})
 
 
 def _not_cancelable(state: int) -> TaskNotCancelableError:
@@ -407,8 +409,11 @@ class RedisLegacyRequestHandler(OnControlPlane, LegacyRequestHandler):
                 message=f"Task {task.id} is in terminal state: {S.Name(task.status.state)}"
             )
         queue = await self._queue_manager.tap(task.id)
-        if queue is None:
-            raise TaskNotFoundError
+        if queue is None:  # no agent runs it: the stored task (as the SDK), then the end
+            yield task
+            if task.status.state in INTERRUPTED:
+                return  # waiting for input: nothing will come until a message (as V2)
+            raise TaskNotFoundError  # the SDK's answer when no queue is open
         try:
             yield task
             async for event in EventConsumer(queue).consume_all():

@@ -24,6 +24,7 @@ sees it).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from a2a.server.cluster import TaskVersion, VersionedEvent
@@ -59,6 +60,7 @@ class RedisRequestHandler(OnControlPlane, DefaultRequestHandler):
             kwargs["agent_executor"] = VisibleCancel(kwargs["agent_executor"])
         super().__init__(*args, **kwargs)
         self._control: ControlPlane = control
+        self._cancelling: dict[str, asyncio.Future[Task]] = {}
         control.register(self)
 
     async def on_cancel_task(
@@ -68,6 +70,37 @@ class RedisRequestHandler(OnControlPlane, DefaultRequestHandler):
         self._start_control()
         result: Task | None = await super().on_cancel_task(params, context)
         return result
+
+    async def _cancel_local(self, task_id: str, context: ServerCallContext) -> Task:
+        """The SDK's local cancel, once per task at a time.
+
+        Concurrent cancels (local, or forwarded from other replicas) share it, so the
+        agent's ``cancel`` runs once, and one CANCELED is written.
+        """
+        running = self._cancelling.get(task_id)
+        if running is None:
+            running = asyncio.ensure_future(super()._cancel_local(task_id, context))
+            self._cancelling[task_id] = running
+            running.add_done_callback(lambda _: self._cancelling.pop(task_id, None))
+        result: Task = await asyncio.shield(running)
+        return result
+
+    async def stop_here(self, task_id: str) -> bool:
+        """Stop ``task_id``'s agent here if its stored task was ended by another writer.
+
+        Called when the lease renewal finds the record terminal: a cancel recorded by
+        another replica, or the orphan reaper. Nothing if the agent does not run here, or if
+        the terminal write was this replica's own (the stored version is the one it wrote).
+        """
+        active = await self._active_task_registry.get(task_id)
+        if active is None or active.is_finished:
+            return False
+        manager = active._task_manager
+        stored = await self._versioned_store.get(task_id, manager._call_context)
+        if stored is None or stored.version == manager.current_version:
+            return False
+        await self._cancel_local(task_id, manager._call_context)
+        return True
 
     async def cancel_here(self, task_id: str) -> Task | None:
         """Cancel ``task_id`` as a local cancel does, if it runs here; else None.

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from a2a.client import Client, ClientCallContext
 from a2a.types import CancelTaskRequest, GetTaskRequest, StreamResponse, TaskState
+from a2a.utils.errors import A2AError
 
 from a2a_redis.events.orphans import LOST_REPLICA_TEXT
 from tests.helpers import (
@@ -25,6 +26,7 @@ from tests.helpers import (
     final_state,
     replica_pair,
     send_request,
+    subscribe_live,
 )
 
 S = TaskState
@@ -184,3 +186,35 @@ async def test_a_replica_frozen_past_its_lease_finds_its_task_failed_and_stops(f
         after = await b.get_task(GetTaskRequest(id=task_id))
         assert after.status.state == S.TASK_STATE_FAILED
         assert chunks([StreamResponse(task=after)]) == chunks([StreamResponse(task=stored)])
+
+
+# --- an agent that raises -----------------------------------------------------------------
+
+
+@pytest.fixture
+def paced_pair(
+    real_url: str, prefix: str, kind: str
+) -> Iterator[tuple[ReplicaProcess, ReplicaProcess]]:
+    with replica_pair(real_url, prefix, 0.3, *handler_args(kind)) as pair:
+        yield pair
+
+
+async def test_an_agent_that_raises_ends_failed_for_the_sender_and_a_resubscriber(
+    paced_pair, kind: str
+):
+    async with client_pair(*paced_pair) as (a, b):
+        task_id, seen_a, runner_a = await start(a, "chunks=4 fail-late")
+        seen_b, runner_b = await subscribe_live(b, task_id, read_timeout=GUARD, guard=GUARD)
+        await asyncio.wait_for(runner_b, GUARD)  # B: the FAILED event, then a clean end
+        assert final_state(seen_b) == S.TASK_STATE_FAILED
+        assert chunks(seen_b) == [f"chunk {i} from A" for i in range(4)]
+        if kind == "legacy":  # the sender too: FAILED, then a clean end
+            await asyncio.wait_for(runner_a, GUARD)
+            assert final_state(seen_a) == S.TASK_STATE_FAILED
+        else:  # the SDK's V2 handler reports the agent's error in the sender's stream
+            with pytest.raises(A2AError, match="asked to fail"):
+                await asyncio.wait_for(runner_a, GUARD)
+        for client in (a, b):
+            stored = await client.get_task(GetTaskRequest(id=task_id))
+            assert stored.status.state == S.TASK_STATE_FAILED
+            assert chunks([StreamResponse(task=stored)]) == [f"chunk {i} from A" for i in range(4)]

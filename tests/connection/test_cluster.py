@@ -206,7 +206,10 @@ def test_cluster_url_forms():
 async def test_one_pubsub_connection_per_shard_not_per_task(
     shared_cluster: EmbeddedCluster, prefix: str
 ):
-    """30 followed tasks spread over the 3 primaries: 3 pub/sub connections, SSUBSCRIBEd."""
+    """30 followed tasks spread over the 3 primaries: 3 pub/sub connections, SSUBSCRIBEd.
+
+    (One more shard channel: the replica's control channel, on the same links.)
+    """
     async with RedisBackend.from_url(shared_cluster.url, prefix=prefix) as backend:
         ids = [f"task-{i}" for i in range(30)]
         owners = {
@@ -229,7 +232,7 @@ async def test_one_pubsub_connection_per_shard_not_per_task(
 
         try:
             await eventually(
-                lambda: subscribed() == 30 and backend.listener.connected, interval=0.05
+                lambda: subscribed() == 31 and backend.listener.connected, interval=0.05
             )
             stats = backend.listener.stats()
             assert stats["tasks"] == 30 and stats["connections"] == 3

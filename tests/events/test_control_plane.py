@@ -14,15 +14,25 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from a2a.helpers.proto_helpers import new_task_from_user_message
+from a2a.server.agent_execution import AgentExecutor, RequestContext
 from a2a.server.cluster import ConcurrentTaskModificationError, TaskVersion, VersionedEvent
-from a2a.types.a2a_pb2 import Task, TaskState, TaskStatusUpdateEvent
+from a2a.server.events.event_queue import EventQueue
+from a2a.server.tasks.task_updater import TaskUpdater
+from a2a.types.a2a_pb2 import (
+    CancelTaskRequest,
+    SendMessageRequest,
+    Task,
+    TaskState,
+    TaskStatusUpdateEvent,
+)
 
 from a2a_redis import RedisBackend, TerminalStateError
 from a2a_redis.events.leases import replica_of
 from a2a_redis.events.orphans import LOST_REPLICA_TEXT
 from a2a_redis.handlers.cancel import record_cancel
 from a2a_redis.log.codec import version_int
-from tests.helpers import ctx, eventually, make_task
+from tests.helpers import agent_card, ctx, eventually, make_task, user_message
 
 S = TaskState
 LEASE = 0.5  # seconds: the replicas' lease (the reaper's sweeps are driven by hand here)
@@ -229,3 +239,93 @@ async def test_a_forwarded_cancel_falls_back_when_the_holder_does_not_answer(
         await b.redis.set(lease, b"0123456789abcdef-00:10000", px=10_000)
         assert await b.control.forward_cancel("t") is None
         assert b.control.stats()["cancels_fallen_back"] == 2
+
+
+class SilentAgent(AgentExecutor):
+    """WORKING, then nothing until cancelled; counts its cancels."""
+
+    def __init__(self) -> None:
+        self.cancels = 0
+
+    async def execute(self, context: RequestContext, event_queue: EventQueue) -> None:
+        if context.current_task is None:
+            await event_queue.enqueue_event(new_task_from_user_message(context.message))
+        await TaskUpdater(event_queue, str(context.task_id), str(context.context_id)).start_work()
+        await asyncio.sleep(3600)
+
+    async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
+        self.cancels += 1
+
+
+async def test_two_replicas_forwarding_cancels_at_once_cancel_the_agent_once(
+    real_url: str, prefix: str
+):
+    async with replicas(real_url, prefix, 3) as (a, b, c):
+        agent = SilentAgent()
+        ha = a.request_handler(agent, agent_card())
+        hb, hc = (x.request_handler(SilentAgent(), agent_card()) for x in (b, c))
+        request = SendMessageRequest(message=user_message("go"))
+        working: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        async def drain() -> list[Any]:
+            seen = []
+            async for event in ha.on_message_send_stream(request, ctx()):
+                seen.append(event)
+                status = getattr(event, "status", None)
+                working_now = status is not None and status.state == S.TASK_STATE_WORKING
+                if working_now and not working.done():
+                    working.set_result(event.task_id)
+            return seen
+
+        runner = asyncio.create_task(drain())
+        task_id = await asyncio.wait_for(working, 30)
+        answers = await asyncio.gather(
+            hb.on_cancel_task(CancelTaskRequest(id=task_id), ctx()),
+            hc.on_cancel_task(CancelTaskRequest(id=task_id), ctx()),
+            return_exceptions=True,
+        )
+        states = {x.status.state for x in answers if not isinstance(x, BaseException)}
+        assert states == {S.TASK_STATE_CANCELED}, answers
+        seen = await asyncio.wait_for(runner, 30)
+        assert seen[-1].status.state == S.TASK_STATE_CANCELED  # A's stream ended with it
+        assert agent.cancels == 1  # the agent's cancel ran once, on A
+        assert b.control.stats()["cancels_answered"] + c.control.stats()["cancels_answered"] >= 1
+        assert (await state_of(c, task_id)).status.state == S.TASK_STATE_CANCELED
+
+
+async def test_a_cancel_recorded_elsewhere_stops_the_agent_at_its_next_renewal(
+    real_url: str, prefix: str
+):
+    """The forwarded request is lost (or the holder too slow): B records CANCELED itself;
+    A's lease renewal finds the record terminal and stops the agent; A's stream ends."""
+    async with replicas(real_url, prefix, 2) as (a, b):
+        agent = SilentAgent()
+        ha = a.request_handler(agent, agent_card())
+        hb = b.request_handler(SilentAgent(), agent_card())
+
+        async def lost(task_id: str) -> None:
+            return None  # as if A never answered within cancel_timeout
+
+        b.control.forward_cancel = lost  # type: ignore[method-assign,assignment]
+        request = SendMessageRequest(message=user_message("go"))
+        working: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        async def drain() -> list[Any]:
+            seen = []
+            async for event in ha.on_message_send_stream(request, ctx()):
+                seen.append(event)
+                status = getattr(event, "status", None)
+                working_now = status is not None and status.state == S.TASK_STATE_WORKING
+                if working_now and not working.done():
+                    working.set_result(event.task_id)
+            return seen
+
+        runner = asyncio.create_task(drain())
+        task_id = await asyncio.wait_for(working, 30)
+        cancelled = await hb.on_cancel_task(CancelTaskRequest(id=task_id), ctx())
+        assert cancelled.status.state == S.TASK_STATE_CANCELED  # recorded by B
+        seen = await asyncio.wait_for(runner, 30)  # A's agent was stopped: its stream ends
+        assert seen[-1].status.state == S.TASK_STATE_CANCELED
+        await eventually(lambda: a.control.stats()["agents_stopped"] == 1, what="stopped")
+        assert agent.cancels == 1
+        assert (await state_of(a, task_id)).status.state == S.TASK_STATE_CANCELED

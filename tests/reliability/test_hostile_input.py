@@ -46,6 +46,7 @@ from hypothesis import strategies as st
 from a2a_redis import (
     A2ARedisError,
     InvalidIdError,
+    RedisBackend,
     RedisPushNotificationConfigStore,
     RedisQueueManager,
     RedisTaskEventStream,
@@ -268,6 +269,9 @@ async def exercise(c: Components, task_ids: list[str], context_id: str, owner: s
         assert await c.push.get_info(task_id, who) == [saved]
         assert await c.push.get_info_for_dispatch(task_id) == [saved]
         await queue_round_trip(c, task_id)
+    # The replicas' own bookkeeping (leases.py): their heartbeats and task sets.
+    expected.add(keys.replicas)
+    expected |= {keys.replica_tasks(x.leases.replica) for x in (c.stream, c.owner_qm, c.remote_qm)}
     return expected
 
 
@@ -308,6 +312,18 @@ async def test_hostile_ids_through_every_component_stay_in_their_keys(
         assert {c.store.keys.task(t) for t in task_ids} <= found
         for task_id in task_ids:
             await c.store.delete(task_id, ctx(owner))
+        await c.aclose()
+        # What is left is replicas' bookkeeping: a replica that closed while it held leases
+        # leaves its task set for a survivor's sweep, which forgets it (the tasks are gone).
+        left = await scan(redis, Keys(sub).scan_pattern())
+        keys = Keys(sub)
+        assert all(k == keys.replicas or k.endswith("}:tasks") for k in left), left
+        survivor = RedisBackend(redis, prefix=sub)
+        try:
+            for _ in range(8):  # a sweep handles each dead replica; then forgets it
+                await survivor.control.reaper.sweep()
+        finally:
+            await survivor.aclose()
         assert await scan(redis, Keys(sub).scan_pattern()) == set()  # deleted: nothing left
     finally:
         await c.aclose()
@@ -336,7 +352,7 @@ async def test_no_key_lands_outside_the_prefix_on_a_private_server(
         expected = await exercise(c, task_ids, context_id, owner)
         everything = await scan(client, "*")  # nothing else uses this server
         assert everything <= expected, everything - expected
-        assert all(k.startswith(sub + ":{") for k in everything)
+        assert all(k.startswith(sub + ":{") or k == sub + ":replicas" for k in everything)
     finally:
         await c.aclose()
         left = await scan(client, f"{sub}:*")  # delete by prefix, as everywhere
