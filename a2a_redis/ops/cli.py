@@ -1,4 +1,4 @@
-"""The ``a2a-redis`` command line: ``doctor``, ``tasks``, ``tasks get``, ``tail`` and ``demo``.
+"""The ``a2a-redis`` command line: ``doctor``, ``tasks`` (``get``), ``tail``, ``migrate``, ``demo``.
 
 Every command takes ``--url`` (default ``$REDIS_URL``, else ``redis://127.0.0.1:6379/0``) and
 ``--prefix`` (default ``a2a``), before or after the command name. Task commands see what the
@@ -46,7 +46,7 @@ from a2a_redis.errors import A2ARedisError
 from a2a_redis.events.event_stream import RedisTaskEventStream
 from a2a_redis.log.codec import TERMINAL_STATES, version_int
 from a2a_redis.log.keys import Keys
-from a2a_redis.ops import doctor
+from a2a_redis.ops import cli_migrate, doctor
 from a2a_redis.ops.report import Report
 from a2a_redis.ops.report import size as format_size
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
@@ -57,8 +57,6 @@ __all__ = ["main"]
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_PREFIX = "a2a"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PROBLEM, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-#: ``doctor`` inspects at most this many keys of the namespace (SCAN + MEMORY USAGE).
-#: The oldest server with every command a2a-redis sends (ZRANGE ... BYLEX REV LIMIT).
 
 _EPILOG = """\
 exit status:
@@ -379,6 +377,7 @@ def _parser() -> argparse.ArgumentParser:
         help="replay retained events from this version on, then follow (default: new only)",
     )
     tail.add_argument("--until-final", action="store_true", help="stop after a terminal state")
+    cli_migrate.add_parser(sub, [common])
     demo = sub.add_parser("demo", help="run the two-replica demo (embedded server by default)")
     demo.add_argument(
         "--url",
@@ -393,6 +392,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "tasks": _tasks,
     "get": _task_get,
     "tail": _tail,
+    "migrate": cli_migrate.run,
 }
 
 
