@@ -34,8 +34,15 @@ from a2a.server.context import ServerCallContext
 from a2a.server.events.event_queue import Event
 
 from a2a_redis.connection.cluster import Client
-from a2a_redis.errors import A2ARedisError, TaskOwnedElsewhereError, TerminalStateError
-from a2a_redis.log.codec import RecordHead
+from a2a_redis.connection.transaction import execute
+from a2a_redis.errors import (
+    A2ARedisError,
+    InvalidIdError,
+    TaskOwnedElsewhereError,
+    TerminalStateError,
+    redis_errors,
+)
+from a2a_redis.log.codec import F_OWNER, F_VERSION, RecordHead
 from a2a_redis.options import Options
 from a2a_redis.stores.push_config_store import RedisPushNotificationConfigStore
 from a2a_redis.stores.records import TaskRecords
@@ -157,17 +164,50 @@ class Migrator:
         self.counts = Counts()
 
     async def copy_batch(self, items: list[Any]) -> None:
-        """Copy one batch (at most ``concurrency`` writes in flight)."""
-        await asyncio.gather(*(self._guarded(item) for item in items))
+        """Copy one batch (at most ``concurrency`` writes in flight).
 
-    async def _guarded(self, item: Any) -> None:
+        One pipelined read of every task's owner and version first: the tasks Redis holds
+        at the same version (a repeated or resumed run) are skipped without a transaction.
+        """
+        valid = []
+        for item in items:
+            try:
+                valid.append((item, self.records.keys.task(item.task_id)))
+            except InvalidIdError as e:  # an id Redis keys cannot hold: this task fails alone
+                self.counts.seen += 1
+                self.counts.fail(item.task_id, f"InvalidIdError: {e}"[:300])
+        if not valid:
+            return
+        heads = await self._heads([key for _, key in valid])
+        await asyncio.gather(
+            *(self._guarded(item, head) for (item, _), head in zip(valid, heads, strict=True))
+        )
+
+    async def _heads(self, keys: list[str]) -> list[tuple[str, int] | None]:
+        with redis_errors("read task versions", keys[0]):
+            async with self.records.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hmget(key, [F_OWNER, F_VERSION])
+                rows = await execute(pipe)
+        return [
+            None if owner is None else (owner.decode("utf-8", "replace"), int(version or 0))
+            for owner, version in rows
+        ]
+
+    async def _guarded(self, item: Any, head: tuple[str, int] | None) -> None:
         async with self._slots:
             self.counts.seen += 1
             if item.error or item.task is None:
                 self.counts.fail(item.task_id, item.error or "no task")
                 return
             try:
+                if head is not None:  # decided here; the write decides again under WATCH
+                    if head[0] != item.owner:
+                        raise _Skip(conflict=True)
+                    self._choose(item, head[1])
                 await self._copy(item)
+            except _Skip as s:
+                self._skipped(item.task_id, s)
             except A2ARedisError as e:
                 self.counts.fail(item.task_id, f"{type(e).__name__}: {e}"[:300])
 
@@ -192,20 +232,12 @@ class Migrator:
         history: list[tuple[int, Event]] = [
             (v, e) for v, e in item.events if v <= (item.version or 1)
         ]
-        if self.dry_run or item.push_configs:
-            found = await self.records.read_any(item.task_id)
-            try:
-                if found is not None and found[0] != item.owner:
-                    raise _Skip(conflict=True)
-                self._choose(item, None if found is None else found[2])
-            except _Skip as s:
-                self._skipped(item.task_id, s)
-                return
-            if self.dry_run:
-                self.counts.copied += 1
-                self.counts.push_configs += len(item.push_configs)
-                self.counts.events += len(history)
-                return
+        if self.dry_run:
+            self.counts.copied += 1
+            self.counts.push_configs += len(item.push_configs)
+            self.counts.events += len(history)
+            return
+        if item.push_configs:
             for owner, config in item.push_configs:  # before the task: a resumed run redoes them
                 await self.push.set_info(
                     item.task_id, config, ServerCallContext(state={_OWNER: owner})

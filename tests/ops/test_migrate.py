@@ -336,6 +336,8 @@ async def test_interrupted_run_resumes_second_run_copies_nothing_and_newer_is_ke
         assert (resumed.copied, resumed.skipped, resumed.conflicts, resumed.failures) == (
             len(made) - 10, 10, 0, 0,
         )  # fmt: skip
+        clear = RedisPushNotificationConfigStore(client, prefix=prefix)  # copied in clear
+        assert [c.url for c in await clear.get_info("task-0008", ctx("bob"))] == ["https://hook/8"]
         again = await migrate_mod.migrate(source, client, prefix)
         assert (again.copied, again.skipped, again.events, again.push_configs) == (
             0, len(made), 0, 0,
