@@ -17,10 +17,9 @@ import json
 import os
 import runpy
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from a2a.server.cluster import TaskVersion
 from a2a.server.context import ServerCallContext
@@ -31,7 +30,6 @@ from a2a.types.a2a_pb2 import (
     Role,
     Task,
     TaskArtifactUpdateEvent,
-    TaskState,
     TaskStatusUpdateEvent,
 )
 from a2a.utils.errors import A2AError
@@ -39,14 +37,25 @@ from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from redis import exceptions as rex
 
-from a2a_redis.connection.clients import client_from_url
 from a2a_redis.connection.cluster import Client
-from a2a_redis.connection.pool import PoolSettings
 from a2a_redis.errors import A2ARedisError
 from a2a_redis.events.event_stream import RedisTaskEventStream
 from a2a_redis.log.codec import TERMINAL_STATES, version_int
 from a2a_redis.log.keys import Keys
 from a2a_redis.ops import cli_migrate, doctor
+from a2a_redis.ops.cli_common import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PROBLEM,
+)
+from a2a_redis.ops.cli_common import Fail as _Fail
+from a2a_redis.ops.cli_common import connect as _connect
+from a2a_redis.ops.cli_common import describe_error as _describe_error
+from a2a_redis.ops.cli_common import int_at_least as _int_at_least
+from a2a_redis.ops.cli_common import parse_state as _parse_state
+from a2a_redis.ops.cli_common import redact as _redact
+from a2a_redis.ops.cli_common import state_name as _state_name
 from a2a_redis.ops.report import Report
 from a2a_redis.ops.report import size as format_size
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
@@ -56,7 +65,6 @@ __all__ = ["main"]
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_PREFIX = "a2a"
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PROBLEM, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 _EPILOG = """\
 exit status:
@@ -72,75 +80,9 @@ exit status:
 """
 
 
-class _Fail(Exception):
-    """An expected failure: printed as one line on stderr, exit status ``code``."""
-
-    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 # -- helpers -------------------------------------------------------------------------------
-def _redact(url: str) -> str:
-    """``url`` with its password masked."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.netloc.rsplit("@", 1)[1]
-        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-    except ValueError:
-        return "<unparsable URL>"
-
-
-def _state_name(state: int) -> str:
-    try:
-        return TaskState.Name(state).removeprefix("TASK_STATE_")
-    except ValueError:
-        return str(state)
-
-
-_STATE_NAMES = [v.name for v in TaskState.DESCRIPTOR.values if v.number]
-
-
-def _parse_state(text: str) -> int:
-    name = text.strip().upper().replace("-", "_")
-    if not name.startswith("TASK_STATE_"):
-        name = "TASK_STATE_" + name
-    try:
-        return int(TaskState.Value(name))
-    except ValueError:
-        known = ", ".join(n[11:].lower() for n in _STATE_NAMES)
-        raise argparse.ArgumentTypeError(f"unknown state {text!r} (one of: {known})") from None
-
-
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}")
-        return value
-
-    return parse
-
-
 def _timestamp(ts: Timestamp, present: bool) -> str:
     return ts.ToJsonString() if present else "-"
-
-
-@contextlib.asynccontextmanager
-async def _connect(url: str) -> AsyncIterator[Client]:
-    """A client of ``url`` that has answered a PING; closed on exit."""
-    # a command-line tool fails fast: no retry, a short connect timeout
-    client = client_from_url(url, PoolSettings(max_connections=8, retries=0))
-    try:
-        await client.ping()
-        yield client
-    finally:
-        await client.aclose()
 
 
 def _store(client: Client, args: argparse.Namespace) -> VersionedRedisTaskStore:
@@ -394,28 +336,6 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "tail": _tail,
     "migrate": cli_migrate.run,
 }
-
-
-def _describe_error(error: BaseException, url: str) -> str:
-    where = _redact(url)
-    if isinstance(error, rex.AuthenticationError) or str(error).startswith("NOAUTH"):
-        try:
-            has_password = urlsplit(url).password is not None
-        except ValueError:
-            has_password = False
-        if not has_password:
-            return (
-                f"{where}: the server requires a password; "
-                "give it in the URL (redis://:PASSWORD@host:port/db)"
-            )
-        return f"{where}: authentication failed: {error}"
-    if isinstance(error, (rex.ConnectionError, rex.TimeoutError)):
-        return f"cannot reach Redis at {where}: {error}"
-    if isinstance(error, rex.ResponseError) and str(error).startswith("MOVED"):
-        return f"{where} is a cluster node and the key lives on another node: {error}"
-    if isinstance(error, rex.RedisError):
-        return f"Redis error from {where}: {error}"
-    return str(error)
 
 
 def main(argv: list[str] | None = None) -> int:
