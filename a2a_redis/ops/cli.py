@@ -1,11 +1,14 @@
-"""The ``a2a-redis`` command line: ``doctor``, ``tasks`` (``get``), ``tail``, ``migrate``, ``demo``.
+"""The ``a2a-redis`` command line: doctor, tasks (get/cancel/delete), tail, migrate, demo...
+
+Also ``export``, ``import``, ``purge`` and ``stats`` (``cli_ops.py``).
 
 Every command takes ``--url`` (default ``$REDIS_URL``, else ``redis://127.0.0.1:6379/0``) and
 ``--prefix`` (default ``a2a``), before or after the command name. Task commands see what the
 store shows one owner (``--owner``, default ``""``: the unauthenticated user).
 
 Exit status: 0 success; 1 error (Redis unreachable, wrong password, task not found, ...),
-with one line on stderr; 2 usage error; 3 ``doctor`` found a problem; 130 interrupted.
+with one line on stderr; 2 usage error; 3 ``doctor`` found a problem (``migrate``, ``import``:
+conflicts or failures); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from a2a_redis.errors import A2ARedisError
 from a2a_redis.events.event_stream import RedisTaskEventStream
 from a2a_redis.log.codec import TERMINAL_STATES, version_int
 from a2a_redis.log.keys import Keys
-from a2a_redis.ops import cli_migrate, doctor
+from a2a_redis.ops import cli_migrate, cli_ops, doctor
 from a2a_redis.ops.cli_common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -71,7 +74,8 @@ exit status:
   0    success (doctor: no problem found)
   1    error: bad URL, Redis unreachable, wrong password, task not found, ...
   2    usage error
-  3    doctor found a problem: a maxmemory-policy other than noeviction, a read-only
+  3    migrate, import: conflicts or failures (listed with their ids);
+       doctor found a problem: a maxmemory-policy other than noeviction, a read-only
        replica, a Sentinel instead of a data server, a server older than 6.2, memory
        use near maxmemory, or failing persistence; with redis+sentinel://, also a
        Sentinel down, fewer than 3 Sentinels, no replica or one not replicating, and
@@ -296,13 +300,13 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     tasks = sub.add_parser(
-        "tasks", parents=[common, owner], help="list an owner's tasks, newest first (or: get)"
+        "tasks", parents=[common, owner], help="list an owner's tasks (or: get, cancel, delete)"
     )
     tasks.add_argument("--context", default="", help="only tasks of this context id")
     tasks.add_argument("--status", type=_parse_state, default=0, help="only tasks in this state")
     tasks.add_argument("--page-size", type=_int_at_least(1), default=50, help="default 50")
     tasks.add_argument("--page-token", default="", help="continue a listing")
-    tasks_sub = tasks.add_subparsers(dest="tasks_command", metavar="get")
+    tasks_sub = tasks.add_subparsers(dest="tasks_command", metavar="get|cancel|delete")
     get = tasks_sub.add_parser("get", parents=[common, owner], help="show one task")
     get.add_argument("task_id")
     get.add_argument("--json", action="store_true", help="print {version, task} as JSON")
@@ -319,7 +323,9 @@ def _parser() -> argparse.ArgumentParser:
         help="replay retained events from this version on, then follow (default: new only)",
     )
     tail.add_argument("--until-final", action="store_true", help="stop after a terminal state")
+    cli_ops.add_task_parsers(tasks_sub, [common, owner])
     cli_migrate.add_parser(sub, [common])
+    cli_ops.add_parsers(sub, [common, owner])
     demo = sub.add_parser("demo", help="run the two-replica demo (embedded server by default)")
     demo.add_argument(
         "--url",
@@ -335,6 +341,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "get": _task_get,
     "tail": _tail,
     "migrate": cli_migrate.run,
+    **cli_ops.COMMANDS,
 }
 
 
@@ -348,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
-        command = "get" if getattr(args, "tasks_command", None) == "get" else args.command
+        command = getattr(args, "tasks_command", None) or args.command
         result: int = asyncio.run(_COMMANDS[command](args))
         return result
     except KeyboardInterrupt:

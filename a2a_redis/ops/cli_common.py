@@ -77,6 +77,7 @@ def parse_state(text: str) -> int:
 
 def int_at_least(low: int) -> Callable[[str], int]:
     """An argparse type: an integer of at least ``low``."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -90,10 +91,18 @@ def int_at_least(low: int) -> Callable[[str], int]:
 
 
 @contextlib.asynccontextmanager
-async def connect(url: str) -> AsyncIterator[Client]:
-    """A client of ``url`` that has answered a PING; closed on exit."""
+async def connect(url: str, *, writers: int = 0) -> AsyncIterator[Client]:
+    """A client of ``url`` that has answered a PING; closed on exit.
+
+    ``writers``: concurrent task writes the command runs; each may hold two connections at
+    once on a cluster (its transaction, and its owner's index intent), so the pool is sized
+    ``2 * writers + 4``.
+    """
     # a command-line tool fails fast: no retry, a short connect timeout
-    client = client_from_url(url, PoolSettings(max_connections=8, retries=0))
+    size = max(8, 2 * writers + 4)
+    client = client_from_url(
+        url, PoolSettings(max_connections=size, retries=0 if not writers else 1)
+    )
     try:
         await client.ping()
         yield client

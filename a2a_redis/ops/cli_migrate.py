@@ -85,7 +85,7 @@ async def run(args: argparse.Namespace) -> int:
     tables = Tables(args.tasks_table, args.versions_table, args.events_table, args.push_table)
     source = SqlSource(args.dsn, tables, encryption_key=args.encryption_key, batch=args.batch)
     client = client_from_url(
-        args.url, PoolSettings(max_connections=args.concurrency + 4, retries=1)
+        args.url, PoolSettings(max_connections=2 * args.concurrency + 4, retries=1)
     )
     result: dict[str, Any] = {"dry_run": args.dry_run}
     try:
