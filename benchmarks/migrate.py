@@ -9,11 +9,14 @@ and for PostgreSQL (``A2A_BENCH_POSTGRES_DSN``):
    same rows alone (``SqlSource.batches``: the SQL side's floor);
 2. a second run over the same tasks (every one skipped: what resuming costs);
 3. peak Python memory of a migration (tracemalloc, a separate run into a fresh prefix):
-   it stays at the size of a batch, not of the table.
+   it stays at the size of a batch, not of the table;
+4. (SQLite run only) ``export`` of that prefix (all owners: SCAN, ids sorted) with its peak
+   memory, then ``purge`` of every task (all COMPLETED, older than 30 days), three owners.
 """
 
 from __future__ import annotations
 
+import io
 import time
 import tracemalloc
 import warnings
@@ -25,6 +28,7 @@ from a2a.utils.proto_utils import to_stream_response
 from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from a2a_redis.ops import admin, transfer
 from a2a_redis.ops.migrate import migrate
 from a2a_redis.ops.sql_source import SqlSource, Tables
 from benchmarks.common import Benchmark, Report, RunContext
@@ -99,7 +103,8 @@ async def _one(ctx: RunContext, report: Report, label: str, dsn: str, n: int) ->
             second = await migrate(source, ctx.bulk_redis, prefix)
             second_s = time.perf_counter() - started
             tracemalloc.start()
-            await migrate(source, ctx.bulk_redis, ctx.namespace(f"migrate:{label}:mem"))
+            copy = ctx.namespace(f"migrate:{label}:mem")
+            await migrate(source, ctx.bulk_redis, copy)
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
         finally:
@@ -115,11 +120,48 @@ async def _one(ctx: RunContext, report: Report, label: str, dsn: str, n: int) ->
             f"migrate from {label}: peak Python memory", "MiB", higher_is_better=False
         ) as g:
             g.add(f"{n:,} tasks", peak / 2**20, detail={"bytes": peak})
+        if label == "sqlite":
+            await _export_and_purge(ctx, report, copy, n)
     finally:
         async with engine.begin() as conn:
             for table in (tables.tasks, tables.versions, tables.events):
                 await conn.execute(text(f'DROP TABLE IF EXISTS "{table}"'))
         await engine.dispose()
+
+
+class _Counter(io.TextIOBase):
+    """A text sink that counts what it is given (the export's output, not kept)."""
+
+    def __init__(self) -> None:
+        self.chars = 0
+
+    def write(self, text: str) -> int:
+        self.chars += len(text)
+        return len(text)
+
+
+async def _export_and_purge(ctx: RunContext, report: Report, prefix: str, n: int) -> None:
+    sink = _Counter()
+    tracemalloc.start()
+    started = time.perf_counter()
+    exported = await transfer.export(ctx.bulk_redis, prefix, sink)
+    export_s = time.perf_counter() - started
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    started = time.perf_counter()
+    purged = 0
+    for owner in await admin.owners(ctx.bulk_redis, prefix):
+        counts = await admin.purge(
+            ctx.bulk_redis, prefix, owner, [TaskState.TASK_STATE_COMPLETED], 30 * 86_400
+        )
+        purged += sum(counts.values())
+    purge_s = time.perf_counter() - started
+    assert exported == n and purged == n, (exported, purged)
+    with report.group(f"export and purge, {n:,} tasks", "tasks/s", higher_is_better=True) as g:
+        g.add("export (tracemalloc on)", n / export_s, detail={"bytes": sink.chars})
+        g.add("purge", n / purge_s, detail={"seconds": purge_s})
+    with report.group("export: peak Python memory", "MiB", higher_is_better=False) as g:
+        g.add(f"{n:,} tasks", peak / 2**20, detail={"bytes": peak})
 
 
 async def run(ctx: RunContext, report: Report) -> None:
