@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import os
 import runpy
@@ -96,9 +97,16 @@ def _store(client: Client, args: argparse.Namespace) -> VersionedRedisTaskStore:
 
 async def _doctor(args: argparse.Namespace) -> int:
     report = Report()
+    printed = io.StringIO()
     async with _connect(args.url) as client:
-        report.line("url", _redact(args.url))
-        await doctor.check(client, Keys(args.prefix), report)
+        with contextlib.redirect_stdout(printed) if args.json else contextlib.nullcontext():
+            report.line("url", _redact(args.url))
+            await doctor.check(client, Keys(args.prefix), report)
+    if args.json:  # the report's lines as printed, and the problems found
+        lines = printed.getvalue().splitlines()
+        body = {"healthy": not report.problems, "problems": report.problems, "report": lines}
+        print(json.dumps(body, sort_keys=True))
+        return EXIT_PROBLEM if report.problems else EXIT_OK
     if report.problems:
         print(f"{len(report.problems)} problem(s) found")
         return EXIT_PROBLEM
@@ -117,6 +125,20 @@ async def _tasks(args: argparse.Namespace) -> int:
         request.page_token = args.page_token
     async with _connect(args.url) as client:
         page = await _store(client, args).list(request, ServerCallContext())
+    if args.json:
+        tasks = [
+            {
+                "id": t.id,
+                "state": _state_name(t.status.state).lower(),
+                "updated": _timestamp(t.status.timestamp, t.status.HasField("timestamp")),
+                "context_id": t.context_id,
+            }
+            for t in page.tasks
+        ]
+        body = {"tasks": tasks, "total_size": page.total_size, "next_page_token": None}
+        body["next_page_token"] = page.next_page_token or None
+        print(json.dumps(body, sort_keys=True))
+        return EXIT_OK
     if page.tasks:
         print(f"{'TASK':<36}  {'STATE':<14}  {'UPDATED':<30}  CONTEXT")
     for task in page.tasks:
@@ -167,6 +189,12 @@ async def _task_get(args: argparse.Namespace) -> int:
 # -- tail ----------------------------------------------------------------------------------
 def _describe_event(version: int, event: Event) -> str:
     """One line for an event: kinds, states, ids and sizes; never message or artifact text."""
+    kind, detail = _summary(event)
+    return f"v{version:<5} {kind:<16} {detail}"
+
+
+def _summary(event: Event) -> tuple[str, str]:
+    """An event's kind, and its states, ids and sizes (never message or artifact text)."""
     if isinstance(event, TaskStatusUpdateEvent):
         kind, detail = "status-update", _state_name(event.status.state)
         if event.status.HasField("message"):
@@ -189,7 +217,7 @@ def _describe_event(version: int, event: Event) -> str:
         detail = f"{event.message_id} from {role}: {_parts_summary(event.parts, event.ByteSize())}"
     else:  # pragma: no cover - the SDK's Event union has no other member
         kind, detail = type(event).__name__, ""
-    return f"v{version:<5} {kind:<16} {detail}"
+    return kind, detail
 
 
 def _is_final(event: Event) -> bool:
@@ -208,7 +236,11 @@ async def _tail(args: argparse.Namespace) -> int:
         if args.from_version is None:
             after = stored.version
             if args.until_final and stored.task.status.state in TERMINAL_STATES:
-                print(f"task {args.task_id} is already final ({state}) at version {current}")
+                if args.json:
+                    final = {"id": args.task_id, "state": state.lower(), "version": current}
+                    print(json.dumps({**final, "final": True}, sort_keys=True))
+                else:
+                    print(f"task {args.task_id} is already final ({state}) at version {current}")
                 return EXIT_OK
         else:
             after = TaskVersion(max(args.from_version - 1, 0))
@@ -222,7 +254,13 @@ async def _tail(args: argparse.Namespace) -> int:
         try:
             async with contextlib.aclosing(stream.subscribe(args.task_id, after=after)) as events:
                 async for item in events:
-                    print(_describe_event(version_int(item.version), item.event), flush=True)
+                    version = version_int(item.version)
+                    if args.json:
+                        kind, detail = _summary(item.event)
+                        line = {"version": version, "kind": kind, "detail": detail}
+                        print(json.dumps(line, sort_keys=True), flush=True)
+                    else:
+                        print(_describe_event(version, item.event), flush=True)
                     if args.until_final and _is_final(item.event):
                         return EXIT_OK
         finally:
@@ -298,6 +336,8 @@ def _parser() -> argparse.ArgumentParser:
             f"{doctor.KEY_SCAN_CAP:,} keys are inspected), and the replicas running tasks.\n"
             "Exit status 0 when healthy, 3 when a problem was found, 1 on errors."
         ),
+    ).add_argument(
+        "--json", action="store_true", help="print {healthy, problems, report lines} as JSON"
     )
     tasks = sub.add_parser(
         "tasks", parents=[common, owner], help="list an owner's tasks (or: get, cancel, delete)"
@@ -306,6 +346,7 @@ def _parser() -> argparse.ArgumentParser:
     tasks.add_argument("--status", type=_parse_state, default=0, help="only tasks in this state")
     tasks.add_argument("--page-size", type=_int_at_least(1), default=50, help="default 50")
     tasks.add_argument("--page-token", default="", help="continue a listing")
+    tasks.add_argument("--json", action="store_true", help="print the page as JSON")
     tasks_sub = tasks.add_subparsers(dest="tasks_command", metavar="get|cancel|delete")
     get = tasks_sub.add_parser("get", parents=[common, owner], help="show one task")
     get.add_argument("task_id")
@@ -323,6 +364,7 @@ def _parser() -> argparse.ArgumentParser:
         help="replay retained events from this version on, then follow (default: new only)",
     )
     tail.add_argument("--until-final", action="store_true", help="stop after a terminal state")
+    tail.add_argument("--json", action="store_true", help="one JSON object per event")
     cli_ops.add_task_parsers(tasks_sub, [common, owner])
     cli_migrate.add_parser(sub, [common])
     cli_ops.add_parsers(sub, [common, owner])

@@ -256,3 +256,45 @@ def test_purge_removes_only_what_matches_and_list_totals_stay_right(
     with pytest.raises(SystemExit) as usage:  # argparse: exit status 2, its message on stderr
         cli(["purge", "--older-than", "soon", *base])
     assert usage.value.code == 2
+
+
+def test_doctor_tasks_and_tail_print_json(real_url: str, prefix: str) -> None:
+    run(real_url, lambda c: seed(c, prefix, 4))
+    base = ["--url", real_url, "--prefix", prefix]
+    code, out, _ = cli(["doctor", "--json", *base])
+    report = json.loads(out)
+    assert code in (0, 3) and report["healthy"] == (code == 0)
+    assert report["report"][0].startswith("url") and isinstance(report["problems"], list)
+    code, out, _ = cli(["tasks", "--owner", "alice", "--page-size", "1", "--json", *base])
+    page = json.loads(out)
+    assert code == 0 and page["total_size"] == 1 and page["next_page_token"] is None
+    assert page["tasks"] == [
+        {
+            "id": "t001",
+            "state": "completed",
+            "updated": page["tasks"][0]["updated"],
+            "context_id": "c1",
+        }
+    ]
+    code, out, _ = cli(
+        [
+            "tail",
+            "t001",
+            "--owner",
+            "alice",
+            "--from-version",
+            "1",
+            "--until-final",
+            "--json",
+            *base,
+        ]
+    )
+    events = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [(e["version"], e["kind"]) for e in events] == [
+        (1, "task"), (2, "artifact-update"), (3, "status-update"),
+    ]  # fmt: skip
+    assert events[2]["detail"] == "COMPLETED" and "r1" not in out  # never artifact text
+    code, out, _ = cli(["tail", "t001", "--owner", "alice", "--until-final", "--json", *base])
+    assert code == 0 and json.loads(out) == {
+        "id": "t001", "state": "completed", "version": 3, "final": True,
+    }  # fmt: skip
