@@ -75,12 +75,12 @@ exit status:
   0    success (doctor: no problem found)
   1    error: bad URL, Redis unreachable, wrong password, task not found, ...
   2    usage error
-  3    migrate, import: conflicts or failures (listed with their ids);
-       doctor found a problem: a maxmemory-policy other than noeviction, a read-only
+  3    doctor found a problem: a maxmemory-policy other than noeviction, a read-only
        replica, a Sentinel instead of a data server, a server older than 6.2, memory
        use near maxmemory, or failing persistence; with redis+sentinel://, also a
        Sentinel down, fewer than 3 Sentinels, no replica or one not replicating, and
        a master or replica without persistence
+       (migrate, import: conflicts or failures, listed with their ids)
   130  interrupted (Ctrl-C)
 """
 
