@@ -123,7 +123,8 @@ class Progress:
             return
         while self.done >= self._next:
             rate = self.done / max(time.monotonic() - self._start, 1e-9)
-            print(f"{self._next:,}/{self.total:,} tasks ({rate:,.0f}/s)", file=self.out, flush=True)
+            of = f"/{self.total:,}" if self.total else ""  # total 0: not known (import)
+            print(f"{self._next:,}{of} tasks ({rate:,.0f}/s)", file=self.out, flush=True)
             self._next += self.every
 
     def close(self) -> None:

@@ -418,6 +418,9 @@ def test_progress_lines_without_a_terminal_or_without_rich(monkeypatch: pytest.M
     progress.close()
     lines = out.getvalue().splitlines()
     assert [line.split(" ")[0] for line in lines] == ["10/25", "20/25"]
+    unknown = io.StringIO()  # import: the total is not known
+    migrate_mod.Progress(0, out=unknown, every=2).advance(3)
+    assert unknown.getvalue().startswith("2 tasks (")
 
     class Tty(io.StringIO):
         def isatty(self) -> bool:
