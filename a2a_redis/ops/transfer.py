@@ -38,7 +38,7 @@ from a2a.types.a2a_pb2 import (
 from a2a.utils.proto_utils import to_stream_response
 from google.protobuf import json_format
 
-from a2a_redis.connection.cluster import Client
+from a2a_redis.connection.cluster import Client, is_cluster
 from a2a_redis.connection.transaction import execute
 from a2a_redis.log.codec import F_OWNER, F_SCHEMA, F_TASK, F_VERSION, decode_event, decode_stored
 from a2a_redis.log.keys import Keys
@@ -67,7 +67,7 @@ async def _ids_of_owner(
     client: Client, keys: Keys, owner: str, state: int
 ) -> AsyncIterator[list[str]]:
     """The owner's task ids in ListTasks order, a page at a time (index-driven)."""
-    index = TaskIndex(client, keys)
+    index = TaskIndex(client, keys, split=is_cluster(client))
     token = ""
     while True:
         request = ListTasksRequest(page_size=BATCH, page_token=token, status=state)  # type: ignore[arg-type]
