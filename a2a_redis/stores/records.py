@@ -199,8 +199,9 @@ class TaskRecords:
         # Refuse what cannot be written before any round trip: over-long ids, big payloads.
         self.keys.indexes(owner, task.context_id, task.status.state)
         check_payload_size(key, "task", len(payload), self.max_payload_bytes)
-        if event is not None:
-            size = to_stream_response(event).ByteSize()
+        events = ([] if event is None else [event]) + [past for _, past in history]
+        for one in events:
+            size = to_stream_response(one).ByteSize()
             check_payload_size(self.keys.events(task.id), "event", size, self.max_payload_bytes)
         write_id = os.urandom(8)
         intent = self.index.intent(task.id, write_id) if self.index.split else b""
