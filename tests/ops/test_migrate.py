@@ -369,6 +369,9 @@ async def test_interrupted_run_resumes_second_run_copies_nothing_and_newer_is_ke
         assert kept is not None and kept.task == theirs.task
         checked = await migrate_mod.verify(source, client, prefix)
         assert checked.failures == 1 and checked.failed[0][0] == "task-0009"
+        # --after: ids are read in order, so a run can start past a finished part
+        later = await migrate_mod.migrate(source, client, prefix + ":after", after="task-0015")
+        assert (later.seen, later.copied) == (2, 2)
     finally:
         await source.aclose()
         await client.aclose()
