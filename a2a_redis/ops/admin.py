@@ -9,7 +9,10 @@
   timestamp, so the tasks older than a cutoff are a prefix of it, read ``batch`` at a time
   (``ZRANGE ... BYLEX LIMIT``) and deleted through the store: no KEYS, no SCAN over tasks,
   and ListTasks totals stay exact. Tasks without a status timestamp are never purged.
-* ``stats``: an owner's task counts by state, from the index sizes (``ZCARD``).
+* ``stats``: an owner's task counts by state, from the index sizes (``ZCARD``); with
+  ``key_kinds``, the prefix's keys by kind (task, events: the streams, lease: the tasks
+  running, push, index, replica) with their memory, from a SCAN capped at
+  ``doctor.KEY_SCAN_CAP`` keys, as ``doctor`` counts them.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from a2a_redis.connection.transaction import execute
 from a2a_redis.handlers.cancel import record_cancel
 from a2a_redis.log.codec import member_task_id, member_timestamp_floor, version_int
 from a2a_redis.log.keys import Keys
+from a2a_redis.ops import doctor
 from a2a_redis.options import Options
 from a2a_redis.stores.records import TaskRecords
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
 
-__all__ = ["cancel", "delete", "owners", "purge", "stats"]
+__all__ = ["cancel", "delete", "key_kinds", "owners", "purge", "stats"]
 
 STATES = [v.number for v in TaskState.DESCRIPTOR.values if v.number]
 _TIMESTAMPED = b"[\x01"  # the first member with a timestamp (those without sort first)
@@ -135,3 +139,44 @@ async def stats(client: Client, prefix: str, owner: str) -> dict[str, Any]:
             if n
         },
     }
+
+
+async def key_kinds(client: Client, prefix: str) -> dict[str, Any]:
+    """The prefix's keys by kind, with their memory (``MEMORY USAGE``; None if refused).
+
+    A SCAN of at most ``doctor.KEY_SCAN_CAP`` keys (an admin command): ``capped`` says
+    whether counting stopped there.
+    """
+    keys = Keys.for_client(client, prefix)
+    kinds: dict[str, dict[str, Any]] = {k: {"keys": 0, "bytes": 0} for k in doctor.KINDS}
+    seen, capped, batch = 0, False, []
+    async for raw in client.scan_iter(match=keys.scan_pattern(), count=1000):
+        if seen >= doctor.KEY_SCAN_CAP:
+            capped = True
+            break
+        seen += 1
+        batch.append(raw)
+        if len(batch) >= 500:
+            await _measure(client, prefix, batch, kinds)
+    await _measure(client, prefix, batch, kinds)
+    return {"keys": seen, "capped": capped, "by_kind": kinds}
+
+
+async def _measure(
+    client: Client, prefix: str, batch: list[Any], kinds: dict[str, dict[str, Any]]
+) -> None:
+    """Count a batch of keys by kind, with their memory (one pipeline)."""
+    if not batch:
+        return
+    async with client.pipeline(transaction=False) as pipe:
+        for key in batch:
+            pipe.memory_usage(key)
+        usages = await pipe.execute(raise_on_error=False)
+    for key, usage in zip(batch, usages, strict=True):
+        entry = kinds.setdefault(doctor.key_kind(prefix, key), {"keys": 0, "bytes": 0})
+        entry["keys"] += 1
+        if isinstance(usage, Exception) or entry["bytes"] is None:
+            entry["bytes"] = None  # MEMORY USAGE refused (a managed service): unknown
+        elif isinstance(usage, int):  # (None: the key went away meanwhile)
+            entry["bytes"] += usage
+    batch.clear()

@@ -26,6 +26,7 @@ from a2a_redis.ops.cli_common import (
     state_name,
 )
 from a2a_redis.ops.migrate import Progress
+from a2a_redis.ops.report import size
 
 __all__ = ["COMMANDS", "add_parsers", "add_task_parsers"]
 
@@ -97,6 +98,9 @@ def add_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     purge.add_argument("--json", action="store_true", help="print the counts as JSON")
     stats = sub.add_parser("stats", parents=[common, owner], help="task counts by state")
     stats.add_argument("--all-owners", action="store_true", help="every owner (SCAN over indexes)")
+    stats.add_argument(
+        "--keys", action="store_true", help="also keys and memory by kind (a capped SCAN)"
+    )
     stats.add_argument("--json", action="store_true", help="print the counts as JSON")
 
 
@@ -189,12 +193,20 @@ async def _stats(args: argparse.Namespace) -> int:
     async with connect(args.url) as client:
         owners = await admin.owners(client, args.prefix) if args.all_owners else [args.owner]
         per_owner = [await admin.stats(client, args.prefix, o) for o in owners]
+        kinds = await admin.key_kinds(client, args.prefix) if args.keys else None
     per_owner.sort(key=lambda s: (-s["tasks"], s["owner"]))
-    result = {"owners": per_owner, "tasks": sum(s["tasks"] for s in per_owner)}
+    result: dict[str, Any] = {"owners": per_owner, "tasks": sum(s["tasks"] for s in per_owner)}
     text = [f"{result['tasks']} task(s)"]
     for s in per_owner:
         shown = ", ".join(f"{n} {name}" for name, n in s["by_state"].items()) or "-"
         text.append(f"  owner {s['owner']!r}: {s['tasks']} ({shown})")
+    if kinds is not None:
+        result["keys"] = kinds
+        more = " (counting stopped there)" if kinds["capped"] else ""
+        text.append(f"{kinds['keys']:,} key(s){more}")
+        for kind, entry in kinds["by_kind"].items():
+            memory = "memory unknown" if entry["bytes"] is None else size(entry["bytes"])
+            text.append(f"  {kind:<8} {entry['keys']:>8,}  {memory}")
     _emit(args, result, "\n".join(text))
     return EXIT_OK
 

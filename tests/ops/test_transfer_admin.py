@@ -214,6 +214,13 @@ def test_tasks_cancel_delete_and_stats(real_url: str, prefix: str) -> None:
     ]
     code, out, _ = cli(["stats", "--owner", "bob", *base])
     assert code == 0 and out.startswith("2 task(s)")
+    code, out, _ = cli(["stats", "--owner", "bob", "--keys", "--json", *base])
+    keys = json.loads(out)["keys"]
+    assert code == 0 and keys["capped"] is False
+    kinds = keys["by_kind"]
+    assert (kinds["task"]["keys"], kinds["events"]["keys"], kinds["push"]["keys"]) == (8, 8, 2)
+    assert kinds["lease"]["keys"] == 0 and kinds["task"]["bytes"] > 0
+    assert keys["keys"] == sum(k["keys"] for k in kinds.values())
 
 
 def test_purge_removes_only_what_matches_and_list_totals_stay_right(
