@@ -31,6 +31,7 @@ from a2a_redis.handlers.cancel import record_cancel
 from a2a_redis.log.codec import member_task_id, member_timestamp_floor, version_int
 from a2a_redis.log.keys import Keys
 from a2a_redis.ops import doctor
+from a2a_redis.ops.migrate import Progress
 from a2a_redis.options import Options
 from a2a_redis.stores.records import TaskRecords
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
@@ -85,6 +86,7 @@ async def purge(
     dry_run: bool = False,
     batch: int = 500,
     concurrency: int = 32,
+    progress: Progress | None = None,
 ) -> dict[str, int]:
     """Delete the owner's tasks in ``states`` whose status is older than ``older_than`` s.
 
@@ -118,6 +120,8 @@ async def purge(
                 await asyncio.gather(*(remove(t) for t in ids))
             low = b"(" + members[-1]  # past this batch (an entry with no record is skipped)
             done += len(ids)
+            if progress is not None:
+                progress.advance(len(ids))
         counts[TaskState.Name(state).removeprefix("TASK_STATE_").lower()] = done
     return counts
 

@@ -152,10 +152,14 @@ async def _import(args: argparse.Namespace) -> int:
     source = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")  # noqa: SIM115
     try:
         async with connect(args.url, writers=32) as client:
-            counts = await transfer.import_lines(
-                client, args.prefix, source, encryption_key=args.encryption_key,
-                dry_run=args.dry_run, progress=Progress(0),
-            )  # fmt: skip
+            progress = Progress(0)
+            try:
+                counts = await transfer.import_lines(
+                    client, args.prefix, source, encryption_key=args.encryption_key,
+                    dry_run=args.dry_run, progress=progress,
+                )  # fmt: skip
+            finally:
+                progress.close()
     finally:
         if source is not sys.stdin:
             source.close()
@@ -174,11 +178,15 @@ async def _purge(args: argparse.Namespace) -> int:
     async with connect(args.url, writers=32) as client:
         owners = await admin.owners(client, args.prefix) if args.all_owners else [args.owner]
         result: dict[str, Any] = {"dry_run": args.dry_run, "owners": {}}
-        for owner in owners:
-            result["owners"][owner] = await admin.purge(
-                client, args.prefix, owner, args.state, args.older_than,
-                dry_run=args.dry_run, batch=args.batch,
-            )  # fmt: skip
+        progress = Progress(0)  # a line per 10,000 tasks on stderr (a bar on a terminal)
+        try:
+            for owner in owners:
+                result["owners"][owner] = await admin.purge(
+                    client, args.prefix, owner, args.state, args.older_than,
+                    dry_run=args.dry_run, batch=args.batch, progress=progress,
+                )  # fmt: skip
+        finally:
+            progress.close()
     result["total"] = sum(sum(c.values()) for c in result["owners"].values())
     verb = "would delete" if args.dry_run else "deleted"
     text = [f"{verb} {result['total']} task(s)"]

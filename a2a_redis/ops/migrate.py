@@ -113,7 +113,7 @@ class Progress:
             else:
                 self._bar = RichProgress(transient=True)
                 self._bar.start()
-                self._task = self._bar.add_task("migrating", total=total)
+                self._task = self._bar.add_task("tasks", total=total or None)
 
     def advance(self, n: int) -> None:
         """Count ``n`` more tasks done."""
