@@ -204,7 +204,9 @@ async def test_migrate_then_the_redis_handler_answers_as_the_sql_handler(
 ) -> None:
     key = Fernet.generate_key()
     made = await fill(sql, key=key)
-    code, out = await cli(sql.argv(real_url, prefix, "--verify", "--encryption-key", key.decode()))
+    code, out = await cli(
+        sql.argv(real_url, prefix, "--verify", f"--encryption-key={key.decode()}")
+    )
     assert code == 0, out
     counts = out["migrate"]
     assert (counts["copied"], counts["skipped"], counts["conflicts"], counts["failures"]) == (
