@@ -6,7 +6,7 @@ To add one (event stream latency, queue manager, ...): write a module exposing a
 
 from __future__ import annotations
 
-from benchmarks import control, event_stream, queue_manager, scale, task_store
+from benchmarks import control, event_stream, migrate, queue_manager, scale, task_store
 from benchmarks.common import Benchmark
 
 BENCHMARKS: list[Benchmark] = [
@@ -15,4 +15,5 @@ BENCHMARKS: list[Benchmark] = [
     queue_manager.BENCHMARK,
     control.BENCHMARK,
     scale.BENCHMARK,
+    migrate.BENCHMARK,
 ]

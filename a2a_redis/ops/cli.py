@@ -1,11 +1,14 @@
-"""The ``a2a-redis`` command line: ``doctor``, ``tasks``, ``tasks get``, ``tail`` and ``demo``.
+"""The ``a2a-redis`` command line: doctor, tasks (get/cancel/delete), tail, migrate, demo...
+
+Also ``export``, ``import``, ``purge`` and ``stats`` (``cli_ops.py``).
 
 Every command takes ``--url`` (default ``$REDIS_URL``, else ``redis://127.0.0.1:6379/0``) and
 ``--prefix`` (default ``a2a``), before or after the command name. Task commands see what the
 store shows one owner (``--owner``, default ``""``: the unauthenticated user).
 
 Exit status: 0 success; 1 error (Redis unreachable, wrong password, task not found, ...),
-with one line on stderr; 2 usage error; 3 ``doctor`` found a problem; 130 interrupted.
+with one line on stderr; 2 usage error; 3 ``doctor`` found a problem (``migrate``, ``import``:
+conflicts or failures); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -13,14 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import os
 import runpy
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from a2a.server.cluster import TaskVersion
 from a2a.server.context import ServerCallContext
@@ -31,7 +34,6 @@ from a2a.types.a2a_pb2 import (
     Role,
     Task,
     TaskArtifactUpdateEvent,
-    TaskState,
     TaskStatusUpdateEvent,
 )
 from a2a.utils.errors import A2AError
@@ -39,14 +41,25 @@ from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from redis import exceptions as rex
 
-from a2a_redis.connection.clients import client_from_url
 from a2a_redis.connection.cluster import Client
-from a2a_redis.connection.pool import PoolSettings
 from a2a_redis.errors import A2ARedisError
 from a2a_redis.events.event_stream import RedisTaskEventStream
 from a2a_redis.log.codec import TERMINAL_STATES, version_int
 from a2a_redis.log.keys import Keys
-from a2a_redis.ops import doctor
+from a2a_redis.ops import cli_migrate, cli_ops, doctor
+from a2a_redis.ops.cli_common import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PROBLEM,
+)
+from a2a_redis.ops.cli_common import Fail as _Fail
+from a2a_redis.ops.cli_common import connect as _connect
+from a2a_redis.ops.cli_common import describe_error as _describe_error
+from a2a_redis.ops.cli_common import int_at_least as _int_at_least
+from a2a_redis.ops.cli_common import parse_state as _parse_state
+from a2a_redis.ops.cli_common import redact as _redact
+from a2a_redis.ops.cli_common import state_name as _state_name
 from a2a_redis.ops.report import Report
 from a2a_redis.ops.report import size as format_size
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
@@ -56,9 +69,6 @@ __all__ = ["main"]
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_PREFIX = "a2a"
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PROBLEM, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-#: ``doctor`` inspects at most this many keys of the namespace (SCAN + MEMORY USAGE).
-#: The oldest server with every command a2a-redis sends (ZRANGE ... BYLEX REV LIMIT).
 
 _EPILOG = """\
 exit status:
@@ -70,79 +80,14 @@ exit status:
        use near maxmemory, or failing persistence; with redis+sentinel://, also a
        Sentinel down, fewer than 3 Sentinels, no replica or one not replicating, and
        a master or replica without persistence
+       (migrate, import: conflicts or failures, listed with their ids)
   130  interrupted (Ctrl-C)
 """
 
 
-class _Fail(Exception):
-    """An expected failure: printed as one line on stderr, exit status ``code``."""
-
-    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 # -- helpers -------------------------------------------------------------------------------
-def _redact(url: str) -> str:
-    """``url`` with its password masked."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.netloc.rsplit("@", 1)[1]
-        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
-    except ValueError:
-        return "<unparsable URL>"
-
-
-def _state_name(state: int) -> str:
-    try:
-        return TaskState.Name(state).removeprefix("TASK_STATE_")
-    except ValueError:
-        return str(state)
-
-
-_STATE_NAMES = [v.name for v in TaskState.DESCRIPTOR.values if v.number]
-
-
-def _parse_state(text: str) -> int:
-    name = text.strip().upper().replace("-", "_")
-    if not name.startswith("TASK_STATE_"):
-        name = "TASK_STATE_" + name
-    try:
-        return int(TaskState.Value(name))
-    except ValueError:
-        known = ", ".join(n[11:].lower() for n in _STATE_NAMES)
-        raise argparse.ArgumentTypeError(f"unknown state {text!r} (one of: {known})") from None
-
-
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}")
-        return value
-
-    return parse
-
-
 def _timestamp(ts: Timestamp, present: bool) -> str:
     return ts.ToJsonString() if present else "-"
-
-
-@contextlib.asynccontextmanager
-async def _connect(url: str) -> AsyncIterator[Client]:
-    """A client of ``url`` that has answered a PING; closed on exit."""
-    # a command-line tool fails fast: no retry, a short connect timeout
-    client = client_from_url(url, PoolSettings(max_connections=8, retries=0))
-    try:
-        await client.ping()
-        yield client
-    finally:
-        await client.aclose()
 
 
 def _store(client: Client, args: argparse.Namespace) -> VersionedRedisTaskStore:
@@ -152,9 +97,16 @@ def _store(client: Client, args: argparse.Namespace) -> VersionedRedisTaskStore:
 
 async def _doctor(args: argparse.Namespace) -> int:
     report = Report()
+    printed = io.StringIO()
     async with _connect(args.url) as client:
-        report.line("url", _redact(args.url))
-        await doctor.check(client, Keys(args.prefix), report)
+        with contextlib.redirect_stdout(printed) if args.json else contextlib.nullcontext():
+            report.line("url", _redact(args.url))
+            await doctor.check(client, Keys(args.prefix), report)
+    if args.json:  # the report's lines as printed, and the problems found
+        lines = printed.getvalue().splitlines()
+        body = {"healthy": not report.problems, "problems": report.problems, "report": lines}
+        print(json.dumps(body, sort_keys=True))
+        return EXIT_PROBLEM if report.problems else EXIT_OK
     if report.problems:
         print(f"{len(report.problems)} problem(s) found")
         return EXIT_PROBLEM
@@ -173,6 +125,20 @@ async def _tasks(args: argparse.Namespace) -> int:
         request.page_token = args.page_token
     async with _connect(args.url) as client:
         page = await _store(client, args).list(request, ServerCallContext())
+    if args.json:
+        tasks = [
+            {
+                "id": t.id,
+                "state": _state_name(t.status.state).lower(),
+                "updated": _timestamp(t.status.timestamp, t.status.HasField("timestamp")),
+                "context_id": t.context_id,
+            }
+            for t in page.tasks
+        ]
+        body = {"tasks": tasks, "total_size": page.total_size, "next_page_token": None}
+        body["next_page_token"] = page.next_page_token or None
+        print(json.dumps(body, sort_keys=True))
+        return EXIT_OK
     if page.tasks:
         print(f"{'TASK':<36}  {'STATE':<14}  {'UPDATED':<30}  CONTEXT")
     for task in page.tasks:
@@ -223,6 +189,12 @@ async def _task_get(args: argparse.Namespace) -> int:
 # -- tail ----------------------------------------------------------------------------------
 def _describe_event(version: int, event: Event) -> str:
     """One line for an event: kinds, states, ids and sizes; never message or artifact text."""
+    kind, detail = _summary(event)
+    return f"v{version:<5} {kind:<16} {detail}"
+
+
+def _summary(event: Event) -> tuple[str, str]:
+    """An event's kind, and its states, ids and sizes (never message or artifact text)."""
     if isinstance(event, TaskStatusUpdateEvent):
         kind, detail = "status-update", _state_name(event.status.state)
         if event.status.HasField("message"):
@@ -245,7 +217,7 @@ def _describe_event(version: int, event: Event) -> str:
         detail = f"{event.message_id} from {role}: {_parts_summary(event.parts, event.ByteSize())}"
     else:  # pragma: no cover - the SDK's Event union has no other member
         kind, detail = type(event).__name__, ""
-    return f"v{version:<5} {kind:<16} {detail}"
+    return kind, detail
 
 
 def _is_final(event: Event) -> bool:
@@ -264,7 +236,11 @@ async def _tail(args: argparse.Namespace) -> int:
         if args.from_version is None:
             after = stored.version
             if args.until_final and stored.task.status.state in TERMINAL_STATES:
-                print(f"task {args.task_id} is already final ({state}) at version {current}")
+                if args.json:
+                    final = {"id": args.task_id, "state": state.lower(), "version": current}
+                    print(json.dumps({**final, "final": True}, sort_keys=True))
+                else:
+                    print(f"task {args.task_id} is already final ({state}) at version {current}")
                 return EXIT_OK
         else:
             after = TaskVersion(max(args.from_version - 1, 0))
@@ -278,7 +254,13 @@ async def _tail(args: argparse.Namespace) -> int:
         try:
             async with contextlib.aclosing(stream.subscribe(args.task_id, after=after)) as events:
                 async for item in events:
-                    print(_describe_event(version_int(item.version), item.event), flush=True)
+                    version = version_int(item.version)
+                    if args.json:
+                        kind, detail = _summary(item.event)
+                        line = {"version": version, "kind": kind, "detail": detail}
+                        print(json.dumps(line, sort_keys=True), flush=True)
+                    else:
+                        print(_describe_event(version, item.event), flush=True)
                     if args.until_final and _is_final(item.event):
                         return EXIT_OK
         finally:
@@ -354,15 +336,18 @@ def _parser() -> argparse.ArgumentParser:
             f"{doctor.KEY_SCAN_CAP:,} keys are inspected), and the replicas running tasks.\n"
             "Exit status 0 when healthy, 3 when a problem was found, 1 on errors."
         ),
+    ).add_argument(
+        "--json", action="store_true", help="print {healthy, problems, report lines} as JSON"
     )
     tasks = sub.add_parser(
-        "tasks", parents=[common, owner], help="list an owner's tasks, newest first (or: get)"
+        "tasks", parents=[common, owner], help="list an owner's tasks (or: get, cancel, delete)"
     )
     tasks.add_argument("--context", default="", help="only tasks of this context id")
     tasks.add_argument("--status", type=_parse_state, default=0, help="only tasks in this state")
     tasks.add_argument("--page-size", type=_int_at_least(1), default=50, help="default 50")
     tasks.add_argument("--page-token", default="", help="continue a listing")
-    tasks_sub = tasks.add_subparsers(dest="tasks_command", metavar="get")
+    tasks.add_argument("--json", action="store_true", help="print the page as JSON")
+    tasks_sub = tasks.add_subparsers(dest="tasks_command", metavar="get|cancel|delete")
     get = tasks_sub.add_parser("get", parents=[common, owner], help="show one task")
     get.add_argument("task_id")
     get.add_argument("--json", action="store_true", help="print {version, task} as JSON")
@@ -379,6 +364,10 @@ def _parser() -> argparse.ArgumentParser:
         help="replay retained events from this version on, then follow (default: new only)",
     )
     tail.add_argument("--until-final", action="store_true", help="stop after a terminal state")
+    tail.add_argument("--json", action="store_true", help="one JSON object per event")
+    cli_ops.add_task_parsers(tasks_sub, [common, owner])
+    cli_migrate.add_parser(sub, [common])
+    cli_ops.add_parsers(sub, [common, owner])
     demo = sub.add_parser("demo", help="run the two-replica demo (embedded server by default)")
     demo.add_argument(
         "--url",
@@ -393,29 +382,9 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "tasks": _tasks,
     "get": _task_get,
     "tail": _tail,
+    "migrate": cli_migrate.run,
+    **cli_ops.COMMANDS,
 }
-
-
-def _describe_error(error: BaseException, url: str) -> str:
-    where = _redact(url)
-    if isinstance(error, rex.AuthenticationError) or str(error).startswith("NOAUTH"):
-        try:
-            has_password = urlsplit(url).password is not None
-        except ValueError:
-            has_password = False
-        if not has_password:
-            return (
-                f"{where}: the server requires a password; "
-                "give it in the URL (redis://:PASSWORD@host:port/db)"
-            )
-        return f"{where}: authentication failed: {error}"
-    if isinstance(error, (rex.ConnectionError, rex.TimeoutError)):
-        return f"cannot reach Redis at {where}: {error}"
-    if isinstance(error, rex.ResponseError) and str(error).startswith("MOVED"):
-        return f"{where} is a cluster node and the key lives on another node: {error}"
-    if isinstance(error, rex.RedisError):
-        return f"Redis error from {where}: {error}"
-    return str(error)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -428,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
-        command = "get" if getattr(args, "tasks_command", None) == "get" else args.command
+        command = getattr(args, "tasks_command", None) or args.command
         result: int = asyncio.run(_COMMANDS[command](args))
         return result
     except KeyboardInterrupt:

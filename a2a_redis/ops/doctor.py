@@ -27,12 +27,14 @@ from a2a_redis.ops.report import Report, size
 from a2a_redis.ops.topology import cluster_topology, sentinel_topology
 from a2a_redis.version import __version__
 
-__all__ = ["KEY_SCAN_CAP", "Report", "check", "size"]
+__all__ = ["KEY_SCAN_CAP", "KINDS", "Report", "check", "key_kind", "size"]
 
 KEY_SCAN_CAP = 10_000
 MIN_SERVER_VERSION = (6, 2)
 _PINGS = 5
 _KINDS = ("task", "events", "lease", "push", "index", "replica")
+#: The kinds of our keys (``stats`` shares them).
+KINDS = _KINDS
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -135,6 +137,9 @@ def _kind(prefix: str, key: bytes | str) -> str:
         suffix = rest[end + 2 :] if end >= 0 else ""
         return suffix if suffix in _KINDS else "other"
     return "other"
+
+
+key_kind = _kind  # ``stats`` counts keys as doctor does
 
 
 async def _our_keys(client: Redis, keys: Keys, report: Report) -> None:

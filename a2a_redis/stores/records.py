@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
 from a2a.server.events.event_queue import Event
@@ -123,6 +123,7 @@ class TaskRecords:
         write_id: bytes,
         old: RecordHead | None,
         event: Event | None,
+        history: Sequence[tuple[int, Event]] = (),
     ) -> tuple[list[Command], list[Command], int]:
         """The write's commands in the task's slot, its index commands, and its expiry.
 
@@ -155,14 +156,32 @@ class TaskRecords:
                 self.keys, task.id, version, event, terminal=terminal, retention=self.retention,
                 max_bytes=self.max_payload_bytes,
             )  # fmt: skip
-        else:
+        for at, past in history:  # an import: events the stream does not hold yet
+            if old is None or at > old.version:
+                cmds += append_commands(
+                    self.keys, task.id, at, past, terminal=terminal, retention=self.retention,
+                    max_bytes=self.max_payload_bytes,
+                )  # fmt: skip
+        if event is None:
             cmds += retention_commands(
                 self.keys, task.id, terminal=terminal, retention=self.retention
             )
         return cmds, index_cmds, expires_at
 
-    async def write(self, task: Task, owner: str, event: Event | None, decide: Decide) -> int:
+    async def write(
+        self,
+        task: Task,
+        owner: str,
+        event: Event | None,
+        decide: Decide,
+        *,
+        history: Sequence[tuple[int, Event]] = (),
+    ) -> int:
         """Write ``task`` for ``owner`` at the version ``decide`` picks; return that version.
+
+        ``history`` is for imports only (``ops/migrate.py``): (version, event) pairs copied
+        from another store, appended in the same MULTI, those newer than the stored record
+        only, so that an import repeated or resumed never logs an event twice.
 
         Round trips: 2 per attempt (WATCH + HMGET; MULTI ... EXEC), +1 (UNWATCH) when
         the write is refused (by ``decide``, or because it would change a stored terminal
@@ -180,8 +199,9 @@ class TaskRecords:
         # Refuse what cannot be written before any round trip: over-long ids, big payloads.
         self.keys.indexes(owner, task.context_id, task.status.state)
         check_payload_size(key, "task", len(payload), self.max_payload_bytes)
-        if event is not None:
-            size = to_stream_response(event).ByteSize()
+        events = ([] if event is None else [event]) + [past for _, past in history]
+        for one in events:
+            size = to_stream_response(one).ByteSize()
             check_payload_size(self.keys.events(task.id), "event", size, self.max_payload_bytes)
         write_id = os.urandom(8)
         intent = self.index.intent(task.id, write_id) if self.index.split else b""
@@ -193,7 +213,7 @@ class TaskRecords:
             for attempt in range(1, self.max_attempts + 1):
                 try:
                     committed = await self._attempt(
-                        key, task, payload, owner, event, decide, write_id, intent_set
+                        key, task, payload, owner, event, decide, write_id, intent_set, history
                     )
                 except (rex.ConnectionError, rex.TimeoutError) as e:
                     raise_if_pool_exhausted(e, "save", key)
@@ -243,6 +263,7 @@ class TaskRecords:
         decide: Decide,
         write_id: bytes,
         intent_set: asyncio.Future[None] | None,
+        history: Sequence[tuple[int, Event]] = (),
     ) -> tuple[int, int, list[Command]] | None:
         """One optimistic transaction: (version, expiry, index commands), None if it lost.
 
@@ -284,7 +305,7 @@ class TaskRecords:
                     await tx.unwatch()
                     raise
                 cmds, index_cmds, expires_at = self._write_commands(
-                    key, task, payload, owner, version, write_id, old, event
+                    key, task, payload, owner, version, write_id, old, event, history
                 )
                 if intent_set is not None:
                     await intent_set  # the pending intent is set before anything commits
