@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from a2a.server.cluster.version import TaskVersion
 from a2a.types.a2a_pb2 import (
@@ -34,7 +34,11 @@ from a2a_redis.log.codec import TERMINAL_STATES, utf8, version_int
 from a2a_redis.push.policy import headers_for, notification_id, retry_after_seconds
 
 if TYPE_CHECKING:
-    from a2a_redis.push.sender import RedisPushNotificationSender
+    from a2a_redis.connection.cluster import Client
+    from a2a_redis.events.event_stream import RedisTaskEventStream
+    from a2a_redis.log.keys import Keys
+    from a2a_redis.push.policy import RetryPolicy
+    from a2a_redis.stores.push_config_store import RedisPushNotificationConfigStore
 
 __all__ = ["Job", "Outcome"]
 
@@ -52,6 +56,35 @@ class Outcome:
     refused: bool = False
 
 
+class _Sender(Protocol):
+    """What a job needs of ``RedisPushNotificationSender`` (``push/sender.py``)."""
+
+    redis: Client
+    keys: Keys
+    retry: RetryPolicy
+    scripts: dict[str, Any]
+    event_stream: RedisTaskEventStream
+    config_store: RedisPushNotificationConfigStore
+
+    async def acknowledge(self, job_id: bytes) -> None: ...
+    async def is_pending(self, job_id: bytes) -> bool: ...
+    async def url_allowed(self, url: str) -> bool: ...
+    async def post(
+        self, url: str, body: Any, headers: dict[str, str]
+    ) -> tuple[int | None, str | None, str | None]: ...
+    async def dead_letter(
+        self,
+        task_id: str,
+        config: TaskPushNotificationConfig,
+        field: bytes,
+        version: int,
+        nid: str,
+        error: str,
+        attempts: int,
+    ) -> None: ...
+    def count(self, what: str) -> None: ...
+
+
 def _state_of(event: PushEvent) -> int:
     if isinstance(event, TaskArtifactUpdateEvent):
         return 0
@@ -61,9 +94,7 @@ def _state_of(event: PushEvent) -> int:
 class Job:
     """Delivers one task's events to one config; see the module docstring."""
 
-    def __init__(
-        self, sender: RedisPushNotificationSender, job_id: bytes, task_id: str, field: bytes
-    ) -> None:
+    def __init__(self, sender: _Sender, job_id: bytes, task_id: str, field: bytes) -> None:
         self.sender = sender
         self.job_id = job_id
         self.task_id = task_id

@@ -110,7 +110,6 @@ class RedisPushNotificationSender(PushNotificationSender):
         self.config_store = config_store
         self.event_stream = event_stream
         self.keys = config_store.keys
-        config_store.record_deliveries(True)
         self.retry = retry or RetryPolicy()
         self.validator = push_url_validator or default_url_validator(allow_hosts)
         self.max_jobs = max_jobs
@@ -137,6 +136,7 @@ class RedisPushNotificationSender(PushNotificationSender):
         self._closed = False
         self._counts = {"delivered": 0, "retries": 0, "dead": 0, "refused": 0}
         self._in_flight = 0
+        config_store.record_deliveries(True, on_use=self.ensure_started)
 
     # -- the SDK's interface -------------------------------------------------------------
     async def send_notification(self, task_id: str, event: PushNotificationEvent) -> None:

@@ -47,6 +47,7 @@ in-memory store groups them by owner first).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import msgpack  # type: ignore[import-untyped,unused-ignore]
@@ -103,6 +104,7 @@ logger = logging.getLogger(__name__)
 _SEQ = b"#seq"
 _CORRUPT = "A2A_CORRUPT"
 
+
 def _field(key: str, owner: str, config_id: str) -> bytes:
     return utf8(_owner_prefix(key, owner) + _encode(key, "config id", config_id))
 
@@ -145,6 +147,8 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
     ``set_info`` also adds a delivery job for the (task, config) to ``keys.push_jobs``.
     """
 
+    _on_use: Callable[[], None] | None
+
     def __init__(
         self,
         redis: Client,
@@ -186,9 +190,15 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
             raise ValueError("max_configs_per_task must be 0 (no limit) or positive")
         self.max_configs_per_task = limit
 
-    def record_deliveries(self, enabled: bool = True) -> None:
-        """Add a delivery job to ``keys.push_jobs`` at every ``set_info`` (or stop)."""
+    def record_deliveries(
+        self, enabled: bool = True, on_use: Callable[[], None] | None = None
+    ) -> None:
+        """Add a delivery job to ``keys.push_jobs`` at every ``set_info`` (or stop).
+
+        ``on_use`` is called at every ``set_info`` (the sender starts its workers).
+        """
         self._jobs = enabled
+        self._on_use = on_use
 
     def _setup(
         self,
@@ -222,6 +232,7 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
         self._durability = options.durability
         self.max_configs_per_task = DEFAULT_MAX_CONFIGS_PER_TASK
         self._jobs = False
+        self._on_use = None
 
     # -- PushNotificationConfigStore ---------------------------------------------------------
     async def set_info(
@@ -273,6 +284,8 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
             if str(e).startswith(_CORRUPT):
                 raise CorruptDataError(f"set push config: {str(e)[12:]}", key=key) from e
             raise
+        if self._on_use is not None:
+            self._on_use()
         if self._jobs:
             with redis_errors("add push delivery job", self.keys.push_jobs):
                 await self.redis.xadd(

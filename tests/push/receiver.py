@@ -81,10 +81,8 @@ class Receiver:
         behaviour.attempts[nid] += 1
         if behaviour.stall is not None:
             await behaviour.stall.wait()
-        if behaviour.down or behaviour.attempts[nid] <= behaviour.fail_first:
-            status = 503
-        else:
-            status = 200
+        failing = behaviour.down or behaviour.attempts[nid] <= behaviour.fail_first
+        status = 503 if failing else 200
         self.hits.append(Hit(name, headers, body, status))
         return Response(status_code=status)
 
