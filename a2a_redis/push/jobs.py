@@ -29,8 +29,9 @@ from a2a.types.a2a_pb2 import (
 from a2a.utils.proto_utils import to_stream_response
 from google.protobuf.json_format import MessageToDict
 
-from a2a_redis.errors import A2ARedisError, redis_errors
+from a2a_redis.errors import A2ARedisError, CorruptDataError, SubscriberLagError, redis_errors
 from a2a_redis.log.codec import TERMINAL_STATES, utf8, version_int
+from a2a_redis.log.event_log import read_entries
 from a2a_redis.push.policy import headers_for, notification_id, retry_after_seconds
 
 if TYPE_CHECKING:
@@ -109,16 +110,26 @@ class Job:
         with redis_errors(f"push delivery ({name})", self._state_keys[0]):
             return await script(keys=self._state_keys, args=args)
 
-    async def run(self) -> None:
-        """Deliver until the job ends, then acknowledge it (retrying Redis outages)."""
+    async def run(self, replay: list[int] | None = None) -> None:
+        """Deliver until the job ends, then acknowledge it (retrying Redis outages).
+
+        With ``replay`` (versions; ``push retry``), deliver just those events, in order,
+        outside the config's cursor.
+        """
         sender, pause = self.sender, 0.0
         while True:
             try:
                 if pause:
                     await asyncio.sleep(pause)
-                await self._deliver_all()
+                if replay is None:
+                    await self._deliver_all()
+                else:
+                    await self._replay(replay)
                 await sender.acknowledge(self.job_id)
                 return
+            except (SubscriberLagError, CorruptDataError) as e:
+                pause = 0.0
+                await self._skip(e)
             except A2ARedisError as e:
                 pause = sender.retry.delay(4, None) + 0.05
                 logger.warning(
@@ -190,6 +201,52 @@ class Job:
                     return
         finally:
             await events.aclose()
+
+    async def _skip(self, error: A2ARedisError) -> None:
+        """Dead-letter events the log no longer has (trimmed) or cannot decode; move on."""
+        found = await self._adopt()
+        config = await self.sender.config_store.config_at(self.task_id, self.field)
+        if found is None or config is None:
+            return
+        cursor = int(found[0])
+        target = cursor + 1
+        if isinstance(error, SubscriberLagError):
+            key = self.sender.keys.events(self.task_id)
+            with redis_errors("push delivery (first entry)", key):
+                first, _ = await read_entries(self.sender.redis, key, (0, 0), count=1)
+            if first and first[0].version > cursor + 1:
+                target = first[0].version - 1
+        nid = notification_id(self.task_id, cursor + 1, self.field)
+        reason = f"{type(error).__name__}: versions {cursor + 1}-{target} lost"
+        await self.sender.dead_letter(self.task_id, config, self.field, cursor + 1, nid, reason, 0)
+        await self._script("advance", [self.field, self.job_id, target])
+
+    async def _replay(self, versions: list[int]) -> None:
+        config = await self.sender.config_store.config_at(self.task_id, self.field)
+        if config is None:
+            return
+        key, wanted = self.sender.keys.events(self.task_id), set(versions)
+        found: dict[int, PushEvent] = {}
+        position = (0, 0)
+        while wanted - found.keys():
+            with redis_errors("push retry (read the log)", key):
+                entries, last = await read_entries(self.sender.redis, key, position)
+            if last == position:
+                break
+            position = last
+            for entry in entries:
+                if entry.version in wanted and isinstance(entry.event, PushEvent):
+                    found[entry.version] = entry.event
+        for version in sorted(wanted):
+            event = found.get(version)
+            if event is None:
+                nid = notification_id(self.task_id, version, self.field)
+                reason = "the event is no longer in the task's log"
+                await self.sender.dead_letter(
+                    self.task_id, config, self.field, version, nid, reason, 0
+                )
+            else:
+                await self.deliver(config, event, version, None)
 
     async def _finish(self) -> None:
         await self._script("finish", [self.field, self.job_id])

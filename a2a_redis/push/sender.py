@@ -282,7 +282,9 @@ class RedisPushNotificationSender(PushNotificationSender):
                 self._jobs[job_id] = asyncio.ensure_future(self.acknowledge(job_id))
             else:
                 task_id = task_raw.decode("utf-8", "surrogatepass")
-                self._jobs[job_id] = asyncio.ensure_future(Job(self, job_id, task_id, field).run())
+                job = Job(self, job_id, task_id, field)
+                replay = _versions(fields.get(b"r"))
+                self._jobs[job_id] = asyncio.ensure_future(job.run(replay))
             self._jobs[job_id].add_done_callback(functools.partial(self._done, job_id))
 
     def _done(self, job_id: bytes, _: object) -> None:
@@ -358,6 +360,13 @@ class RedisPushNotificationSender(PushNotificationSender):
             "push %s of task %r to config %r dead-lettered after %d attempt(s): %s",
             nid, task_id, config.id, attempts, error,
         )  # fmt: skip
+
+
+def _versions(raw: Any) -> list[int] | None:
+    """A replay job's versions (``"3,4,5"``); None for a delivery job."""
+    if not isinstance(raw, bytes):
+        return None
+    return [int(v) for v in raw.split(b",") if v.isdigit()]
 
 
 def _streams(reply: Any) -> list[tuple[Any, Any]]:

@@ -20,6 +20,7 @@ from a2a.types.a2a_pb2 import TaskState
 
 from a2a_redis import RedisBackend
 from a2a_redis.push import RedisPushNotificationSender, RetryPolicy
+from a2a_redis.push.dead import dead_letters, retry_dead
 from tests.helpers import backend_pair, ctx, eventually, numbered, push_config, start_task
 from tests.push.receiver import Hit, Receiver, running_receiver
 
@@ -232,3 +233,33 @@ async def test_refused_urls_deliver_nothing_and_are_logged_once(
         assert len(refusals) == 1
     finally:
         await sender.aclose()
+
+
+async def test_push_retry_delivers_dead_letters_once_the_receiver_is_back(
+    replicas, receiver
+) -> None:
+    a, b = replicas
+    receiver.path("x").down = True
+    short = RetryPolicy(max_attempts=3, max_age=60, base_delay=0.01, max_delay=0.02)
+    senders = [sender_for(a, retry=short), sender_for(b, retry=short)]
+    for s in senders:
+        await s.start()
+    try:
+        await configure(a, "t1", receiver, "x")
+        await run_task(a, "t1", 1)
+        keys = a.push_config_store.keys
+        await eventually(lambda: sum(s.stats()["dead"] for s in senders) >= 3, what="dead")
+        letters = await dead_letters(a.redis, keys, task_id="t1")
+        assert [x.version for x in letters] == [1, 2, 3]
+        assert {x.error for x in letters} == {"HTTP 503"} and {x.attempts for x in letters} == {3}
+        assert await dead_letters(a.redis, keys, task_id="other") == []
+        receiver.path("x").down = False
+        assert await retry_dead(a.redis, keys, task_id="t1") == 3
+        await eventually(lambda: len(receiver.delivered("x")) >= 3, what="replayed")
+        hits = receiver.delivered("x")
+        assert sequence(hits) == expected(1)
+        assert [h.nid for h in hits] == [x.notification_id for x in letters]
+        assert await dead_letters(a.redis, keys) == []
+    finally:
+        for s in senders:
+            await s.aclose()
