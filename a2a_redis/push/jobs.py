@@ -173,7 +173,10 @@ class Job:
             else:
                 await follow
         finally:
-            follow.cancel()
+            if not follow.done():
+                follow.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await follow
         await self._finish()
 
     async def _follow(self, cursor: int, retrying: tuple[int, int, int] | None) -> None:

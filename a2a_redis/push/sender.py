@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 #: The consumer group every replica's workers share.
 GROUP = "a2a-push"
 _BATCH = 100  # jobs read or claimed per command
-_BLOCK_MS = 5000  # XREADGROUP BLOCK: under the pool's socket timeout, never 0
+_BLOCK_MS = 2000  # XREADGROUP BLOCK: under common socket timeouts (5 s), never 0
 
 
 class RedisPushNotificationSender(PushNotificationSender):
