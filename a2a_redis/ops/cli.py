@@ -46,8 +46,7 @@ from a2a_redis.errors import A2ARedisError
 from a2a_redis.events.event_stream import RedisTaskEventStream
 from a2a_redis.log.codec import TERMINAL_STATES, version_int
 from a2a_redis.log.keys import Keys
-from a2a_redis.ops import doctor
-from a2a_redis.ops.push_cli import add_push_parser, run_push
+from a2a_redis.ops import doctor, push_cli
 from a2a_redis.ops.report import Report
 from a2a_redis.ops.report import size as format_size
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
@@ -380,7 +379,7 @@ def _parser() -> argparse.ArgumentParser:
         help="replay retained events from this version on, then follow (default: new only)",
     )
     tail.add_argument("--until-final", action="store_true", help="stop after a terminal state")
-    add_push_parser(sub, common)
+    push_cli.add_push_parser(sub, common, _COMMANDS)
     demo = sub.add_parser("demo", help="run the two-replica demo (embedded server by default)")
     demo.add_argument(
         "--url",
@@ -395,7 +394,6 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "tasks": _tasks,
     "get": _task_get,
     "tail": _tail,
-    "push": run_push,
 }
 
 

@@ -19,8 +19,9 @@ from a2a_redis.push.dead import dead_letters, retry_dead
 __all__ = ["add_push_parser", "run_push"]
 
 
-def add_push_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    """Register ``push dead`` and ``push retry`` under the command parser ``sub``."""
+def add_push_parser(sub: Any, common: argparse.ArgumentParser, commands: dict[str, Any]) -> None:
+    """Register ``push dead`` and ``push retry`` under ``sub``, and ``run_push`` in ``commands``."""
+    commands["push"] = run_push
     push = sub.add_parser("push", parents=[common], help="push dead letters: list (dead), retry")
     push_sub = push.add_subparsers(dest="push_command", required=True, metavar="dead|retry")
     dead = push_sub.add_parser("dead", parents=[common], help="list dead letters, oldest first")

@@ -263,3 +263,58 @@ async def test_push_retry_delivers_dead_letters_once_the_receiver_is_back(
     finally:
         for s in senders:
             await s.aclose()
+
+
+_REPLICA = """
+import asyncio, sys
+from a2a_redis import RedisBackend
+from a2a_redis.push import RedisPushNotificationSender, RetryPolicy
+
+async def main(url, prefix):
+    backend = RedisBackend.from_url(url, prefix=prefix)
+    sender = RedisPushNotificationSender(
+        backend.redis, backend.push_config_store, backend.event_stream,
+        allow_hosts=["127.0.0.1"], claim_after=1.0,
+        retry=RetryPolicy(max_attempts=10, max_age=120, base_delay=0.01, max_delay=0.05),
+    )
+    await sender.start()
+    await asyncio.sleep(3600)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_sigkill_of_the_delivering_replica_another_takes_over(
+    replicas, receiver, real_url: str, prefix: str
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    a, b = replicas
+    x = receiver.path("x")
+    x.stall = asyncio.Event()
+    a.push_config_store.record_deliveries()  # A's handler would have a sender: it records
+    await configure(a, "t1", receiver, "x")
+    await run_task(a, "t1", 2)
+    doomed = subprocess.Popen([sys.executable, "-c", _REPLICA, real_url, prefix])
+    try:
+        await eventually(lambda: sum(x.attempts.values()) >= 1, what="the replica posting")
+        doomed.send_signal(signal.SIGKILL)  # mid-delivery: its request is held open
+        doomed.wait(30)
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+            doomed.wait(30)
+    x.stall.set()
+    survivor = sender_for(b, claim_after=1.0)
+    await survivor.start()
+    try:
+        await eventually(lambda: len({h.nid for h in receiver.delivered("x")}) >= 4, what="all")
+        hits = receiver.delivered("x")
+        unique = list(dict.fromkeys(h.nid for h in hits))
+        first = {h.nid: h for h in reversed(hits)}
+        assert sequence([first[n] for n in unique]) == expected(2)
+        assert survivor.stats()["delivered"] >= 3
+    finally:
+        await survivor.aclose()
