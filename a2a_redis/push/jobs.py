@@ -67,6 +67,8 @@ class _Sender(Protocol):
     event_stream: RedisTaskEventStream
     config_store: RedisPushNotificationConfigStore
 
+    @property
+    def closed(self) -> bool: ...
     async def acknowledge(self, job_id: bytes) -> None: ...
     async def is_pending(self, job_id: bytes) -> bool: ...
     async def url_allowed(self, url: str) -> bool: ...
@@ -117,7 +119,7 @@ class Job:
         outside the config's cursor.
         """
         sender, pause = self.sender, 0.0
-        while True:
+        while not sender.closed:
             try:
                 if pause:
                     await asyncio.sleep(pause)
@@ -125,12 +127,16 @@ class Job:
                     await self._deliver_all()
                 else:
                     await self._replay(replay)
+                if sender.closed:
+                    return  # closing is not finishing: the job stays pending for others
                 await sender.acknowledge(self.job_id)
                 return
             except (SubscriberLagError, CorruptDataError) as e:
                 pause = 0.0
                 await self._skip(e)
             except A2ARedisError as e:
+                if sender.closed:
+                    return
                 pause = sender.retry.delay(4, None) + 0.05
                 logger.warning(
                     "push job %s of task %r: %s; again in %.1f s",
@@ -177,13 +183,16 @@ class Job:
                 follow.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await follow
-        await self._finish()
+        if not self.sender.closed:
+            await self._finish()
 
     async def _follow(self, cursor: int, retrying: tuple[int, int, int] | None) -> None:
         stream = self.sender.event_stream
         events = stream.subscribe(self.task_id, after=TaskVersion(cursor))
         try:
             async for item in events:
+                if self.sender.closed:
+                    return
                 event, version = item.event, version_int(item.version)
                 if not isinstance(event, PushEvent) or version <= cursor:
                     continue

@@ -29,7 +29,6 @@ once), the POST, one EVALSHA (the cursor); the backlog reads are shared with sub
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import random
@@ -58,6 +57,7 @@ logger = logging.getLogger(__name__)
 #: The consumer group every replica's workers share.
 GROUP = "a2a-push"
 _BATCH = 100  # jobs read or claimed per command
+_CLOSE_WAIT = 5.0  # seconds aclose waits for cancelled jobs
 _BLOCK_MS = 2000  # XREADGROUP BLOCK: under common socket timeouts (5 s), never 0
 
 
@@ -170,9 +170,10 @@ class RedisPushNotificationSender(PushNotificationSender):
         tasks = [*self._loops, *self._jobs.values()]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:  # bounded: a job's log follower may take its time to unsubscribe
+            _, late = await asyncio.wait(tasks, timeout=_CLOSE_WAIT)
+            if late:
+                logger.warning("%d push job(s) still closing after %g s", len(late), _CLOSE_WAIT)
         self._loops.clear()
         if self._owns_http:
             await self.http.aclose()
@@ -185,6 +186,11 @@ class RedisPushNotificationSender(PushNotificationSender):
             "in_flight": self._in_flight,
             **self._counts,
         }
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`aclose` was called (jobs stop at their next step)."""
+        return self._closed
 
     def count(self, what: str) -> None:
         """Count one outcome (``delivered``, ``retries``, ``dead``, ``refused``)."""
