@@ -97,3 +97,9 @@ async def test_handler_refuses_unsafe_urls_and_the_101st_config(replicas, receiv
     one_more = TaskPushNotificationConfig(task_id=task.id, id="c3", url=receiver.url("x"))
     with pytest.raises(InvalidParamsError):
         await handler.on_create_task_push_notification_config(one_more, ctx())
+
+
+async def test_the_legacy_handler_is_not_given_the_sender(replicas) -> None:
+    a, _ = replicas
+    a.request_handler(ScriptedAgent(), push_card(), legacy=True)
+    assert a.push_sender is None
