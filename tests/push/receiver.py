@@ -49,6 +49,8 @@ class Path:
 
     fail_first: int = 0
     down: bool = False
+    fail_status: int = 503
+    retry_after: str | None = None
     stall: asyncio.Event | None = None
     attempts: Counter[str] = field(default_factory=Counter)
 
@@ -82,9 +84,10 @@ class Receiver:
         if behaviour.stall is not None:
             await behaviour.stall.wait()
         failing = behaviour.down or behaviour.attempts[nid] <= behaviour.fail_first
-        status = 503 if failing else 200
+        status = behaviour.fail_status if failing else 200
         self.hits.append(Hit(name, headers, body, status))
-        return Response(status_code=status)
+        extra = {"Retry-After": behaviour.retry_after} if failing and behaviour.retry_after else {}
+        return Response(status_code=status, headers=extra)
 
 
 @contextlib.asynccontextmanager

@@ -318,3 +318,30 @@ async def test_sigkill_of_the_delivering_replica_another_takes_over(
         assert survivor.stats()["delivered"] >= 3
     finally:
         await survivor.aclose()
+
+
+async def test_a_final_4xx_is_not_retried_and_429_is_with_retry_after(replicas, receiver) -> None:
+    a, _ = replicas
+    receiver.path("gone").fail_status = 404
+    receiver.path("gone").down = True
+    busy = receiver.path("busy")
+    busy.fail_status, busy.fail_first, busy.retry_after = 429, 2, "0"
+    sender = sender_for(a)
+    await sender.start()
+    try:
+        await configure(a, "t404", receiver, "gone")
+        await configure(a, "t429", receiver, "busy")
+        await run_task(a, "t404", 0)
+        await run_task(a, "t429", 0)
+        await eventually(lambda: len(receiver.delivered("busy")) >= 2, what="429 then 200")
+        assert sequence(receiver.delivered("busy")) == expected(0)
+        assert set(busy.attempts.values()) == {3}
+        await eventually(lambda: sender.stats()["dead"] >= 2, what="404s dead-lettered")
+        letters = await dead_letters(a.redis, a.push_config_store.keys, task_id="t404")
+        assert [(x.version, x.error, x.attempts) for x in letters] == [
+            (1, "HTTP 404", 1),
+            (2, "HTTP 404", 1),
+        ]
+        assert set(receiver.path("gone").attempts.values()) == {1}
+    finally:
+        await sender.aclose()
