@@ -40,6 +40,7 @@ from a2a_redis.handlers.v2 import RedisRequestHandler
 from a2a_redis.log.codec import MAX_PAYLOAD_BYTES
 from a2a_redis.log.event_log import StreamRetention
 from a2a_redis.options import DEFAULT_CANCEL_TIMEOUT, DEFAULT_LEASE_TTL, Options
+from a2a_redis.push.sender import RedisPushNotificationSender
 from a2a_redis.stores.push_config_store import RedisPushNotificationConfigStore
 from a2a_redis.stores.task_store import RedisTaskStore, VersionedRedisTaskStore
 
@@ -66,6 +67,9 @@ class RedisBackend:
         orphan_policy: ``"fail"`` (default): a survivor ends a dead replica's running tasks
             FAILED within ``3 * lease_ttl``; ``"keep"``: they stay as they were, and their
             subscribers get ``OwnerLostError``.
+        push_options: Keyword arguments for the
+            :class:`~a2a_redis.push.RedisPushNotificationSender` that ``request_handler``
+            makes when the agent card declares push notifications (e.g. ``allow_hosts``).
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class RedisBackend:
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
         cancel_timeout: float = DEFAULT_CANCEL_TIMEOUT,
         orphan_policy: str = "fail",
+        push_options: dict[str, Any] | None = None,
     ) -> None:
         if durability is not None and durability.waits and is_cluster(redis):
             # Scripted writes (publish, queue appends, push configs) would need their WAIT
@@ -109,7 +114,7 @@ class RedisBackend:
             self.task_store.records,
             EventPlumbing(redis, options, listener=self.listener, leases=self.leases),
         )
-        self.listener.on_use = self.leases.on_use = self.control.ensure_started
+        self.listener.on_use = self.leases.on_use = self._on_use
         self.event_stream = RedisTaskEventStream.from_options(
             redis, options, ledger=self.task_store.ledger, listener=self.listener,
             leases=self.leases,
@@ -120,6 +125,14 @@ class RedisBackend:
         self.push_config_store = RedisPushNotificationConfigStore.from_options(
             redis, options, encryption_key=encryption_key
         )
+        #: Made by ``request_handler`` when the agent card declares push notifications.
+        self.push_sender: RedisPushNotificationSender | None = None
+        self._push_options = dict(push_options or {})
+
+    def _on_use(self) -> None:
+        self.control.ensure_started()
+        if self.push_sender is not None:
+            self.push_sender.ensure_started()
 
     @classmethod
     def from_url(
@@ -183,9 +196,21 @@ class RedisBackend:
         SDK's ``LegacyRequestHandler``, with ``RedisTaskStore`` and ``RedisQueueManager``).
         Both forward a cancel to the replica running the task (``control``). Both get the
         push-config store unless ``handler_kwargs`` names another; other ``handler_kwargs``
-        pass through.
+        pass through. When ``agent_card`` declares push notifications, the V2 handler also
+        gets :attr:`push_sender` (made here, once) as ``push_sender`` and its URL policy as
+        ``push_url_validator``, unless ``handler_kwargs`` names them (the legacy handler's
+        event log carries no versions to deliver by).
         """
         handler_kwargs.setdefault("push_config_store", self.push_config_store)
+        push = agent_card.capabilities.push_notifications and not legacy  # legacy: no versions
+        if push and "push_sender" not in handler_kwargs:
+            if self.push_sender is None:
+                self.push_sender = RedisPushNotificationSender(
+                    self.redis, self.push_config_store, self.event_stream, **self._push_options
+                )
+            handler_kwargs["push_sender"] = self.push_sender
+            handler_kwargs.setdefault("push_url_validator", self.push_sender.url_allowed)
+            self.push_sender.ensure_started()  # when a loop runs; else at first use
         if legacy:
             return RedisLegacyRequestHandler(
                 agent_executor=agent_executor,
@@ -224,6 +249,7 @@ class RedisBackend:
         report["queues"] = self.queue_manager.stats()
         report["leases"] = len(self.leases)
         report["control"] = self.control.stats()
+        report["push"] = None if self.push_sender is None else self.push_sender.stats()
         report["ok"] = report["redis"] and (
             report["listener"]["connected"] or not report["listener"]["tasks"]
         )
@@ -234,6 +260,8 @@ class RedisBackend:
         """Release leases, stop the listener, and close the pool if this backend made it."""
         try:
             try:
+                if self.push_sender is not None:
+                    await self.push_sender.aclose()
                 await self.control.aclose()
                 await self.queue_manager.aclose()
                 await self.leases.aclose()

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 from a2a.server.cluster.task_store import ConcurrentTaskModificationError
 from a2a.types.a2a_pb2 import TaskState
+from a2a.utils.errors import InvalidParamsError
 from redis import exceptions as rex
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "SubscriberLagError",
     "TaskOwnedElsewhereError",
     "TerminalStateError",
+    "TooManyPushConfigsError",
     "UnsupportedSchemaError",
     "raise_if_pool_exhausted",
     "redis_errors",
@@ -161,6 +163,21 @@ class PayloadTooLargeError(A2ARedisError, ValueError):
     def __init__(self, message: str, *, key: str | None = None, size: int, limit: int) -> None:
         super().__init__(message, key=key)
         self.size = size
+        self.limit = limit
+
+
+class TooManyPushConfigsError(A2ARedisError, InvalidParamsError):
+    """A task already has ``max_configs_per_task`` push configs; nothing was written.
+
+    It is also the SDK's ``InvalidParamsError``, so the SDK's handlers answer the request
+    with an A2A invalid-params error. ``limit`` is the configured maximum.
+    """
+
+    def __init__(self, message: str, *, key: str | None, limit: int) -> None:
+        text = message if key is None else f"{message} (key {key!r})"
+        InvalidParamsError.__init__(self, text)
+        self.key = key
+        self.reason = message
         self.limit = limit
 
 

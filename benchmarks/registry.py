@@ -6,7 +6,7 @@ To add one (event stream latency, queue manager, ...): write a module exposing a
 
 from __future__ import annotations
 
-from benchmarks import control, event_stream, migrate, queue_manager, scale, task_store
+from benchmarks import control, event_stream, migrate, push, queue_manager, scale, task_store
 from benchmarks.common import Benchmark
 
 BENCHMARKS: list[Benchmark] = [
@@ -14,6 +14,7 @@ BENCHMARKS: list[Benchmark] = [
     event_stream.BENCHMARK,
     queue_manager.BENCHMARK,
     control.BENCHMARK,
+    push.BENCHMARK,
     scale.BENCHMARK,
     migrate.BENCHMARK,
 ]

@@ -24,10 +24,11 @@ RANKS = {
     "options": 3,
     "stores": 4,
     "events": 5,  # the event stream pairs with a task store: events may import stores
-    "handlers": 6,  # the SDK's request handlers, over stores and events
-    "backend": 7,
-    "ops": 8,
-    "__init__": 9,
+    "push": 6,  # push delivery follows the event logs and reads the push configs
+    "handlers": 7,  # the SDK's request handlers, over stores and events
+    "backend": 8,
+    "ops": 9,
+    "__init__": 10,
 }
 
 

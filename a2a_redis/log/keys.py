@@ -7,6 +7,10 @@ Layout (``P`` is the prefix, ``T`` an encoded task id, ``O`` an encoded owner)::
     P:{t:T}:wake        channel pub/sub wake-up for live subscribers
     P:{t:T}:lease       string  which replica has the task's event queue open (TTL)
     P:{t:T}:push        hash    push configs, a field per (owner, config id), and "#seq"
+    P:{t:T}:pushstate   hash    push delivery state per config F (an encoded owner:id):
+                                "c:F" delivered version, "a:F" attempts, "j:F" its job
+    P:{push}:jobs       stream  push delivery jobs, one per (task, config); consumer group
+    P:{push}:dead       stream  push dead letters (capped, expiring)
     P:{o:O}:all         zset    the owner's ListTasks index, all tasks
     P:{o:O}:ctx:C       zset    ... filtered by context id C (encoded)
     P:{o:O}:st:S        zset    ... filtered by state S (an integer)
@@ -151,6 +155,20 @@ class Keys:
     def push_configs(self, task_id: str) -> str:
         """The hash of the task's push-notification configs (field per owner and config id)."""
         return self._task_base(task_id) + ":push"
+
+    def push_state(self, task_id: str) -> str:
+        """The task's push delivery state: per config, cursor, attempts and job."""
+        return self._task_base(task_id) + ":pushstate"
+
+    @property
+    def push_jobs(self) -> str:
+        """The stream of push delivery jobs (one per task and config), read by a group."""
+        return f"{self.prefix}:{{push}}:jobs"
+
+    @property
+    def push_dead(self) -> str:
+        """The stream of push notifications that could not be delivered (dead letters)."""
+        return f"{self.prefix}:{{push}}:dead"
 
     def wake(self, task_id: str) -> str:
         """The pub/sub channel that wakes live subscribers of the task."""

@@ -46,7 +46,7 @@ from a2a_redis.errors import A2ARedisError
 from a2a_redis.events.event_stream import RedisTaskEventStream
 from a2a_redis.log.codec import TERMINAL_STATES, version_int
 from a2a_redis.log.keys import Keys
-from a2a_redis.ops import cli_migrate, cli_ops, doctor
+from a2a_redis.ops import cli_migrate, cli_ops, doctor, push_cli
 from a2a_redis.ops.cli_common import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
@@ -368,6 +368,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_ops.add_task_parsers(tasks_sub, [common, owner])
     cli_migrate.add_parser(sub, [common])
     cli_ops.add_parsers(sub, [common, owner])
+    push_cli.add_push_parser(sub, common, _COMMANDS)
     demo = sub.add_parser("demo", help="run the two-replica demo (embedded server by default)")
     demo.add_argument(
         "--url",

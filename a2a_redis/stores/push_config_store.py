@@ -47,6 +47,7 @@ in-memory store groups them by owner first).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import msgpack  # type: ignore[import-untyped,unused-ignore]
@@ -66,6 +67,7 @@ from a2a_redis.errors import (
     CorruptDataError,
     DecryptionError,
     InvalidIdError,
+    TooManyPushConfigsError,
     redis_errors,
     require_binary_client,
 )
@@ -79,58 +81,28 @@ from a2a_redis.log.codec import (
 )
 from a2a_redis.log.keys import Keys, encode_id
 from a2a_redis.options import Options
+from a2a_redis.stores.push_scripts import DELETE as _DELETE
+from a2a_redis.stores.push_scripts import SET as _SET
 
 if TYPE_CHECKING:
     from cryptography.fernet import Fernet
 
-__all__ = ["SCHEMA_VERSION", "DecryptionError", "RedisPushNotificationConfigStore"]
+__all__ = [
+    "DEFAULT_MAX_CONFIGS_PER_TASK",
+    "SCHEMA_VERSION",
+    "DecryptionError",
+    "RedisPushNotificationConfigStore",
+]
+
+#: The most push configs per task (a2a-java's limit): each costs an HTTP request per event.
+DEFAULT_MAX_CONFIGS_PER_TASK = 100
+#: Cap of the delivery-job stream (``MAXLEN ~``): a guard; jobs are deleted when done.
+JOBS_MAXLEN = 1_000_000
 
 logger = logging.getLogger(__name__)
 
 _SEQ = b"#seq"
 _CORRUPT = "A2A_CORRUPT"
-
-# KEYS[1] the hash; ARGV: field, envelope head, envelope tail, TTL in ms ("0": none).
-# The envelope is head .. (seq as a msgpack uint64: 0xcf and 8 big-endian bytes) .. tail.
-_SET = b"""local key = KEYS[1]
-local n = tonumber(redis.call('HGET', key, '#seq') or '0')
-if not n or n < 0 or n ~= math.floor(n) then
-  return redis.error_reply('A2A_CORRUPT the write counter is not an integer')
-end
-n = n + 1
-local b = {}
-local x = n
-for i = 8, 1, -1 do
-  b[i] = string.char(x % 256)
-  x = math.floor(x / 256)
-end
-redis.call('HSET', key, '#seq', string.format('%d', n), ARGV[1],
-  ARGV[2] .. '\\207' .. table.concat(b) .. ARGV[3])
-if ARGV[4] ~= '0' then redis.call('PEXPIRE', key, ARGV[4]) end
-return n
-"""
-
-# KEYS[1] the hash; ARGV: "one" and a field, or "owner" and the owner's field prefix.
-# Returns how many configs were deleted; removes the hash when only the counter is left.
-_DELETE = b"""local key = KEYS[1]
-local n = 0
-if ARGV[1] == 'one' then
-  n = redis.call('HDEL', key, ARGV[2])
-else
-  local p = ARGV[2]
-  local doomed = {}
-  for _, f in ipairs(redis.call('HKEYS', key)) do
-    if string.sub(f, 1, #p) == p then doomed[#doomed + 1] = f end
-  end
-  for i = 1, #doomed, 1000 do
-    n = n + redis.call('HDEL', key, unpack(doomed, i, math.min(i + 999, #doomed)))
-  end
-end
-if n > 0 and redis.call('HLEN', key) == 1 and redis.call('HEXISTS', key, '#seq') == 1 then
-  redis.call('DEL', key)
-end
-return n
-"""
 
 
 def _field(key: str, owner: str, config_id: str) -> bytes:
@@ -167,7 +139,15 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
         durability: Replicas that must confirm each write (``WAIT``); None waits for none.
         max_payload_bytes: Largest encoded config ``set_info`` accepts (default 8 MiB); a
             larger one raises ``PayloadTooLargeError``.
+        max_configs_per_task: The most configs one task may have, all owners together
+            (default 100; 0: no limit). One more raises ``TooManyPushConfigsError`` (the
+            SDK's ``InvalidParamsError``); replacing an existing config is always allowed.
+
+    With :meth:`record_deliveries` switched on (``RedisPushNotificationSender`` does it),
+    ``set_info`` also adds a delivery job for the (task, config) to ``keys.push_jobs``.
     """
+
+    _on_use: Callable[[], None] | None
 
     def __init__(
         self,
@@ -179,6 +159,7 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
         ttl: float | None = None,
         durability: Durability | None = None,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+        max_configs_per_task: int = DEFAULT_MAX_CONFIGS_PER_TASK,
     ) -> None:
         options = Options(
             prefix=prefix,
@@ -187,6 +168,7 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
             max_payload_bytes=max_payload_bytes,
         )
         self._setup(redis, options, encryption_key=encryption_key, ttl=ttl)
+        self.set_max_configs(max_configs_per_task)
 
     @classmethod
     def from_options(
@@ -201,6 +183,22 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
         store = cls.__new__(cls)
         store._setup(redis, options, encryption_key=encryption_key, ttl=ttl)
         return store
+
+    def set_max_configs(self, limit: int) -> None:
+        """Allow at most ``limit`` configs per task (0: no limit)."""
+        if limit < 0:
+            raise ValueError("max_configs_per_task must be 0 (no limit) or positive")
+        self.max_configs_per_task = limit
+
+    def record_deliveries(
+        self, enabled: bool = True, on_use: Callable[[], None] | None = None
+    ) -> None:
+        """Add a delivery job to ``keys.push_jobs`` at every ``set_info`` (or stop).
+
+        ``on_use`` is called at every ``set_info`` (the sender starts its workers).
+        """
+        self._jobs = enabled
+        self._on_use = on_use
 
     def _setup(
         self,
@@ -232,6 +230,9 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
         self._set = redis.register_script(_SET)
         self._delete = redis.register_script(_DELETE)
         self._durability = options.durability
+        self.max_configs_per_task = DEFAULT_MAX_CONFIGS_PER_TASK
+        self._jobs = False
+        self._on_use = None
 
     # -- PushNotificationConfigStore ---------------------------------------------------------
     async def set_info(
@@ -243,9 +244,13 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
         """Store a normalized copy for the caller (replacing their config of that id).
 
         The argument is not mutated; the normalized copy (task id set, an empty id
-        defaulted to the task id) is returned. One round trip (EVALSHA: counter, HSET and,
-        with a ``ttl``, PEXPIRE, atomically); the first call on a server that has not
+        defaulted to the task id) is returned. One round trip (EVALSHA: limit check,
+        counter, HSET and, with a ``ttl``, PEXPIRE, atomically), and one more (XADD of the
+        delivery job) when deliveries are recorded; the first call on a server that has not
         loaded the script yet adds two (NOSCRIPT, SCRIPT LOAD).
+
+        Raises ``TooManyPushConfigsError`` when the task has ``max_configs_per_task``
+        configs already and this one is new.
         """
         owner = self.owner_resolver(context)
         key = self.keys.push_configs(task_id)
@@ -267,12 +272,28 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
         tail = b"".join(msgpack.packb(v) for v in (owner_raw, self._fernet is not None, payload))
         try:
             with redis_errors("set push config", key):
-                args = [field, head, tail, self._ttl_ms]
+                args = [field, head, tail, self._ttl_ms, b"%d" % self.max_configs_per_task]
                 await run_script(self.redis, self._set, [key], args, self._durability, key)
         except rex.ResponseError as e:
+            if str(e).startswith("A2A_TOOMANY"):
+                raise TooManyPushConfigsError(
+                    f"task {task_id!r} has {self.max_configs_per_task} push configs already",
+                    key=key,
+                    limit=self.max_configs_per_task,
+                ) from e
             if str(e).startswith(_CORRUPT):
                 raise CorruptDataError(f"set push config: {str(e)[12:]}", key=key) from e
             raise
+        if self._on_use is not None:
+            self._on_use()
+        if self._jobs:
+            with redis_errors("add push delivery job", self.keys.push_jobs):
+                await self.redis.xadd(
+                    self.keys.push_jobs,
+                    {b"t": utf8(task_id), b"f": field},
+                    maxlen=JOBS_MAXLEN,
+                    approximate=True,
+                )
         logger.debug(
             "push config %r of task %r saved for owner %r (%s)",
             config.id,
@@ -326,6 +347,18 @@ class RedisPushNotificationConfigStore(PushNotificationConfigStore):
             task_id,
             owner,
         )
+
+    async def config_at(self, task_id: str, field: bytes) -> TaskPushNotificationConfig | None:
+        """The config in hash field ``field`` (``owner:id``, encoded), or None if gone.
+
+        One round trip (HGET), for the delivery workers.
+        """
+        key = self.keys.push_configs(task_id)
+        with redis_errors("get push config", key):
+            value = await self.redis.hget(key, field)
+        if value is None:
+            return None
+        return self._decode(key, task_id, field, cast("bytes", value))[1]
 
     # -- decoding ----------------------------------------------------------------------------
     async def _read(self, task_id: str, field_prefix: bytes) -> list[TaskPushNotificationConfig]:
