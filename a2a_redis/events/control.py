@@ -35,9 +35,9 @@ from a2a.types.a2a_pb2 import Task
 from a2a.utils.errors import TaskNotCancelableError
 
 from a2a_redis.errors import redis_errors
-from a2a_redis.events.leases import replica_of
 from a2a_redis.events.orphans import OrphanReaper
 from a2a_redis.events.plumbing import EventPlumbing
+from a2a_redis.events.tokens import replica_of
 from a2a_redis.stores.records import TaskRecords
 
 __all__ = ["Canceller", "ControlPlane"]

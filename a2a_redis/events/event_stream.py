@@ -42,9 +42,10 @@ from a2a_redis.connection.cluster import Client
 from a2a_redis.connection.durability import Durability, run_script
 from a2a_redis.connection.transaction import batch_args
 from a2a_redis.errors import redis_errors
-from a2a_redis.events.leases import SETTLED_STATES, LeaseKeeper, lease_ttl_of
+from a2a_redis.events.leases import SETTLED_STATES, LeaseKeeper
 from a2a_redis.events.listener import StreamListener
 from a2a_redis.events.plumbing import EventPlumbing, OnEventPlumbing
+from a2a_redis.events.tokens import lease_ttl_of
 from a2a_redis.log.codec import F_STATE, MAX_PAYLOAD_BYTES, version_int
 from a2a_redis.log.event_log import (
     APPEND_IF_NEW_SCRIPT,

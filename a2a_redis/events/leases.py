@@ -40,7 +40,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,19 +50,12 @@ from redis.typing import EncodableT
 from a2a_redis.connection.cluster import Client, is_cluster
 from a2a_redis.errors import redis_errors
 from a2a_redis.events.feed import wait_at_most
+from a2a_redis.events.tokens import members, new_replica_id
 from a2a_redis.log.codec import F_STATE, TERMINAL_STATES
 from a2a_redis.log.event_log import HEARTBEAT
 from a2a_redis.log.keys import Keys
 
-__all__ = [
-    "SETTLED_STATES",
-    "LeaseKeeper",
-    "lease_ttl_of",
-    "members",
-    "new_replica_id",
-    "replica_of",
-    "task_of",
-]
+__all__ = ["SETTLED_STATES", "LeaseKeeper"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,40 +99,6 @@ _HEARTBEAT = """local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 return now"""
-
-
-def members(task_ids: Iterable[str]) -> list[bytes]:
-    """Task ids as members of a replica's task set: UTF-8, lone surrogates kept."""
-    return [task_id.encode("utf-8", "surrogatepass") for task_id in task_ids]
-
-
-def task_of(member: bytes) -> str:
-    """The task id a member of a replica's task set names (see :func:`members`)."""
-    return member.decode("utf-8", "surrogatepass")
-
-
-def new_replica_id() -> str:
-    """A fresh replica id: 16 lower-case hex digits."""
-    return os.urandom(8).hex()
-
-
-def replica_of(token: bytes | None) -> str | None:
-    """The id of the replica that wrote a lease token (None for a foreign token)."""
-    if not token:
-        return None
-    head, sep, _ = token.partition(b"-")
-    if not sep or not 0 < len(head) <= 32 or head.strip(b"0123456789abcdef"):
-        return None
-    return head.decode()
-
-
-def lease_ttl_of(token: bytes | None, default: float) -> float:
-    """The owner's lease TTL in seconds, read from its lease token (``default`` if foreign)."""
-    if not token:
-        return default
-    _, _, ttl_ms = token.rpartition(b":")
-    valid = ttl_ms.isdigit() and len(ttl_ms) < 10 and int(ttl_ms) > 0  # (int(): 4,300 digits)
-    return int(ttl_ms) / 1000 if valid else default
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,9 +47,9 @@ from a2a.types.a2a_pb2 import (
 )
 
 from a2a_redis.errors import A2ARedisError, redis_errors
-from a2a_redis.events.leases import members as lease_members
-from a2a_redis.events.leases import replica_of, task_of
 from a2a_redis.events.plumbing import EventPlumbing
+from a2a_redis.events.tokens import members as lease_members
+from a2a_redis.events.tokens import replica_of, task_of
 from a2a_redis.log.codec import RecordHead
 from a2a_redis.log.event_log import close_commands
 from a2a_redis.stores.records import TaskRecords

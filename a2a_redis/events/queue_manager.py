@@ -34,9 +34,10 @@ from a2a.server.events.queue_manager import NoTaskQueue, QueueManager, TaskQueue
 from a2a_redis.connection.cluster import Client
 from a2a_redis.connection.durability import Durability
 from a2a_redis.errors import A2ARedisError, OwnerLostError, redis_errors
-from a2a_redis.events.leases import LeaseKeeper, lease_ttl_of
+from a2a_redis.events.leases import LeaseKeeper
 from a2a_redis.events.listener import StreamListener
 from a2a_redis.events.plumbing import EventPlumbing, OnEventPlumbing
+from a2a_redis.events.tokens import lease_ttl_of
 from a2a_redis.log.codec import MAX_PAYLOAD_BYTES, close_mark_of
 from a2a_redis.log.event_log import (
     Position,

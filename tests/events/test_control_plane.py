@@ -28,8 +28,8 @@ from a2a.types.a2a_pb2 import (
 )
 
 from a2a_redis import RedisBackend, TerminalStateError
-from a2a_redis.events.leases import replica_of
 from a2a_redis.events.orphans import LOST_REPLICA_TEXT
+from a2a_redis.events.tokens import replica_of
 from a2a_redis.handlers.cancel import record_cancel
 from a2a_redis.log.codec import version_int
 from tests.helpers import agent_card, ctx, eventually, make_task, user_message
