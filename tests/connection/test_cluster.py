@@ -181,7 +181,11 @@ async def test_a_users_own_redis_cluster_client_works(shared_cluster: EmbeddedCl
             await backend.event_stream.publish("t", VersionedEvent(event, v))
             await asyncio.wait_for(follower, GUARD)
             assert got == [TaskVersion(1), TaskVersion(2)]
-            assert backend.listener.stats()["connections"] == 1  # one shard link
+            await backend.control.ready()  # its control channel: a link on its own shard
+            keys = backend.task_store.keys
+            channels = (keys.wake("t"), keys.control(backend.leases.replica))
+            shards = {shared_cluster.node_for_slot(_slot_of(c)).port for c in channels}
+            assert backend.listener.stats()["connections"] == len(shards)  # a link per shard
         assert await client.ping()  # not closed by the backend
     finally:
         keys = [k async for k in client.scan_iter(match=f"{prefix}:*")]
