@@ -162,7 +162,8 @@ async def test_a_dump_of_every_key_holds_no_push_secret_when_encrypted(
         real_redis, prefix=prefix, encryption_key=Fernet.generate_key() if encrypted else None
     )
     agent = ScriptedAgent()
-    handler = backend.request_handler(agent, push_card())
+    # Stored configs are the subject here (no delivery: tests/push delivers, URL policy on).
+    handler = backend.request_handler(agent, push_card(), push_sender=None)
     try:
         secrets, live = await set_secrets(handler, agent)
         blobs = await dump_prefix(real_redis, prefix)
@@ -233,7 +234,9 @@ class Scenario:
         options = dict(prefix=prefix, encryption_key=key, socket_connect_timeout=1)
         self.backends = [RedisBackend.from_url(url, **options) for _ in range(2)]  # type: ignore[arg-type]
         self.agent = ScriptedAgent(artifact_text=markers.artifact)
-        self.handlers = [b.request_handler(self.agent, push_card()) for b in self.backends]
+        self.handlers = [  # stored configs are the subject (tests/push covers delivery)
+            b.request_handler(self.agent, push_card(), push_sender=None) for b in self.backends
+        ]
         self.markers = markers
         self.errors: list[BaseException] = []
         self.taps: list[Tap] = []
