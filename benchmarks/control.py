@@ -30,6 +30,7 @@ from typing import Any
 
 from a2a.helpers.proto_helpers import new_task_from_user_message
 from a2a.server.agent_execution import AgentExecutor, RequestContext
+from a2a.server.cluster import TaskVersion
 from a2a.server.context import ServerCallContext
 from a2a.server.events.event_queue import EventQueue
 from a2a.server.tasks.task_updater import TaskUpdater
@@ -40,7 +41,9 @@ from a2a.types.a2a_pb2 import (
     Part,
     Role,
     SendMessageRequest,
+    Task,
     TaskState,
+    TaskStatus,
 )
 from redis.asyncio import Redis
 
@@ -152,7 +155,7 @@ async def orphan_detection(ctx: RunContext, prefix: str, samples: int, lease: fl
             a.leases._closed = True  # A dies: no renewal, nothing released
             renewer.cancel()
             a.leases._held.clear()
-            a.control.reaper._task.cancel()  # type: ignore[union-attr]
+            await a.control.reaper.aclose()  # a dead replica sweeps nothing either
             died = time.perf_counter()
             while True:
                 task = await hb.on_get_task(GetTaskRequest(id=task_id), context)
@@ -163,6 +166,13 @@ async def orphan_detection(ctx: RunContext, prefix: str, samples: int, lease: fl
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
     return found
+
+
+async def _working(backend: RedisBackend, task_id: str) -> None:
+    task = Task(id=task_id, context_id="c", status=TaskStatus(state=S.TASK_STATE_WORKING))
+    await backend.task_store.save(
+        task, prev_version=TaskVersion.MISSING, context=ServerCallContext()
+    )
 
 
 async def _calls(redis: Redis) -> dict[str, int]:
@@ -177,10 +187,10 @@ async def upkeep_cost(tasks: int, seconds: float, lease: float) -> tuple[float, 
         b = RedisBackend.from_url(server.url, prefix="cost", lease_ttl=lease)
         admin = Redis.from_url(server.url)
         try:
-            for start in range(0, tasks, 500):
-                await asyncio.gather(
-                    *(a.leases.hold_now(f"t{i}") for i in range(start, min(tasks, start + 500)))
-                )
+            for start in range(0, tasks, 500):  # running tasks: a WORKING record, held
+                batch = [f"t{i}" for i in range(start, min(tasks, start + 500))]
+                await asyncio.gather(*(_working(a, t) for t in batch))
+                await asyncio.gather(*(a.leases.hold_now(t) for t in batch))
             b.control.ensure_started()
             await b.control.ready()
             await asyncio.sleep(lease)  # settle into the steady state
