@@ -36,7 +36,7 @@ from typing import cast
 
 from a2a.server.cluster import TaskEventStream, TaskVersion, VersionedEvent
 from a2a.server.events.event_queue import Event
-from a2a.types.a2a_pb2 import Message, TaskArtifactUpdateEvent
+from a2a.types.a2a_pb2 import Message, Task, TaskArtifactUpdateEvent
 
 from a2a_redis.connection.cluster import Client
 from a2a_redis.connection.durability import Durability, run_script
@@ -208,12 +208,16 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
         stream already holds its version or a later one: the SDK republishes a task it
         reloaded after losing a race, and that state is logged already. The publisher of a
         running task holds its lease, and lets it go at an event that settles the task: +1
-        round trip at a running task's first event on this replica (its lease and this
-        replica's registration, for the orphan reaper), none after.
+        round trip at a task's first event (the Task: its lease and this replica's
+        registration, for the orphan reaper, written before the event goes out); a task that
+        runs again (after input) is held without one (written at the end of this turn).
         """
         activity = activity_of(event.event)
         if activity is Activity.RUNNING:
-            await self.leases.hold_now(task_id)  # a round trip at the task's first event only
+            if isinstance(event.event, Task):  # the task's first event: register it now
+                await self.leases.hold_now(task_id)
+            else:  # written with this turn's other new holdings, off the event's path
+                self.leases.hold(task_id)
         elif activity is Activity.SETTLED:
             self.leases.drop(task_id)
         version = version_int(event.version)
