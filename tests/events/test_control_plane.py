@@ -257,6 +257,25 @@ class SilentAgent(AgentExecutor):
         self.cancels += 1
 
 
+async def start_working(handler: Any) -> tuple[str, asyncio.Task[list[Any]]]:
+    """A streaming send on ``handler``: the task id once WORKING, and the task draining the
+    stream (its result: every event)."""
+    working: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def drain() -> list[Any]:
+        seen = []
+        request = SendMessageRequest(message=user_message("go"))
+        async for event in handler.on_message_send_stream(request, ctx()):
+            seen.append(event)
+            status = getattr(event, "status", None)
+            if status is not None and status.state == S.TASK_STATE_WORKING and not working.done():
+                working.set_result(event.task_id)
+        return seen
+
+    runner = asyncio.create_task(drain())
+    return await asyncio.wait_for(working, 30), runner
+
+
 async def test_two_replicas_forwarding_cancels_at_once_cancel_the_agent_once(
     real_url: str, prefix: str
 ):
@@ -264,21 +283,7 @@ async def test_two_replicas_forwarding_cancels_at_once_cancel_the_agent_once(
         agent = SilentAgent()
         ha = a.request_handler(agent, agent_card())
         hb, hc = (x.request_handler(SilentAgent(), agent_card()) for x in (b, c))
-        request = SendMessageRequest(message=user_message("go"))
-        working: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-        async def drain() -> list[Any]:
-            seen = []
-            async for event in ha.on_message_send_stream(request, ctx()):
-                seen.append(event)
-                status = getattr(event, "status", None)
-                working_now = status is not None and status.state == S.TASK_STATE_WORKING
-                if working_now and not working.done():
-                    working.set_result(event.task_id)
-            return seen
-
-        runner = asyncio.create_task(drain())
-        task_id = await asyncio.wait_for(working, 30)
+        task_id, runner = await start_working(ha)
         answers = await asyncio.gather(
             hb.on_cancel_task(CancelTaskRequest(id=task_id), ctx()),
             hc.on_cancel_task(CancelTaskRequest(id=task_id), ctx()),
@@ -307,21 +312,7 @@ async def test_a_cancel_recorded_elsewhere_stops_the_agent_at_its_next_renewal(
             return None  # as if A never answered within cancel_timeout
 
         b.control.forward_cancel = lost  # type: ignore[method-assign,assignment]
-        request = SendMessageRequest(message=user_message("go"))
-        working: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-        async def drain() -> list[Any]:
-            seen = []
-            async for event in ha.on_message_send_stream(request, ctx()):
-                seen.append(event)
-                status = getattr(event, "status", None)
-                working_now = status is not None and status.state == S.TASK_STATE_WORKING
-                if working_now and not working.done():
-                    working.set_result(event.task_id)
-            return seen
-
-        runner = asyncio.create_task(drain())
-        task_id = await asyncio.wait_for(working, 30)
+        task_id, runner = await start_working(ha)
         cancelled = await hb.on_cancel_task(CancelTaskRequest(id=task_id), ctx())
         assert cancelled.status.state == S.TASK_STATE_CANCELED  # recorded by B
         seen = await asyncio.wait_for(runner, 30)  # A's agent was stopped: its stream ends
