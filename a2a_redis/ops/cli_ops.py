@@ -99,6 +99,13 @@ def add_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     stats = sub.add_parser("stats", parents=[common, owner], help="task counts by state")
     stats.add_argument("--all-owners", action="store_true", help="every owner (SCAN over indexes)")
     stats.add_argument(
+        "--top",
+        type=int_at_least(1),
+        default=None,
+        metavar="N",
+        help="only the N owners with the most tasks (implies --all-owners)",
+    )
+    stats.add_argument(
         "--keys", action="store_true", help="also keys and memory by kind (a capped SCAN)"
     )
     stats.add_argument("--json", action="store_true", help="print the counts as JSON")
@@ -198,13 +205,21 @@ async def _purge(args: argparse.Namespace) -> int:
 
 
 async def _stats(args: argparse.Namespace) -> int:
+    every = args.all_owners or args.top is not None
     async with connect(args.url) as client:
-        owners = await admin.owners(client, args.prefix) if args.all_owners else [args.owner]
+        owners = await admin.owners(client, args.prefix) if every else [args.owner]
         per_owner = [await admin.stats(client, args.prefix, o) for o in owners]
         kinds = await admin.key_kinds(client, args.prefix) if args.keys else None
     per_owner.sort(key=lambda s: (-s["tasks"], s["owner"]))
-    result: dict[str, Any] = {"owners": per_owner, "tasks": sum(s["tasks"] for s in per_owner)}
-    text = [f"{result['tasks']} task(s)"]
+    result: dict[str, Any] = {
+        "owners": per_owner[: args.top],  # (None: all of them)
+        "owner_count": len(per_owner),
+        "tasks": sum(s["tasks"] for s in per_owner),
+    }
+    text = [f"{result['tasks']} task(s), {len(per_owner)} owner(s)"]
+    if len(result["owners"]) < len(per_owner):
+        text.append(f"top {args.top} owner(s) by tasks:")
+    per_owner = result["owners"]
     for s in per_owner:
         shown = ", ".join(f"{n} {name}" for name, n in s["by_state"].items()) or "-"
         text.append(f"  owner {s['owner']!r}: {s['tasks']} ({shown})")

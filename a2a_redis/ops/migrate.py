@@ -107,11 +107,13 @@ class Progress:
         self._bar: Any = None
         if self.out.isatty():
             try:
+                from rich.console import Console  # type: ignore[import-not-found,unused-ignore]
                 from rich.progress import Progress as RichProgress  # type: ignore[import-not-found,unused-ignore]
             except ImportError:
                 pass
-            else:
-                self._bar = RichProgress(transient=True)
+            else:  # on ``out`` (stderr), never on stdout: that is for the counts (--json)
+                console = Console(file=self.out)
+                self._bar = RichProgress(console=console, transient=True)
                 self._bar.start()
                 self._task = self._bar.add_task("tasks", total=total or None)
 

@@ -1,11 +1,12 @@
-"""``a2a-redis migrate``: from the a2a-sdk's own SQL stores (SQLite always, PostgreSQL on the
-machine's server) into every real Redis.
+"""``a2a-redis migrate``: from the a2a-sdk's own SQL stores (SQLite always, PostgreSQL and
+MySQL/MariaDB on the machine's servers) into every real Redis.
 
 The SQL side is created and filled through the SDK's classes (``VersionedDatabaseTaskStore``,
 its plain ``as_task_store``, ``DatabasePushNotificationConfigStore``); only the corrupt-row
 test damages rows by hand. Each test uses its own table names and drops them afterwards.
-PostgreSQL is at ``A2A_REDIS_TEST_PG`` (default postgresql+asyncpg://postgres@127.0.0.1:5432/test):
-if it does not answer, the PostgreSQL tests fail; they never skip.
+PostgreSQL is at ``A2A_REDIS_TEST_PG`` (default postgresql+asyncpg://postgres@127.0.0.1:5432/test),
+MySQL at ``A2A_REDIS_TEST_MYSQL`` (default mysql+aiomysql://root@127.0.0.1:3306/test): if one
+does not answer, its tests fail; they never skip.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:This declarative base already contains a class:sqlalchemy.exc.SAWarning"
 )
 PG_DSN = os.environ.get("A2A_REDIS_TEST_PG", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+MYSQL_DSN = os.environ.get("A2A_REDIS_TEST_MYSQL", "mysql+aiomysql://root@127.0.0.1:3306/test")
+SERVERS = {
+    "postgresql": ("A2A_REDIS_TEST_PG", PG_DSN),
+    "mysql": ("A2A_REDIS_TEST_MYSQL", MYSQL_DSN),
+}
 OWNERS = ["", "alice", "bob"]
 STATES = [
     TaskState.TASK_STATE_SUBMITTED,
@@ -121,26 +127,51 @@ class Sql:
         ]  # fmt: skip
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "mysql"])
 async def sql(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Sql]:
-    name = f"mig{uuid.uuid4().hex[:10]}"
+    name = f"mig{uuid.uuid4().hex[:10]}"  # unique tables: parallel runs share the servers
     tables = Tables(f"{name}_tasks", f"{name}_versions", f"{name}_events", f"{name}_push")
-    dsn = f"sqlite+aiosqlite:///{tmp_path / 'sdk.db'}" if request.param == "sqlite" else PG_DSN
+    server = request.param != "sqlite"
+    if server:
+        variable, dsn = SERVERS[request.param]
+    else:
+        dsn = f"sqlite+aiosqlite:///{tmp_path / 'sdk.db'}"
+    if request.param == "mysql":
+        mysql_bytes_fix(request.getfixturevalue("monkeypatch"))
     engine = create_async_engine(dsn)
-    if request.param == "postgresql":
+    if server:
         try:
             async with engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
         except Exception as e:
             await engine.dispose()
-            pytest.fail(f"PostgreSQL at {PG_DSN} does not answer ({e}); set A2A_REDIS_TEST_PG")
+            pytest.fail(f"{request.param} at {dsn} does not answer ({e}); set {variable}")
     yield Sql(dsn, engine, tables)
-    if request.param == "postgresql":
+    if server:
         async with engine.begin() as conn:
             names = (tables.tasks, tables.versions, tables.events, tables.push_configs)
             for table in (*names, tables.events + "s"):
-                await conn.execute(text(f'DROP TABLE IF EXISTS "{table}"'))
+                await conn.execute(text(f"DROP TABLE IF EXISTS {quote(engine, table)}"))
     await engine.dispose()
+
+
+def mysql_bytes_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiomysql 0.3.2 with PyMySQL >= 1.2.3 fails every bytes parameter (the SDK's event and
+    push-config rows): it calls ``escape_bytes_prefixed``, now a placeholder string
+    (aio-libs/aiomysql#1080). Use PyMySQL's ``escape_bytes`` (``_binary X'..'``), as the
+    open fix (aio-libs/aiomysql#1081) does. Only the SDK's writes need it: migrate reads."""
+    import aiomysql.connection
+    import pymysql.converters
+
+    if not callable(aiomysql.connection.escape_bytes_prefixed):
+        monkeypatch.setattr(
+            aiomysql.connection, "escape_bytes_prefixed", pymysql.converters.escape_bytes
+        )
+
+
+def quote(engine: AsyncEngine, name: str) -> str:
+    """A table name quoted for the engine's dialect (MySQL: backticks)."""
+    return engine.dialect.identifier_preparer.quote_identifier(name)
 
 
 def _status(state: int, i: int, step: int) -> TaskStatus:
@@ -386,11 +417,14 @@ async def test_corrupt_rows_are_reported_and_skipped_dry_run_writes_nothing(
     t = sql.tables
     async with sql.engine.begin() as conn:  # damage rows by hand (the SDK would not)
         await conn.execute(
-            text(f"UPDATE \"{t.tasks}\" SET status = :bad WHERE id = 'task-0002'"),
+            text(f"UPDATE {quote(sql.engine, t.tasks)} SET status = :bad WHERE id = 'task-0002'"),
             {"bad": '{"state": "NO_SUCH_STATE"}'},
         )
         await conn.execute(
-            text(f"UPDATE \"{t.events}\" SET event_data = :junk WHERE task_id = 'task-0003'"),
+            text(
+                f"UPDATE {quote(sql.engine, t.events)} SET event_data = :junk "
+                "WHERE task_id = 'task-0003'"
+            ),
             {"junk": b"\xff\xfe not a protobuf"},
         )
     code, dry = await cli(sql.argv(real_url, prefix, "--dry-run"))
@@ -413,30 +447,6 @@ async def test_corrupt_rows_are_reported_and_skipped_dry_run_writes_nothing(
         assert out["migrate"]["skipped"] == len(made) - 2
     finally:
         await client.aclose()
-
-
-def test_progress_lines_without_a_terminal_or_without_rich(monkeypatch: pytest.MonkeyPatch) -> None:
-    out = io.StringIO()
-    progress = migrate_mod.Progress(25, out=out, every=10)
-    for _ in range(5):
-        progress.advance(5)
-    progress.close()
-    lines = out.getvalue().splitlines()
-    assert [line.split(" ")[0] for line in lines] == ["10/25", "20/25"]
-    unknown = io.StringIO()  # import: the total is not known
-    migrate_mod.Progress(0, out=unknown, every=2).advance(3)
-    assert unknown.getvalue().startswith("2 tasks (")
-
-    class Tty(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    monkeypatch.setitem(sys.modules, "rich.progress", None)  # the cli extra is missing
-    tty = Tty()
-    progress = migrate_mod.Progress(3, out=tty, every=2)
-    progress.advance(3)
-    progress.close()
-    assert tty.getvalue().startswith("2/3 tasks")
 
 
 def test_migrate_usage_and_unreachable_source_are_one_line_errors(

@@ -212,6 +212,17 @@ def test_tasks_cancel_delete_and_stats(real_url: str, prefix: str) -> None:
         {"owner": "alice", "tasks": 3, "by_state": three},
         {"owner": "bob", "tasks": 2, "by_state": {"completed": 1, "failed": 1}},
     ]
+    assert stats["owner_count"] == 3
+    code, out, _ = cli(["stats", "--top", "1", "--json", *base])  # top N owners by tasks
+    top = json.loads(out)
+    assert code == 0 and (top["tasks"], top["owner_count"]) == (8, 3)
+    assert top["owners"] == [{"owner": "", "tasks": 3, "by_state": three}]
+    code, out, _ = cli(["stats", "--top", "1", *base])
+    assert code == 0 and out.splitlines() == [
+        "8 task(s), 3 owner(s)",
+        "top 1 owner(s) by tasks:",
+        "  owner '': 3 (1 working, 1 completed, 1 failed)",
+    ]
     code, out, _ = cli(["stats", "--owner", "bob", *base])
     assert code == 0 and out.startswith("2 task(s)")
     code, out, _ = cli(["stats", "--owner", "bob", "--keys", "--json", *base])
