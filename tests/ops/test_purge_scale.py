@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import io
-import json
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,11 +22,11 @@ from a2a.server.context import ServerCallContext
 from a2a.types.a2a_pb2 import ListTasksRequest, Task, TaskState, TaskStatus
 from redis.asyncio.connection import AbstractConnection
 
-from a2a_redis.ops.cli import main
 from a2a_redis.options import Options
 from a2a_redis.stores.records import TaskRecords
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
 from tests.helpers import NamedUser, connect
+from tests.ops.test_migrate import run_cli as cli
 
 S = TaskState
 N = 100_000
@@ -119,17 +116,6 @@ def wire(monkeypatch: pytest.MonkeyPatch) -> Wire:
 
     monkeypatch.setattr(AbstractConnection, "send_packed_command", send)
     return seen
-
-
-def cli(argv: list[str]) -> tuple[int, dict[str, Any]]:
-    out = io.StringIO()
-    saved = sys.stdout
-    sys.stdout = out
-    try:
-        code = main(argv)
-    finally:
-        sys.stdout = saved
-    return code, json.loads(out.getvalue())
 
 
 @pytest.mark.timeout(600)
