@@ -1,9 +1,11 @@
 """Operator actions on one prefix: cancel, delete, purge, stats (the CLI's ``ops/cli_ops.py``).
 
-* ``cancel``: the versioned CAS write of CANCELED (``handlers.cancel.record_cancel``), as a
-  CancelTask reaching a replica that does not run the task records it: the replica running
-  the agent sees the conflict at its next save, reloads, finds CANCELED and stops the agent.
-  (Forwarding the cancel to that replica at once is done by the request handlers.)
+* ``cancel``: as a CancelTask reaching a replica that does not run the task. When a replica
+  holds the task's lease, the cancel is forwarded to it (``events.control``): it runs the
+  agent's cancel and records CANCELED, as a local cancel does. Otherwise (no replica runs
+  it, or the holder does not answer within ``cancel_timeout``) the versioned CAS write of
+  CANCELED (``handlers.cancel.record_cancel``): a replica still running the agent sees the
+  conflict at its next save or lease renewal, and stops the agent.
 * ``delete``: the store's delete (record, stream, push configs, index entries, atomically).
 * ``purge``: index-driven. The owner's per-state ListTasks index sorts members by status
   timestamp, so the tasks older than a cutoff are a prefix of it, read ``batch`` at a time
@@ -22,13 +24,21 @@ import time
 import urllib.parse
 from typing import Any, cast
 
+from a2a.server.cluster import ConcurrentTaskModificationError
 from a2a.server.context import ServerCallContext
 from a2a.types.a2a_pb2 import TaskState
+from a2a.utils.errors import TaskNotFoundError
 
+from a2a_redis.backend import RedisBackend
 from a2a_redis.connection.cluster import Client
 from a2a_redis.connection.transaction import execute
 from a2a_redis.handlers.cancel import record_cancel
-from a2a_redis.log.codec import member_task_id, member_timestamp_floor, version_int
+from a2a_redis.log.codec import (
+    TERMINAL_STATES,
+    member_task_id,
+    member_timestamp_floor,
+    version_int,
+)
 from a2a_redis.log.keys import Keys
 from a2a_redis.ops import doctor
 from a2a_redis.ops.migrate import Progress
@@ -46,12 +56,34 @@ def _store(client: Client, prefix: str, owner: str) -> VersionedRedisTaskStore:
     return VersionedRedisTaskStore(client, prefix=prefix, owner_resolver=lambda _c: owner)
 
 
-async def cancel(client: Client, prefix: str, owner: str, task_id: str) -> tuple[int, int]:
-    """Record CANCELED on the owner's task; (version, state). Raises as ``record_cancel``."""
-    task, version, _ = await record_cancel(
-        _store(client, prefix, owner), task_id, ServerCallContext()
-    )
-    return version_int(version), int(task.status.state)
+async def cancel(
+    client: Client, prefix: str, owner: str, task_id: str, *, forward: bool = True
+) -> tuple[int, int, bool]:
+    """Cancel the owner's task: (version, state, whether the replica running it did it).
+
+    Raises ``TaskNotFoundError``, ``ConcurrentTaskModificationError`` (already terminal) and
+    ``TaskNotCancelableError`` (the replica running it refused). Round trips: 1 read, 1 GET
+    of the lease; forwarded: a subscription, a PUBLISH, the answer and 1 read; else 2 per
+    CAS attempt (``record_cancel``).
+    """
+    store, context = _store(client, prefix, owner), ServerCallContext()
+    if forward:
+        stored = await store.get(task_id, context)  # the owner check, as a handler's
+        if stored is None:
+            raise TaskNotFoundError
+        if stored.task.status.state in TERMINAL_STATES:
+            raise ConcurrentTaskModificationError(task_id)
+        backend = RedisBackend(client, prefix=prefix)  # not a replica: it takes no leases
+        try:
+            done = await backend.control.forward_cancel(task_id)
+        finally:
+            await backend.aclose()
+        if done is not None:
+            after = await store.get(task_id, context)
+            version = after.version if after is not None else stored.version
+            return version_int(version), int(done.status.state), True
+    task, version, _ = await record_cancel(store, task_id, context)
+    return version_int(version), int(task.status.state), False
 
 
 async def delete(client: Client, prefix: str, owner: str, task_id: str) -> bool:

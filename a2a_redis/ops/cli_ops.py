@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from a2a.server.cluster import ConcurrentTaskModificationError
-from a2a.utils.errors import TaskNotFoundError
+from a2a.utils.errors import TaskNotCancelableError, TaskNotFoundError
 
 from a2a_redis.ops import admin, transfer
 from a2a_redis.ops.cli_common import (
@@ -59,9 +59,14 @@ def add_task_parsers(tasks_sub: Any, parents: list[argparse.ArgumentParser]) -> 
     cancel = tasks_sub.add_parser(
         "cancel",
         parents=parents,
-        help="record CANCELED (versioned CAS; the replica running the agent stops it)",
+        help="cancel: forwarded to the replica running it, else CANCELED by versioned CAS",
     )
     cancel.add_argument("task_id")
+    cancel.add_argument(
+        "--no-forward",
+        action="store_true",
+        help="only record CANCELED (the replica running the agent stops it at its next write)",
+    )
     cancel.add_argument("--json", action="store_true", help="print the result as JSON")
     delete = tasks_sub.add_parser("delete", parents=parents, help="delete a task")
     delete.add_argument("task_id")
@@ -114,13 +119,19 @@ def add_parsers(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 async def _cancel(args: argparse.Namespace) -> int:
     async with connect(args.url) as client:
         try:
-            version, state = await admin.cancel(client, args.prefix, args.owner, args.task_id)
+            version, state, forwarded = await admin.cancel(
+                client, args.prefix, args.owner, args.task_id, forward=not args.no_forward
+            )
         except TaskNotFoundError:
             raise Fail(f"task {args.task_id!r} not found for owner {args.owner!r}") from None
         except ConcurrentTaskModificationError:
             raise Fail(f"task {args.task_id!r} is already in a terminal state") from None
-    result = {"id": args.task_id, "state": state_name(state).lower(), "version": version}
-    _emit(args, result, f"task {args.task_id} canceled at version {version}")
+        except TaskNotCancelableError as e:
+            raise Fail(f"task {args.task_id!r} cannot be canceled: {e}") from None
+    name = state_name(state).lower()
+    result = {"id": args.task_id, "state": name, "version": version, "forwarded": forwarded}
+    by = " by the replica running it" if forwarded else ""
+    _emit(args, result, f"task {args.task_id} {name}{by} at version {version}")
     return EXIT_OK
 
 

@@ -187,7 +187,7 @@ def test_tasks_cancel_delete_and_stats(real_url: str, prefix: str) -> None:
     base = ["--url", real_url, "--prefix", prefix]
     code, out, err = cli(["tasks", "cancel", "t008", "--owner", "bob", "--json", *base])
     assert code == 0, err
-    assert code == 0 and json.loads(out) == {"id": "t008", "state": "canceled", "version": 3}
+    assert json.loads(out) == {"id": "t008", "state": "canceled", "version": 3, "forwarded": False}
     stored = run(
         real_url, lambda c: VersionedRedisTaskStore(c, prefix=prefix).get("t008", ctx("bob"))
     )
