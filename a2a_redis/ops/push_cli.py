@@ -9,6 +9,7 @@ version order per task and config, with fresh attempts (see ``a2a_redis/push/dea
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from a2a_redis.connection.clients import client_from_url
@@ -31,6 +32,8 @@ def add_push_parser(sub: Any, common: argparse.ArgumentParser, commands: dict[st
         "retry", parents=[common], help="re-queue dead letters for delivery"
     )
     retry.add_argument("--task", default=None, help="only this task's")
+    for each in (dead, retry):
+        each.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 async def run_push(args: argparse.Namespace) -> int:
@@ -41,9 +44,20 @@ async def run_push(args: argparse.Namespace) -> int:
         keys = Keys.for_client(client, args.prefix)
         if args.push_command == "retry":
             n = await retry_dead(client, keys, task_id=args.task)
-            print(f"{n} dead letter(s) re-queued")
+            print(json.dumps({"requeued": n}) if args.json else f"{n} dead letter(s) re-queued")
             return 0
         letters = await dead_letters(client, keys, task_id=args.task, count=max(args.count, 1))
+        if args.json:
+            rows = [
+                {
+                    "entry_id": x.entry_id.decode(), "task_id": x.task_id,
+                    "config_id": x.config_id, "version": x.version, "attempts": x.attempts,
+                    "error": x.error, "notification_id": x.notification_id,
+                }
+                for x in letters
+            ]  # fmt: skip
+            print(json.dumps({"dead_letters": rows, "count": len(rows)}, sort_keys=True))
+            return 0
         if letters:
             print(f"{'ENTRY':<16}  {'TASK':<36}  {'CONFIG':<20}  VERSION  ATTEMPTS  ERROR")
         for x in letters:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -45,8 +46,18 @@ def test_push_dead_lists_and_push_retry_requeues(
     assert "3 dead letter(s)" in out and "HTTP 503" in out and "hook" in out
     assert main(["push", "dead", "--task", "t2", "--url", real_url, "--prefix", prefix]) == 0
     assert "1 dead letter(s)" in capsys.readouterr().out
-    assert main(["push", "retry", "--task", "t1", "--url", real_url, "--prefix", prefix]) == 0
-    assert "2 dead letter(s) re-queued" in capsys.readouterr().out
+    base = ["--url", real_url, "--prefix", prefix, "--json"]
+    assert main(["push", "dead", "--task", "t2", *base]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["count"] == 1 and listed["dead_letters"] == [
+        {
+            "entry_id": listed["dead_letters"][0]["entry_id"], "task_id": "t2",
+            "config_id": "hook", "version": 5, "attempts": 10, "error": "HTTP 503",
+            "notification_id": f"{5:032x}",
+        }
+    ]  # fmt: skip
+    assert main(["push", "retry", "--task", "t1", *base]) == 0
+    assert json.loads(capsys.readouterr().out) == {"requeued": 2}
 
     async def check(client: Any) -> tuple[Any, Any]:
         return await client.xrange(keys.push_jobs), await client.xrange(keys.push_dead)
