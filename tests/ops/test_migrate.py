@@ -287,6 +287,47 @@ async def test_migrate_then_the_redis_handler_answers_as_the_sql_handler(
         await backend.aclose()
 
 
+async def test_push_configs_are_re_encrypted_only_if_asked_and_survive_export_import(
+    sql: Sql, real_url: str, prefix: str, tmp_path: Path
+) -> None:
+    old, new = Fernet.generate_key(), Fernet.generate_key()
+    await fill(sql, n=8, key=old)
+    code, out = await cli(
+        sql.argv(real_url, prefix, f"--encryption-key={old.decode()}",
+                 f"--redis-encryption-key={new.decode()}")
+    )  # fmt: skip
+    assert code == 0 and out["migrate"]["push_configs"] == 2, out
+    client = connect(real_url)
+    try:
+
+        def configs(at: str, key: bytes | None) -> Any:
+            store = RedisPushNotificationConfigStore(client, prefix=at, encryption_key=key)
+            return store.get_info("task-0004", ctx("alice"))
+
+        assert [c.url for c in await configs(prefix, new)] == ["https://hook/4"]
+        with pytest.raises(DecryptionError):
+            await configs(prefix, old)  # re-encrypted with the new key, as asked
+        # export reads them with the key (in clear in the file); import encrypts them again
+        dump = tmp_path / "dump.ndjson"
+        argv = ["--url", real_url, "--json", f"--encryption-key={new.decode()}"]
+        code, _ = await cli(["export", "--prefix", prefix, "-o", str(dump), *argv])
+        assert code == 0 and '"token":"tok"' in dump.read_text()
+        copy = prefix + ":copy"
+        code, dry = await cli(["import", "--prefix", copy, "-i", str(dump), "--dry-run", *argv])
+        assert (
+            code == 0
+            and dry["copied"] == 10
+            and await client.exists(Keys(copy).task("task-0004")) == 0
+        )
+        code, done = await cli(["import", "--prefix", copy, "-i", str(dump), *argv])
+        assert code == 0 and (done["copied"], done["push_configs"]) == (10, 2)
+        assert [c.token for c in await configs(copy, new)] == ["tok"]
+        with pytest.raises(DecryptionError):
+            await configs(copy, None)  # stored encrypted
+    finally:
+        await client.aclose()
+
+
 def _cancel_view(outcome: Any) -> Any:
     if isinstance(outcome, Task):
         return (outcome.id, outcome.status.state, len(outcome.artifacts), len(outcome.history))
