@@ -393,7 +393,12 @@ def test_tail_of_a_missing_task_fails(
 
 
 # -- connection errors ---------------------------------------------------------------------
-COMMANDS = [["doctor"], ["tasks"], ["tasks", "get", "x"], ["tail", "x"]]
+COMMANDS = [
+    ["doctor"], ["tasks"], ["tasks", "get", "x"], ["tail", "x"],
+    ["tasks", "cancel", "x"], ["tasks", "delete", "x", "--yes"], ["stats"],
+    ["purge", "--older-than", "30d"], ["export"], ["import"], ["push", "dead"],
+    ["migrate", "--from", "sqlite+aiosqlite:///never-opened.db"],
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
