@@ -29,6 +29,7 @@ from a2a.types.a2a_pb2 import (
 )
 
 from a2a_redis.log.keys import Keys
+from a2a_redis.ops import admin
 from a2a_redis.ops.cli import main
 from a2a_redis.stores.push_config_store import RedisPushNotificationConfigStore
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
@@ -316,3 +317,14 @@ def test_doctor_tasks_and_tail_print_json(real_url: str, prefix: str) -> None:
     assert code == 0 and json.loads(out) == {
         "id": "t001", "state": "completed", "version": 3, "final": True,
     }  # fmt: skip
+
+
+def test_an_interrupted_command_exits_130_in_one_line(
+    real_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the work
+
+    monkeypatch.setattr(admin, "purge", interrupted)
+    argv = ["purge", "--url", real_url, "--prefix", prefix, "--older-than", "1d", "--json"]
+    assert cli(argv) == (130, "", "interrupted\n")
