@@ -1,0 +1,442 @@
+"""OpenTelemetry for a2a-redis: metrics, spans, trace context across replicas, log trace ids.
+
+Everything OpenTelemetry lives here. The library uses only the OpenTelemetry API (the
+``otel`` extra); without it every call below is a cheap no-op and nothing fails to import.
+With the API but no SDK, the instruments and spans are the API's no-ops, and the
+per-event paths skip them altogether (:func:`subscription` returns None).
+
+- Meter ``a2a_redis`` (see the README's table): ``a2a_redis.store.duration``,
+  ``a2a_redis.stream.delivery_latency``, ``a2a_redis.stream.subscribers``,
+  ``a2a_redis.listener.reconnects``, ``a2a_redis.subscriber.lagged``,
+  ``a2a_redis.owner.lost``, ``a2a_redis.leases.held``, ``a2a_redis.queue.taps``,
+  ``a2a_redis.payload.rejected``. Attributes are low-cardinality only: never a task id,
+  context id, owner or payload.
+- Tracer ``a2a-redis``: one CLIENT span per store operation, per publish that appends, and
+  per subscription (never one per event), nested under the current span. The SDK's switch
+  ``OTEL_INSTRUMENTATION_A2A_SDK_ENABLED=false`` turns our spans off too.
+- Trace context: each stream entry written by this release carries its writer's wall
+  clock and, inside a span, that span's W3C ``traceparent`` (:func:`entry_context`). The
+  subscription span on the delivering replica links to each distinct producer context it
+  delivers from (the first :data:`MAX_LINKS`), and the delivery latency is measured there.
+- Logs: :class:`TraceContextFilter` gives our records ``trace_id`` and ``span_id``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from a2a.server.cluster import ConcurrentTaskModificationError
+
+from a2a_redis.errors import ContentionError, TaskOwnedElsewhereError
+
+try:
+    from opentelemetry import metrics as _metrics
+    from opentelemetry import trace as _trace
+except ImportError:  # the otel extra is not installed: everything below is a no-op
+    _metrics = _trace = None  # type: ignore[assignment]
+
+__all__ = [
+    "ENABLED_ENV_VAR",
+    "MAX_LINKS",
+    "METER_NAME",
+    "TRACER_NAME",
+    "Subscription",
+    "TraceContextFilter",
+    "configure",
+    "entry_context",
+    "extract",
+    "inject",
+    "instrument_logging",
+    "observe",
+    "payload_rejected",
+    "reconnected",
+    "served",
+    "span",
+    "store_operation",
+    "subscription",
+]
+
+METER_NAME = "a2a_redis"
+TRACER_NAME = "a2a-redis"
+ENABLED_ENV_VAR = "OTEL_INSTRUMENTATION_A2A_SDK_ENABLED"
+#: Distinct producer contexts a subscription span links to, at most.
+MAX_LINKS = 32
+_DB = {"db.system.name": "redis"}
+_F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
+
+
+class _State:
+    """The instruments and tracer in use (rebuilt by :func:`configure`)."""
+
+    def __init__(self) -> None:
+        self.on = False  # the API is importable and not switched off
+        self.tracer: Any = None  # None: no spans (switched off, or no API)
+        self.meter_provider: Any = None
+        self.tracer_provider: Any = None
+        self.i: dict[str, Any] = {}
+        self.observed: dict[str, weakref.WeakKeyDictionary[Any, Callable[[Any], int]]] = {}
+
+
+_S = _State()
+
+
+def configure(
+    *,
+    enabled: bool = True,
+    meter_provider: Any = None,
+    tracer_provider: Any = None,
+    tracing: bool | None = None,
+) -> None:
+    """(Re)build the instruments and tracer.
+
+    Done at import with the global providers. ``enabled=False`` turns everything off as
+    if OpenTelemetry were not installed. Explicit providers serve tests and benchmarks;
+    ``tracing`` None reads :data:`ENABLED_ENV_VAR` (anything but ``true`` disables spans).
+    """
+    _S.on = enabled and _metrics is not None
+    _S.meter_provider, _S.tracer_provider = meter_provider, tracer_provider
+    if tracing is None:
+        tracing = os.getenv(ENABLED_ENV_VAR, "true").lower() == "true"
+    if not _S.on:
+        _S.tracer, _S.i = None, {}
+        return
+    meter = (meter_provider or _metrics.get_meter_provider()).get_meter(METER_NAME)
+    _S.tracer = None
+    if tracing:
+        _S.tracer = (tracer_provider or _trace.get_tracer_provider()).get_tracer(TRACER_NAME)
+    i = _S.i = {
+        "store": meter.create_histogram(
+            "a2a_redis.store.duration", unit="s", description="Task store operation time"
+        ),
+        "delivery": meter.create_histogram(
+            "a2a_redis.stream.delivery_latency",
+            unit="s",
+            description="From an event's write on any replica to its delivery here",
+        ),
+        "subscribers": meter.create_up_down_counter(
+            "a2a_redis.stream.subscribers", description="Live event stream subscribers here"
+        ),
+        "reconnects": meter.create_counter(
+            "a2a_redis.listener.reconnects", description="Pub/sub connection reconnects"
+        ),
+        "lagged": meter.create_counter(
+            "a2a_redis.subscriber.lagged", description="Subscribers whose events were trimmed"
+        ),
+        "owner_lost": meter.create_counter(
+            "a2a_redis.owner.lost", description="Subscribers whose task's replica went silent"
+        ),
+        "rejected": meter.create_counter(
+            "a2a_redis.payload.rejected", description="Payloads refused (attribute reason)"
+        ),
+    }
+    for name, what in (
+        ("a2a_redis.leases.held", "Task leases this replica holds"),
+        ("a2a_redis.queue.taps", "Remote event queue taps open here"),
+    ):
+        watched = _S.observed.setdefault(name, weakref.WeakKeyDictionary())
+        i[name] = meter.create_observable_up_down_counter(
+            name, callbacks=[functools.partial(_observe, watched)], description=what
+        )
+
+
+def _observe(watched: weakref.WeakKeyDictionary[Any, Callable[[Any], int]], _options: Any) -> Any:
+    total = sum(count(owner) for owner, count in list(watched.items()))
+    yield _metrics.Observation(total)
+
+
+def observe(name: str, owner: Any, count: Callable[[Any], int]) -> None:
+    """Count ``count(owner)`` into the up-down counter ``name`` while ``owner`` lives.
+
+    ``name`` is ``a2a_redis.leases.held`` or ``a2a_redis.queue.taps``; read at each
+    collection, so it costs nothing on the operations' path.
+    """
+    _S.observed.setdefault(name, weakref.WeakKeyDictionary())[owner] = count
+
+
+def _live(provider: Any, explicit: Any) -> bool:
+    """Whether a provider records (the API's own no-op and proxy providers do not)."""
+    if explicit is not None:
+        return True
+    return not type(provider).__module__.startswith("opentelemetry.")
+
+
+def _count(name: str, attributes: dict[str, str] | None = None) -> None:
+    instrument = _S.i.get(name)
+    if instrument is not None:
+        instrument.add(1, attributes)
+
+
+def reconnected() -> None:
+    """A pub/sub connection was re-established (by us, or by redis-py on its own)."""
+    _count("reconnects")
+
+
+def lagged() -> None:
+    """A subscriber fell behind what the stream keeps (``SubscriberLagError``)."""
+    _count("lagged")
+
+
+def owner_lost() -> None:
+    """A subscriber's task owner went silent (``OwnerLostError``)."""
+    _count("owner_lost")
+
+
+def payload_rejected(reason: str) -> None:
+    """A payload was refused; ``reason`` is a fixed word (``too_large``)."""
+    _count("rejected", {"reason": reason})
+
+
+# -- spans -----------------------------------------------------------------------------------
+@contextmanager
+def span(operation: str, **attributes: Any) -> Iterator[Any]:
+    """A CLIENT span ``a2a_redis <operation>`` under the current span (None when off)."""
+    tracer = _S.tracer
+    if tracer is None:
+        yield None
+        return
+    with tracer.start_as_current_span(
+        f"a2a_redis {operation}",
+        kind=_trace.SpanKind.CLIENT,
+        attributes={**_DB, "db.operation.name": operation, **attributes},
+        record_exception=False,  # an exception's message may name a task: the type only
+        set_status_on_exception=False,
+    ) as current:
+        try:
+            yield current
+        except Exception as e:
+            _failed(current, e)
+            raise
+
+
+def _failed(current: Any, error: BaseException) -> None:
+    """Mark a span failed, naming only the error's type (its message may name a task)."""
+    current.set_status(_trace.Status(_trace.StatusCode.ERROR, type(error).__name__))
+    current.set_attribute("error.type", type(error).__name__)
+
+
+def store_operation(operation: str) -> Callable[[_F], _F]:
+    """Decorate a store method: its span and its ``a2a_redis.store.duration``.
+
+    The outcome is ``conflict`` for the SDK's ``ConcurrentTaskModificationError`` (and its
+    subclasses), ``error`` for any other exception, else ``ok``.
+    """
+    outcomes = {o: {"operation": operation, "outcome": o} for o in ("ok", "conflict", "error")}
+
+    def decorate(method: _F) -> _F:
+        @functools.wraps(method)
+        async def measured(*args: Any, **kwargs: Any) -> Any:
+            if not _S.on:
+                return await method(*args, **kwargs)
+            start = time.perf_counter()
+            outcome = "error"
+            try:
+                with span(operation) as current:
+                    try:
+                        result = await method(*args, **kwargs)
+                    except Exception as e:
+                        outcome = "conflict" if _is_conflict(e) else "error"
+                        if current is not None:
+                            current.set_attribute("a2a_redis.conflicts", int(outcome == "conflict"))
+                        raise
+                outcome = "ok"
+                return result
+            finally:
+                _S.i["store"].record(time.perf_counter() - start, outcomes[outcome])
+
+        return measured  # type: ignore[return-value]
+
+    return decorate
+
+
+def _is_conflict(error: Exception) -> bool:
+    return isinstance(
+        error, (ConcurrentTaskModificationError, ContentionError, TaskOwnedElsewhereError)
+    )
+
+
+def retried() -> None:
+    """Count one optimistic-transaction retry on the current store span."""
+    if _S.tracer is None:
+        return
+    current = _trace.get_current_span()
+    if current.is_recording():
+        attributes = getattr(current, "attributes", None) or {}
+        current.set_attribute("a2a_redis.retries", int(attributes.get("a2a_redis.retries", 0)) + 1)
+
+
+# -- trace context -----------------------------------------------------------------------------
+def _traceparent() -> bytes | None:
+    """The current span's W3C ``traceparent``, if a valid span is current."""
+    if _S.tracer is None:
+        return None
+    context = _trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return None
+    return b"00-%032x-%016x-%02x" % (context.trace_id, context.span_id, context.trace_flags)
+
+
+def entry_context() -> bytes | None:
+    """The stream-entry field value: the writer's clock in µs, then ``;traceparent``."""
+    if not _S.on:
+        return None
+    stamp = b"%d" % (time.time_ns() // 1000)
+    parent = _traceparent()
+    return stamp if parent is None else stamp + b";" + parent
+
+
+def _span_context(traceparent: bytes | str | None) -> Any:
+    """The remote SpanContext a ``traceparent`` names, or None if it is not one."""
+    if not traceparent or _S.tracer is None:
+        return None
+    raw = traceparent.decode("ascii", "replace") if isinstance(traceparent, bytes) else traceparent
+    parts = raw.split("-")
+    try:
+        if len(parts) != 4 or parts[0] != "00" or len(parts[1]) != 32 or len(parts[2]) != 16:
+            return None
+        context = _trace.SpanContext(
+            int(parts[1], 16), int(parts[2], 16), True, _trace.TraceFlags(int(parts[3], 16) & 1)
+        )
+    except ValueError:
+        return None
+    return context if context.is_valid else None
+
+
+def inject(message: dict[str, Any]) -> None:
+    """Put the current span's ``traceparent`` into a control message (key ``tp``)."""
+    parent = _traceparent()
+    if parent is not None:
+        message["tp"] = parent.decode()
+
+
+def extract(message: dict[str, Any]) -> Any:
+    """The remote span context a control message carries, or None."""
+    value = message.get("tp")
+    return _span_context(value) if isinstance(value, (str, bytes)) else None
+
+
+async def served(
+    operation: str, message: dict[str, Any], serve: Callable[[dict[str, Any]], Awaitable[None]]
+) -> None:
+    """Run ``serve(message)``, a request from another replica, in a SERVER span.
+
+    The span is a child of the sender's (the ``traceparent`` the message carries).
+    """
+    tracer = _S.tracer
+    if tracer is None:
+        await serve(message)
+        return
+    remote = extract(message)
+    parent = _trace.set_span_in_context(_trace.NonRecordingSpan(remote)) if remote else None
+    with tracer.start_as_current_span(
+        f"a2a_redis {operation}",
+        context=parent,
+        kind=_trace.SpanKind.SERVER,
+        attributes={**_DB, "db.operation.name": operation},
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as current:
+        try:
+            await serve(message)
+        except Exception as e:
+            _failed(current, e)
+            raise
+
+
+class Subscription:
+    """One subscriber's telemetry: its span, links, delivery latency and the gauge."""
+
+    __slots__ = ("_delivery", "_links", "_paths", "_span", "_subscribers", "joined_us")
+
+    def __init__(self, tracer: Any, live_metrics: bool) -> None:
+        self.joined_us = time.time_ns() // 1000
+        self._span = None
+        if tracer is not None:
+            self._span = tracer.start_span(
+                "a2a_redis subscribe",
+                kind=_trace.SpanKind.CLIENT,
+                attributes={**_DB, "db.operation.name": "subscribe"},
+            )
+        self._links: set[bytes] = set()
+        self._delivery = _S.i["delivery"] if live_metrics else None
+        self._subscribers = _S.i["subscribers"] if live_metrics else None
+        self._paths = ({"path": "live"}, {"path": "backlog"})
+        if self._subscribers is not None:
+            self._subscribers.add(1)
+
+    def delivered(self, context: bytes | None) -> None:
+        """An entry carrying ``context`` (:func:`entry_context`) was delivered."""
+        if context is None:
+            return
+        stamp, _, parent = context.partition(b";")
+        if self._delivery is not None and stamp.isdigit():
+            written = int(stamp)
+            latency = max(time.time_ns() // 1000 - written, 0) / 1e6
+            self._delivery.record(latency, self._paths[written < self.joined_us])
+        links = self._links
+        if parent and self._span is not None and len(links) < MAX_LINKS and parent not in links:
+            remote = _span_context(parent)
+            if remote is not None:
+                links.add(parent)
+                self._span.add_link(remote)
+
+    def close(self, error: BaseException | None = None) -> None:
+        """The subscription ended (with ``error``, if it raised)."""
+        if self._subscribers is not None:
+            self._subscribers.add(-1)
+            self._subscribers = None
+        if self._span is not None:
+            self._span.set_attribute("a2a_redis.links", len(self._links))
+            if isinstance(error, Exception):
+                _failed(self._span, error)
+            self._span.end()
+            self._span = None
+
+
+def subscription() -> Subscription | None:
+    """A new subscriber's telemetry, or None when nothing would record it (no SDK)."""
+    if not _S.on:
+        return None
+    tracer = _S.tracer
+    if tracer is not None and not _live(_trace.get_tracer_provider(), _S.tracer_provider):
+        tracer = None
+    live_metrics = _live(_metrics.get_meter_provider(), _S.meter_provider)
+    if tracer is None and not live_metrics:
+        return None
+    return Subscription(tracer, live_metrics)
+
+
+# -- logs --------------------------------------------------------------------------------------
+class TraceContextFilter(logging.Filter):
+    """Adds ``trace_id`` and ``span_id`` (hex, ``""`` without a span) to every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Annotate ``record``; never drops it."""
+        trace_id = span_id = ""
+        if _trace is not None and _S.on:
+            context = _trace.get_current_span().get_span_context()
+            if context.is_valid:
+                trace_id, span_id = f"{context.trace_id:032x}", f"{context.span_id:016x}"
+        record.trace_id, record.span_id = trace_id, span_id
+        return True
+
+
+_FILTER = TraceContextFilter()
+
+
+def instrument_logging() -> None:
+    """Give every ``a2a_redis`` logger the :class:`TraceContextFilter` (idempotent)."""
+    manager = logging.Logger.manager
+    for name, logger in list(manager.loggerDict.items()):
+        ours = name == "a2a_redis" or name.startswith("a2a_redis.")
+        if ours and isinstance(logger, logging.Logger) and _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
+
+
+configure()
