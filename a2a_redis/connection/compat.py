@@ -73,14 +73,14 @@ class QuietPubSub(PubSub):
     def push_handler_func(self, _value: Any) -> None:
         """Ignored: ``PubSub.__init__`` assigns it; the handler is always ours."""
 
-    #: Connections made (redis-py reconnects a PubSub by itself, e.g. after CLIENT KILL).
-    connects = 0
+    #: Reconnects redis-py made by itself (after CLIENT KILL, say): ``on_connect`` is
+    #: registered once the first connection is made, so each call is a reconnect.
+    reconnects = 0
 
     async def on_connect(self, connection: Any) -> None:
-        """Count the connection (every one after the first is a reconnect), re-subscribe."""
-        self.connects += 1
-        if self.connects > 1:
-            telemetry.reconnected()
+        """Count the reconnect, then re-subscribe as redis-py does."""
+        self.reconnects += 1
+        telemetry.reconnected()
         await super().on_connect(connection)
 
 

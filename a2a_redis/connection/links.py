@@ -210,7 +210,7 @@ class PubSubLink:
 
 def _own_reconnects(pubsub: PubSub | None) -> int:
     """Reconnects redis-py made by itself on ``pubsub`` (a ``compat.QuietPubSub``)."""
-    return max(getattr(pubsub, "connects", 0) - 1, 0)
+    return int(getattr(pubsub, "reconnects", 0))
 
 
 OnMessage = Callable[[bytes, Any], None]
