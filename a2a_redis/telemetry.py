@@ -81,6 +81,7 @@ class _State:
         self.meter_provider: Any = None
         self.tracer_provider: Any = None
         self.i: dict[str, Any] = {}
+        self.live: tuple[Any, Any, bool] = (None, None, False)  # (providers, recording)
         self.observed: dict[str, weakref.WeakKeyDictionary[Any, Callable[[Any], int]]] = {}
 
 
@@ -102,6 +103,7 @@ def configure(
     """
     _S.on = enabled and _metrics is not None
     _S.meter_provider, _S.tracer_provider = meter_provider, tracer_provider
+    _S.live = (None, None, False)
     if tracing is None:
         tracing = os.getenv(ENABLED_ENV_VAR, "true").lower() == "true"
     if not _S.on:
@@ -158,6 +160,19 @@ def observe(name: str, owner: Any, count: Callable[[Any], int]) -> None:
     collection, so it costs nothing on the operations' path.
     """
     _S.observed.setdefault(name, weakref.WeakKeyDictionary())[owner] = count
+
+
+def _recording() -> bool:
+    """Whether an SDK records our metrics or spans (False for the API's no-ops alone)."""
+    if _S.meter_provider is not None or _S.tracer_provider is not None:
+        return True
+    meters, tracers = _metrics.get_meter_provider(), _trace.get_tracer_provider()
+    cached = _S.live
+    if cached[0] is meters and cached[1] is tracers:
+        return cached[2]
+    live = _live(meters, None) or (_S.tracer is not None and _live(tracers, None))
+    _S.live = (meters, tracers, live)
+    return live
 
 
 def _live(provider: Any, explicit: Any) -> bool:
@@ -232,7 +247,7 @@ def store_operation(operation: str) -> Callable[[_F], _F]:
     def decorate(method: _F) -> _F:
         @functools.wraps(method)
         async def measured(*args: Any, **kwargs: Any) -> Any:
-            if not _S.on:
+            if not _S.on or not _recording():  # no SDK: not even the API's no-ops
                 return await method(*args, **kwargs)
             start = time.perf_counter()
             outcome = "error"
