@@ -2,15 +2,11 @@
 
 Everything OpenTelemetry lives here. The library uses only the OpenTelemetry API (the
 ``otel`` extra); without it every call below is a cheap no-op and nothing fails to import.
-With the API but no SDK, the instruments and spans are the API's no-ops, and the
-per-event paths skip them altogether (:func:`subscription` returns None).
+With the API but no SDK, store operations and the per-event paths skip even the API's
+no-ops (:func:`subscription` returns None).
 
-- Meter ``a2a_redis`` (see the README's table): ``a2a_redis.store.duration``,
-  ``a2a_redis.stream.delivery_latency``, ``a2a_redis.stream.subscribers``,
-  ``a2a_redis.listener.reconnects``, ``a2a_redis.subscriber.lagged``,
-  ``a2a_redis.owner.lost``, ``a2a_redis.leases.held``, ``a2a_redis.queue.taps``,
-  ``a2a_redis.payload.rejected``. Attributes are low-cardinality only: never a task id,
-  context id, owner or payload.
+- Meter ``a2a_redis``: the instruments of the README's table. Attributes are
+  low-cardinality only: never a task id, context id, owner or payload.
 - Tracer ``a2a-redis``: one CLIENT span per store operation, per publish that appends, and
   per subscription (never one per event), nested under the current span. The SDK's switch
   ``OTEL_INSTRUMENTATION_A2A_SDK_ENABLED=false`` turns our spans off too.
@@ -138,14 +134,20 @@ def configure(
             "a2a_redis.payload.rejected", description="Payloads refused (attribute reason)"
         ),
     }
-    for name, what in (
-        ("a2a_redis.leases.held", "Task leases this replica holds"),
-        ("a2a_redis.queue.taps", "Remote event queue taps open here"),
-    ):
+    for name, monotonic, what in _OBSERVED:
         watched = _S.observed.setdefault(name, weakref.WeakKeyDictionary())
-        i[name] = meter.create_observable_up_down_counter(
-            name, callbacks=[functools.partial(_observe, watched)], description=what
-        )
+        make = meter.create_observable_up_down_counter
+        make = meter.create_observable_counter if monotonic else make
+        i[name] = make(name, callbacks=[functools.partial(_observe, watched)], description=what)
+
+
+#: Instruments read from the components' own counts at each collection: (name, monotonic).
+_OBSERVED = (
+    ("a2a_redis.leases.held", False, "Task leases this replica holds"),
+    ("a2a_redis.queue.taps", False, "Remote event queue taps open here"),
+    ("a2a_redis.cancels.forwarded", True, "Cancels sent to the replica running the task"),
+    ("a2a_redis.orphans.failed", True, "Running tasks of dead replicas failed by this one"),
+)
 
 
 def _observe(watched: weakref.WeakKeyDictionary[Any, Callable[[Any], int]], _options: Any) -> Any:
@@ -154,10 +156,10 @@ def _observe(watched: weakref.WeakKeyDictionary[Any, Callable[[Any], int]], _opt
 
 
 def observe(name: str, owner: Any, count: Callable[[Any], int]) -> None:
-    """Count ``count(owner)`` into the up-down counter ``name`` while ``owner`` lives.
+    """Count ``count(owner)`` into the observed instrument ``name`` while ``owner`` lives.
 
-    ``name`` is ``a2a_redis.leases.held`` or ``a2a_redis.queue.taps``; read at each
-    collection, so it costs nothing on the operations' path.
+    ``name`` is one of :data:`_OBSERVED`; read at each collection, so it costs nothing on
+    the operations' path.
     """
     _S.observed.setdefault(name, weakref.WeakKeyDictionary())[owner] = count
 
@@ -170,16 +172,16 @@ def _recording() -> bool:
     cached = _S.live
     if cached[0] is meters and cached[1] is tracers:
         return cached[2]
-    live = _live(meters, None) or (_S.tracer is not None and _live(tracers, None))
+    live = _live(meters) or (_S.tracer is not None and _live(tracers))
     _S.live = (meters, tracers, live)
     return live
 
 
-def _live(provider: Any, explicit: Any) -> bool:
+def _live(provider: Any) -> bool:
     """Whether a provider records (the API's own no-op and proxy providers do not)."""
-    if explicit is not None:
-        return True
-    return not type(provider).__module__.startswith("opentelemetry.")
+    return not type(provider).__module__.startswith(
+        ("opentelemetry.metrics", "opentelemetry.trace")
+    )
 
 
 def _count(name: str, attributes: dict[str, str] | None = None) -> None:
@@ -274,16 +276,6 @@ def _is_conflict(error: Exception) -> bool:
     return isinstance(
         error, (ConcurrentTaskModificationError, ContentionError, TaskOwnedElsewhereError)
     )
-
-
-def retried() -> None:
-    """Count one optimistic-transaction retry on the current store span."""
-    if _S.tracer is None:
-        return
-    current = _trace.get_current_span()
-    if current.is_recording():
-        attributes = getattr(current, "attributes", None) or {}
-        current.set_attribute("a2a_redis.retries", int(attributes.get("a2a_redis.retries", 0)) + 1)
 
 
 # -- trace context -----------------------------------------------------------------------------
@@ -419,9 +411,9 @@ def subscription() -> Subscription | None:
     if not _S.on:
         return None
     tracer = _S.tracer
-    if tracer is not None and not _live(_trace.get_tracer_provider(), _S.tracer_provider):
+    if _S.tracer_provider is None and not _live(_trace.get_tracer_provider()):
         tracer = None
-    live_metrics = _live(_metrics.get_meter_provider(), _S.meter_provider)
+    live_metrics = _S.meter_provider is not None or _live(_metrics.get_meter_provider())
     if tracer is None and not live_metrics:
         return None
     return Subscription(tracer, live_metrics)

@@ -82,6 +82,8 @@ class ControlPlane:
         self.served = 0  # cancels this replica ran for another
         self.stopped = 0  # agents stopped here because their task was ended elsewhere
         log.leases.on_ended = self._on_ended
+        telemetry.observe("a2a_redis.cancels.forwarded", self, lambda plane: plane.forwarded)
+        telemetry.observe("a2a_redis.orphans.failed", self, lambda p: p.reaper.tasks_failed)
 
     def _on_ended(self, task_id: str) -> None:
         """A task held here was ended by a write elsewhere: stop its agent here, if any."""
