@@ -15,14 +15,25 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from a2a.server.cluster import TaskVersion, VersionedEvent
-from a2a.types.a2a_pb2 import TaskState, TaskStatusUpdateEvent
+from a2a.types.a2a_pb2 import Task, TaskState, TaskStatusUpdateEvent
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from a2a_redis.ops.embedded import EmbeddedServer
-from tests.helpers import ROOT, backend_pair, ctx, eventually, start_task, subscriber_count
+from tests.helpers import (
+    ROOT,
+    backend_pair,
+    ctx,
+    eventually,
+    make_task,
+    start_task,
+    subscriber_count,
+)
 from tests.telemetry.conftest import Otel
 
 MISSING = TaskVersion.MISSING
@@ -127,3 +138,35 @@ async def test_trace_context_crosses_processes(otel: Otel, real_url: str, prefix
             break
     (subscribe,) = otel.spans("a2a_redis subscribe")
     assert [link.context.trace_id for link in subscribe.links] == [written["trace_id"]]
+
+
+class Canceller:
+    """A request handler's cancel hook, recording the span it runs in."""
+
+    def __init__(self) -> None:
+        self.spans: list[Any] = []
+
+    async def cancel_here(self, task_id: str) -> Task | None:
+        self.spans.append(trace.get_current_span().get_span_context())
+        return make_task(task_id, state=TaskState.TASK_STATE_CANCELED)
+
+
+async def test_a_forwarded_cancel_continues_the_senders_trace(
+    otel: Otel, real_url: str, prefix: str
+) -> None:
+    async with backend_pair(real_url, prefix) as (a, b):
+        canceller = Canceller()
+        a.control.register(canceller)
+        await a.control.ready()
+        await a.leases.take("t")  # A runs the task: B forwards the cancel to A
+        with otel.tracer.start_as_current_span("cancel request on B") as request:
+            task = await b.control.forward_cancel("t")
+        assert task is not None
+        assert task.status.state == TaskState.TASK_STATE_CANCELED
+    (served,) = otel.spans("a2a_redis serve cancel")
+    sent = request.get_span_context()
+    assert served.kind is SpanKind.SERVER
+    assert served.parent is not None
+    assert (served.parent.trace_id, served.parent.span_id) == (sent.trace_id, sent.span_id)
+    assert canceller.spans[0].trace_id == sent.trace_id  # the cancel ran inside it
+    otel.assert_no_identifiers()
