@@ -19,6 +19,7 @@ no-ops (:func:`subscription` returns None).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import os
@@ -46,13 +47,13 @@ __all__ = [
     "Subscription",
     "TraceContextFilter",
     "configure",
+    "count",
     "entry_context",
     "extract",
     "inject",
     "instrument_logging",
     "observe",
     "payload_rejected",
-    "reconnected",
     "served",
     "span",
     "store_operation",
@@ -65,6 +66,8 @@ ENABLED_ENV_VAR = "OTEL_INSTRUMENTATION_A2A_SDK_ENABLED"
 #: Distinct producer contexts a subscription span links to, at most.
 MAX_LINKS = 32
 _DB = {"db.system.name": "redis"}
+_CONFLICTS = (ConcurrentTaskModificationError, ContentionError, TaskOwnedElsewhereError)
+_PATHS = ({"path": "live"}, {"path": "backlog"})  # written after, or before, the join
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 
 
@@ -184,52 +187,53 @@ def _live(provider: Any) -> bool:
     )
 
 
-def _count(name: str, attributes: dict[str, str] | None = None) -> None:
+def count(name: str, attributes: dict[str, str] | None = None) -> None:
+    """Add 1 to ``reconnects`` (pub/sub, ours or redis-py's), ``lagged`` or ``owner_lost``."""
     instrument = _S.i.get(name)
     if instrument is not None:
         instrument.add(1, attributes)
 
 
-def reconnected() -> None:
-    """A pub/sub connection was re-established (by us, or by redis-py on its own)."""
-    _count("reconnects")
-
-
-def lagged() -> None:
-    """A subscriber fell behind what the stream keeps (``SubscriberLagError``)."""
-    _count("lagged")
-
-
-def owner_lost() -> None:
-    """A subscriber's task owner went silent (``OwnerLostError``)."""
-    _count("owner_lost")
-
-
 def payload_rejected(reason: str) -> None:
     """A payload was refused; ``reason`` is a fixed word (``too_large``)."""
-    _count("rejected", {"reason": reason})
+    count("rejected", {"reason": reason})
 
 
 # -- spans -----------------------------------------------------------------------------------
-@contextmanager
-def span(operation: str, **attributes: Any) -> Iterator[Any]:
-    """A CLIENT span ``a2a_redis <operation>`` under the current span (None when off)."""
+#: Our span in progress. Not made the OpenTelemetry current span (attaching a context costs
+#: more than the span): nothing nests under it, and the entries and logs written meanwhile
+#: read it here.
+_OURS: contextvars.ContextVar[Any] = contextvars.ContextVar("a2a_redis_span", default=None)
+
+
+def _start(operation: str) -> Any:
+    """A CLIENT span ``a2a_redis <operation>``, child of the current span; None when off."""
     tracer = _S.tracer
     if tracer is None:
-        yield None
-        return
-    with tracer.start_as_current_span(
+        return None
+    return tracer.start_span(
         f"a2a_redis {operation}",
         kind=_trace.SpanKind.CLIENT,
-        attributes={**_DB, "db.operation.name": operation, **attributes},
-        record_exception=False,  # an exception's message may name a task: the type only
-        set_status_on_exception=False,
-    ) as current:
-        try:
-            yield current
-        except Exception as e:
-            _failed(current, e)
-            raise
+        attributes={**_DB, "db.operation.name": operation},
+    )
+
+
+@contextmanager
+def span(operation: str) -> Iterator[Any]:
+    """Run the block in our span ``a2a_redis <operation>`` (None when off)."""
+    current = _start(operation)
+    if current is None:
+        yield None
+        return
+    token = _OURS.set(current)
+    try:
+        yield current
+    except Exception as e:
+        _failed(current, e)
+        raise
+    finally:
+        _OURS.reset(token)
+        current.end()
 
 
 def _failed(current: Any, error: BaseException) -> None:
@@ -253,18 +257,22 @@ def store_operation(operation: str) -> Callable[[_F], _F]:
                 return await method(*args, **kwargs)
             start = time.perf_counter()
             outcome = "error"
+            current = _start(operation)
+            token = _OURS.set(current) if current is not None else None
             try:
-                with span(operation) as current:
-                    try:
-                        result = await method(*args, **kwargs)
-                    except Exception as e:
-                        outcome = "conflict" if _is_conflict(e) else "error"
-                        if current is not None:
-                            current.set_attribute("a2a_redis.conflicts", int(outcome == "conflict"))
-                        raise
+                result = await method(*args, **kwargs)
                 outcome = "ok"
                 return result
+            except Exception as e:
+                outcome = "conflict" if isinstance(e, _CONFLICTS) else "error"
+                if current is not None:
+                    _failed(current, e)
+                    current.set_attribute("a2a_redis.conflicts", int(outcome == "conflict"))
+                raise
             finally:
+                if token is not None:
+                    _OURS.reset(token)
+                    current.end()
                 _S.i["store"].record(time.perf_counter() - start, outcomes[outcome])
 
         return measured  # type: ignore[return-value]
@@ -272,18 +280,12 @@ def store_operation(operation: str) -> Callable[[_F], _F]:
     return decorate
 
 
-def _is_conflict(error: Exception) -> bool:
-    return isinstance(
-        error, (ConcurrentTaskModificationError, ContentionError, TaskOwnedElsewhereError)
-    )
-
-
 # -- trace context -----------------------------------------------------------------------------
 def _traceparent() -> bytes | None:
     """The current span's W3C ``traceparent``, if a valid span is current."""
     if _S.tracer is None:
         return None
-    context = _trace.get_current_span().get_span_context()
+    context = (_OURS.get() or _trace.get_current_span()).get_span_context()
     if not context.is_valid:
         return None
     return b"00-%032x-%016x-%02x" % (context.trace_id, context.span_id, context.trace_flags)
@@ -359,7 +361,7 @@ async def served(
 class Subscription:
     """One subscriber's telemetry: its span, links, delivery latency and the gauge."""
 
-    __slots__ = ("_delivery", "_links", "_paths", "_span", "_subscribers", "joined_us")
+    __slots__ = ("_delivery", "_links", "_span", "_subscribers", "joined_us")
 
     def __init__(self, tracer: Any, live_metrics: bool) -> None:
         self.joined_us = time.time_ns() // 1000
@@ -373,7 +375,6 @@ class Subscription:
         self._links: set[bytes] = set()
         self._delivery = _S.i["delivery"] if live_metrics else None
         self._subscribers = _S.i["subscribers"] if live_metrics else None
-        self._paths = ({"path": "live"}, {"path": "backlog"})
         if self._subscribers is not None:
             self._subscribers.add(1)
 
@@ -385,7 +386,7 @@ class Subscription:
         if self._delivery is not None and stamp.isdigit():
             written = int(stamp)
             latency = max(time.time_ns() // 1000 - written, 0) / 1e6
-            self._delivery.record(latency, self._paths[written < self.joined_us])
+            self._delivery.record(latency, _PATHS[written < self.joined_us])
         links = self._links
         if parent and self._span is not None and len(links) < MAX_LINKS and parent not in links:
             remote = _span_context(parent)
@@ -427,7 +428,7 @@ class TraceContextFilter(logging.Filter):
         """Annotate ``record``; never drops it."""
         trace_id = span_id = ""
         if _trace is not None and _S.on:
-            context = _trace.get_current_span().get_span_context()
+            context = (_OURS.get() or _trace.get_current_span()).get_span_context()
             if context.is_valid:
                 trace_id, span_id = f"{context.trace_id:032x}", f"{context.span_id:016x}"
         record.trace_id, record.span_id = trace_id, span_id

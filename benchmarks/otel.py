@@ -1,15 +1,18 @@
 """What OpenTelemetry costs: save throughput and cross-replica delivery, three ways.
 
-The same workload runs with ``a2a_redis.telemetry`` in three modes, in interleaved turns
-(``measure_rates``), so that load from elsewhere on the machine lands on all three:
+The same workload runs with ``a2a_redis.telemetry`` in three modes, side by side: many
+short rounds in turns (each turn one round of each mode, in rotating order), the cost taken
+as the median of the per-turn throughput ratios, so that load from elsewhere on the
+machine hits the modes alike. The client process's CPU time per operation is given too:
+it is what the instrumentation itself spends.
 
 * **no OpenTelemetry**: ``telemetry.configure(enabled=False)``, the module's switch, which
   takes exactly the paths the package takes when ``opentelemetry`` cannot be imported
   (``tests/telemetry/test_without_otel.py`` runs those with the import blocked);
 * **API only**: the ``otel`` extra, no SDK: the API's no-op meter and tracer;
 * **SDK + exporter**: the SDK's ``MeterProvider`` (an ``InMemoryMetricReader``) and
-  ``TracerProvider`` with a ``SimpleSpanProcessor`` into an ``InMemorySpanExporter``
-  (each span exported as it ends: the dearest processor). No request span of the
+  ``TracerProvider`` with a ``BatchSpanProcessor`` (what production uses) into an
+  ``InMemorySpanExporter``. No request span of the
   caller's is made: the figures are our instrumentation's cost alone.
 
 Figures: versioned saves per second (one coroutine: a chain of CAS updates, each with its
@@ -21,7 +24,10 @@ the overhead. Targets on the development machine: API only at most 3% below, SDK
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
+import statistics
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -31,13 +37,13 @@ from a2a.types.a2a_pb2 import Task, TaskState, TaskStatus, TaskStatusUpdateEvent
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from a2a_redis import telemetry
 from a2a_redis.events.event_stream import RedisTaskEventStream
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
-from benchmarks.common import Benchmark, Report, RunContext, measure_rates
+from benchmarks.common import Benchmark, Report, RunContext
 from benchmarks.event_stream import replica_client
 
 CTX = ServerCallContext()
@@ -49,13 +55,65 @@ Step = Callable[[], Awaitable[None]]
 
 @dataclass(frozen=True)
 class Sizes:
-    seconds: float
-    rounds: int
+    seconds: float  # per round
+    turns: int  # each turn runs one round of every mode, in a rotating order
     warmup: float
 
 
-FULL = Sizes(seconds=2.0, rounds=7, warmup=0.5)
-QUICK = Sizes(seconds=0.6, rounds=3, warmup=0.2)
+FULL = Sizes(seconds=0.4, turns=40, warmup=0.5)
+QUICK = Sizes(seconds=0.25, turns=12, warmup=0.2)
+
+
+@dataclass
+class Paired:
+    """Per mode: the median rate, the median of per-turn ratios to OFF, and CPU per op."""
+
+    rate: dict[str, float]
+    ratio: dict[str, float]
+    cpu_us: dict[str, float]
+
+
+async def _round(steps: list[Step], seconds: float) -> tuple[int, float, float]:
+    """Ops, wall seconds and this process's CPU seconds of one round of ``steps``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    stop = wall + seconds
+
+    async def loop(step: Step) -> int:
+        count = 0
+        while time.perf_counter() < stop:
+            await step()
+            count += 1
+        return count
+
+    ops = sum(await asyncio.gather(*(loop(step) for step in steps)))
+    return ops, time.perf_counter() - wall, time.process_time() - cpu
+
+
+async def measure_paired(workloads: dict[str, list[Step]], sizes: Sizes) -> Paired:
+    """Rounds of every mode side by side, ``sizes.turns`` times in rotating order.
+
+    A burst of load from elsewhere on the machine hits the rounds of one turn alike, so
+    the ratio of two modes is taken within each turn; the figure is their median.
+    """
+    for steps in workloads.values():
+        await _round(steps, sizes.warmup)
+    rates: dict[str, list[float]] = {m: [] for m in workloads}
+    cpu: dict[str, list[float]] = {m: [] for m in workloads}
+    for turn in range(sizes.turns):
+        order = [*MODES[turn % 3 :], *MODES[: turn % 3]]
+        for mode in order:
+            gc.collect()
+            ops, wall, used = await _round(workloads[mode], sizes.seconds)
+            rates[mode].append(ops / wall)
+            cpu[mode].append(used / max(ops, 1) * 1e6)
+    return Paired(
+        rate={m: statistics.median(r) for m, r in rates.items()},
+        ratio={
+            m: statistics.median(a / b for a, b in zip(rates[m], rates[OFF], strict=True))
+            for m in MODES
+        },
+        cpu_us={m: statistics.median(c) for m, c in cpu.items()},
+    )
 
 
 class Modes:
@@ -64,7 +122,7 @@ class Modes:
     def __init__(self) -> None:
         self.exporter = InMemorySpanExporter()
         self.tracers = TracerProvider()
-        self.tracers.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.tracers.add_span_processor(BatchSpanProcessor(self.exporter))
         self.meters = MeterProvider(metric_readers=[InMemoryMetricReader()])
         self.current = ""
 
@@ -154,31 +212,21 @@ async def run(ctx: RunContext, report: Report) -> None:
             chains = {
                 m: [Chain(a_store, modes, m, next(ids)) for _ in range(concurrency)] for m in MODES
             }
-            results = await measure_rates(
-                {m: [c.step for c in mine] for m, mine in chains.items()},
-                seconds=sizes.seconds,
-                rounds=sizes.rounds,
-                warmup=sizes.warmup,
+            paired = await measure_paired(
+                {m: [c.step for c in mine] for m, mine in chains.items()}, sizes
             )
-            title = f"versioned save with its event, {concurrency} coroutine(s)"
-            with report.group(title, "saves/s", higher_is_better=True) as group:
-                for mode, result in results.items():
-                    group.add(mode, result.rate, anchor=mode == OFF, detail=result.detail())
-            _overhead(report, title, {m: r.rate for m, r in results.items()})
+            _report(
+                report,
+                f"versioned save with its event, {concurrency} coroutine(s)",
+                "saves/s",
+                paired,
+            )
         deliveries = {m: Delivery(Chain(a_store, modes, m, next(ids)), b) for m in MODES}
         for delivery in deliveries.values():
             await delivery.start()
-        results = await measure_rates(
-            {m: [d.step] for m, d in deliveries.items()},
-            seconds=sizes.seconds,
-            rounds=sizes.rounds,
-            warmup=sizes.warmup,
-        )
+        paired = await measure_paired({m: [d.step] for m, d in deliveries.items()}, sizes)
         title = "cross-replica delivery, one event at a time (A saves, B receives)"
-        with report.group(title, "events/s", higher_is_better=True) as group:
-            for mode, result in results.items():
-                group.add(mode, result.rate, anchor=mode == OFF, detail=result.detail())
-        _overhead(report, title, {m: r.rate for m, r in results.items()})
+        _report(report, title, "events/s", paired)
     finally:
         for delivery in locals().get("deliveries", {}).values():
             await delivery.stop()
@@ -188,13 +236,18 @@ async def run(ctx: RunContext, report: Report) -> None:
         modes.close()
 
 
-def _overhead(report: Report, title: str, rates: dict[str, float]) -> None:
-    base = rates[OFF]
-    costs = {m: (1 - rates[m] / base) * 100 for m in (API, SDK)}
+def _report(report: Report, title: str, unit: str, paired: Paired) -> None:
+    with report.group(title, unit, higher_is_better=True) as group:
+        for mode in MODES:
+            group.add(mode, paired.rate[mode], anchor=mode == OFF)
+    with report.group(title + ": client CPU per operation", "µs", higher_is_better=False) as group:
+        for mode in MODES:
+            group.add(mode, paired.cpu_us[mode], anchor=mode == OFF)
+    costs = {m: (1 - paired.ratio[m]) * 100 for m in (API, SDK)}
     report.facts.setdefault("overhead_percent", {})[title] = costs
     report.note(
-        f"{title}: API only costs {costs[API]:+.1f}%, SDK + exporter {costs[SDK]:+.1f}% "
-        "of the throughput without OpenTelemetry (negative: within noise, faster)"
+        f"{title}: median per-turn throughput cost, API only {costs[API]:+.1f}%, "
+        f"SDK + exporter {costs[SDK]:+.1f}% (negative: faster, within noise)"
     )
 
 

@@ -80,7 +80,7 @@ class QuietPubSub(PubSub):
     async def on_connect(self, connection: Any) -> None:
         """Count the reconnect, then re-subscribe as redis-py does."""
         self.reconnects += 1
-        telemetry.reconnected()
+        telemetry.count("reconnects")
         await super().on_connect(connection)
 
 

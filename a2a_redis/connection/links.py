@@ -186,7 +186,7 @@ class PubSubLink:
                 await self._pubsub.ping()
         self.connected = True
         self._reconnects += 1
-        telemetry.reconnected()
+        telemetry.count("reconnects")
         logger.warning(
             "pub/sub %s reconnected; re-subscribed %d tasks", self.name or "link", len(channels)
         )

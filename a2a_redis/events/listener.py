@@ -217,7 +217,7 @@ class StreamListener:
                 if remaining > 0:
                     await wait_at_most(changed, remaining)
                 elif self._router.is_up(feed.channel):
-                    telemetry.owner_lost()
+                    telemetry.count("owner_lost")
                     raise OwnerLostError(
                         f"no event or heartbeat from the task's owner for {timeout}s", key=key
                     )

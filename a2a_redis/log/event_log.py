@@ -351,7 +351,7 @@ async def check_not_trimmed(redis: Client, key: str, after: Position) -> None:
     else:
         lost = parse_entry_id(first[0]) > after
     if lost:
-        telemetry.lagged()
+        telemetry.count("lagged")
         raise SubscriberLagError(
             f"events after {format_position(after)} were trimmed (MAXLEN) before this "
             "reader could read them",
