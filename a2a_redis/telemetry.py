@@ -66,6 +66,7 @@ ENABLED_ENV_VAR = "OTEL_INSTRUMENTATION_A2A_SDK_ENABLED"
 #: Distinct producer contexts a subscription span links to, at most.
 MAX_LINKS = 32
 _DB = {"db.system.name": "redis"}
+_ATTRIBUTES: dict[str, dict[str, str]] = {}  # a span's attributes, per operation
 _CONFLICTS = (ConcurrentTaskModificationError, ContentionError, TaskOwnedElsewhereError)
 _PATHS = ({"path": "live"}, {"path": "backlog"})  # written after, or before, the join
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
@@ -159,11 +160,7 @@ def _observe(watched: weakref.WeakKeyDictionary[Any, Callable[[Any], int]], _opt
 
 
 def observe(name: str, owner: Any, count: Callable[[Any], int]) -> None:
-    """Count ``count(owner)`` into the observed instrument ``name`` while ``owner`` lives.
-
-    ``name`` is one of :data:`_OBSERVED`; read at each collection, so it costs nothing on
-    the operations' path.
-    """
+    """Report ``count(owner)`` in ``name`` (of :data:`_OBSERVED`) while ``owner`` lives."""
     _S.observed.setdefault(name, weakref.WeakKeyDictionary())[owner] = count
 
 
@@ -211,10 +208,11 @@ def _start(operation: str) -> Any:
     tracer = _S.tracer
     if tracer is None:
         return None
+    attributes = _ATTRIBUTES.get(operation)
+    if attributes is None:
+        attributes = _ATTRIBUTES[operation] = {**_DB, "db.operation.name": operation}
     return tracer.start_span(
-        f"a2a_redis {operation}",
-        kind=_trace.SpanKind.CLIENT,
-        attributes={**_DB, "db.operation.name": operation},
+        f"a2a_redis {operation}", kind=_trace.SpanKind.CLIENT, attributes=attributes
     )
 
 
@@ -292,8 +290,11 @@ def _traceparent() -> bytes | None:
 
 
 def entry_context() -> bytes | None:
-    """The stream-entry field value: the writer's clock in µs, then ``;traceparent``."""
-    if not _S.on:
+    """The stream-entry field value: the writer's clock in µs, then ``;traceparent``.
+
+    None (no field) unless an SDK records here: without one, writing costs nothing.
+    """
+    if not _S.on or not _recording():
         return None
     stamp = b"%d" % (time.time_ns() // 1000)
     parent = _traceparent()
@@ -333,10 +334,7 @@ def extract(message: dict[str, Any]) -> Any:
 async def served(
     operation: str, message: dict[str, Any], serve: Callable[[dict[str, Any]], Awaitable[None]]
 ) -> None:
-    """Run ``serve(message)``, a request from another replica, in a SERVER span.
-
-    The span is a child of the sender's (the ``traceparent`` the message carries).
-    """
+    """Run ``serve(message)`` from another replica in a SERVER span, child of the sender's."""
     tracer = _S.tracer
     if tracer is None:
         await serve(message)
