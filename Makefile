@@ -81,8 +81,9 @@ soak: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
+# `make demo METRICS=1`: the replicas serve /metrics too, and the demo says where to look.
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/demo.py $(if $(METRICS),--metrics)
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) $(LATEST_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

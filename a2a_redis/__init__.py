@@ -1,5 +1,6 @@
 """a2a-redis: a Redis task store and event bus for multi-replica A2A agent servers."""
 
+from a2a_redis import telemetry
 from a2a_redis.backend import RedisBackend
 from a2a_redis.connection.durability import Durability
 from a2a_redis.errors import (
@@ -28,6 +29,8 @@ from a2a_redis.options import Options
 from a2a_redis.stores.push_config_store import RedisPushNotificationConfigStore
 from a2a_redis.stores.task_store import RedisTaskStore, VersionedRedisTaskStore
 from a2a_redis.version import __version__
+
+telemetry.instrument_logging()  # our records carry trace ids (a2a_redis/telemetry.py)
 
 __all__ = [
     "A2ARedisError",

@@ -6,7 +6,16 @@ To add one (event stream latency, queue manager, ...): write a module exposing a
 
 from __future__ import annotations
 
-from benchmarks import control, event_stream, migrate, push, queue_manager, scale, task_store
+from benchmarks import (
+    control,
+    event_stream,
+    migrate,
+    otel,
+    push,
+    queue_manager,
+    scale,
+    task_store,
+)
 from benchmarks.common import Benchmark
 
 BENCHMARKS: list[Benchmark] = [
@@ -17,4 +26,5 @@ BENCHMARKS: list[Benchmark] = [
     push.BENCHMARK,
     scale.BENCHMARK,
     migrate.BENCHMARK,
+    otel.BENCHMARK,
 ]

@@ -2,6 +2,8 @@
 
     python examples/agent_server.py --port 9001 --redis-url redis://127.0.0.1:6379 --name A
 
+With ``--metrics`` (the ``metrics`` extra), the replica also serves ``/metrics``: a2a-redis's
+OpenTelemetry instruments through the OpenTelemetry Prometheus exporter.
 The agent streams a few text chunks, slowly enough to watch from another replica. A
 message containing "input" asks for input first; one containing "fail" raises.
 """
@@ -22,6 +24,9 @@ from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
 from a2a.server.tasks.task_updater import TaskUpdater
 from a2a.types import AgentCapabilities, AgentCard, AgentInterface, AgentSkill, Part
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from a2a_redis import RedisBackend
 
@@ -68,6 +73,29 @@ class ChunkAgent(AgentExecutor):
         await updater.cancel(updater.new_agent_message([Part(text=f"{self.replica}: cancelled")]))
 
 
+def metrics_route(name: str) -> Route:
+    """Install an OpenTelemetry SDK meter exporting to Prometheus; the ``/metrics`` route.
+
+    a2a-redis records through the OpenTelemetry API only: setting the global provider (as
+    any application would) is all it takes.
+    """
+    from opentelemetry import metrics
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.resources import Resource
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    resource = Resource.create({"service.name": "a2a-redis-agent", "service.instance.id": name})
+    metrics.set_meter_provider(
+        MeterProvider(resource=resource, metric_readers=[PrometheusMetricReader()])
+    )
+
+    async def serve(request: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return Route("/metrics", serve)
+
+
 def build_app(
     url: str,
     redis_url: str,
@@ -77,6 +105,7 @@ def build_app(
     legacy: bool = False,
     lease_ttl: float = 10.0,
     orphan_policy: str = "fail",
+    metrics: bool = False,
 ) -> Starlette:
     """The replica's Starlette app: the SDK's JSON-RPC routes over a2a-redis.
 
@@ -110,6 +139,8 @@ def build_app(
         await backend.aclose()
 
     routes = create_agent_card_routes(card) + create_jsonrpc_routes(handler, "/")
+    if metrics:
+        routes.insert(0, metrics_route(name))
     return Starlette(routes=routes, lifespan=lifespan)
 
 
@@ -127,6 +158,9 @@ def main() -> None:
         "--orphan-policy", default="fail", choices=("fail", "keep"),
         help="what a survivor does with a dead replica's running tasks",
     )  # fmt: skip
+    parser.add_argument(
+        "--metrics", action="store_true", help="serve /metrics (Prometheus, via OpenTelemetry)"
+    )
     parser.add_argument("--log-level", default="warning", help="python logging level")
     parser.add_argument(
         "--public-url", default="", help="URL the agent card advertises (e.g. the load balancer)"
@@ -136,7 +170,7 @@ def main() -> None:
     url = args.public_url or f"http://{args.host}:{args.port}/"
     app = build_app(
         url, args.redis_url, args.prefix, args.name, args.delay, args.legacy, args.lease_ttl,
-        args.orphan_policy,
+        args.orphan_policy, args.metrics,
     )  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
 

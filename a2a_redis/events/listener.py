@@ -21,6 +21,7 @@ from typing import Any, cast
 
 from redis import exceptions as rex
 
+from a2a_redis import telemetry
 from a2a_redis.connection.cluster import Client
 from a2a_redis.connection.links import PubSubRouter
 from a2a_redis.connection.transaction import backoff
@@ -216,6 +217,7 @@ class StreamListener:
                 if remaining > 0:
                     await wait_at_most(changed, remaining)
                 elif self._router.is_up(feed.channel):
+                    telemetry.count("owner_lost")
                     raise OwnerLostError(
                         f"no event or heartbeat from the task's owner for {timeout}s", key=key
                     )

@@ -31,6 +31,7 @@ from typing import cast
 from a2a.server.events.event_queue import DEFAULT_MAX_QUEUE_SIZE, Event, EventQueueLegacy
 from a2a.server.events.queue_manager import NoTaskQueue, QueueManager, TaskQueueExists
 
+from a2a_redis import telemetry
 from a2a_redis.connection.cluster import Client
 from a2a_redis.connection.durability import Durability
 from a2a_redis.errors import A2ARedisError, OwnerLostError, redis_errors
@@ -170,6 +171,7 @@ class RedisQueueManager(OnEventPlumbing, QueueManager):
         self._queues: dict[str, EventQueueLegacy] = {}  # queues this replica owns
         self._leases: dict[str, bytes] = {}  # owned queues still open -> their lease token
         self._taps: set[_RemoteTap] = set()
+        telemetry.observe("a2a_redis.queue.taps", self, lambda manager: len(manager._taps))
 
     # -- QueueManager ----------------------------------------------------------------------
     async def add(self, task_id: str, queue: EventQueueLegacy) -> None:

@@ -22,6 +22,8 @@ Stream entry (``keys.events``)::
     f  schema version   "1"
     v  task version     decimal integer (the version the event produced)
     e  the event        ``StreamResponse`` protobuf bytes (as the SDK's SQL stream stores)
+    t  (optional)       writer's clock in µs, then ``;`` and a W3C traceparent inside a
+                        span (``telemetry.entry_context``); older entries have none
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from a2a.utils.proto_utils import to_stream_response
 from a2a.utils.task import ListTasksCursor
 from google.protobuf.message import DecodeError
 
+from a2a_redis import telemetry
 from a2a_redis.errors import CorruptDataError, PayloadTooLargeError, UnsupportedSchemaError
 
 __all__ = [
@@ -95,6 +98,7 @@ F_SCHEMA, F_OWNER, F_VERSION, F_TASK = b"f", b"o", b"v", b"d"
 F_CONTEXT, F_STATE, F_MEMBER, F_WRITE, F_EXPIRES = b"c", b"s", b"m", b"w", b"x"
 
 E_EVENT, E_KIND, E_OPENING = b"e", b"k", b"o"  # stream entries (with F_SCHEMA, F_VERSION)
+E_CONTEXT = b"t"  # optional: the writer's clock (µs) and W3C traceparent (telemetry.py)
 
 #: The fields a write reads before deciding (everything but the payload).
 HEAD_FIELDS = (F_SCHEMA, F_OWNER, F_VERSION, F_CONTEXT, F_STATE, F_MEMBER, F_WRITE, F_EXPIRES)
@@ -139,6 +143,7 @@ def check_schema(key: str, schema: bytes | int | None, what: str = "record") -> 
 def check_payload_size(key: str, what: str, size: int, limit: int) -> None:
     """Raise :class:`PayloadTooLargeError` naming ``key`` if ``size`` is over ``limit``."""
     if size > limit:
+        telemetry.payload_rejected("too_large")
         raise PayloadTooLargeError(
             f"{what} is {size} bytes encoded, over the {limit}-byte limit (max_payload_bytes)",
             key=key,
@@ -357,7 +362,11 @@ def encode_event(
     """
     payload = to_stream_response(event).SerializeToString()
     check_payload_size(key, "event", len(payload), limit)
-    return {F_SCHEMA: _SCHEMA, F_VERSION: b"%d" % version, E_EVENT: payload}
+    fields = {F_SCHEMA: _SCHEMA, F_VERSION: b"%d" % version, E_EVENT: payload}
+    context = telemetry.entry_context()
+    if context is not None:
+        fields[E_CONTEXT] = context
+    return fields
 
 
 #: Marks, in a task's stream, where an event queue was closed (``RedisQueueManager``).

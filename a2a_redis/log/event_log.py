@@ -26,10 +26,12 @@ import msgpack  # type: ignore[import-untyped,unused-ignore]
 from a2a.server.events.event_queue import Event
 from redis import exceptions as rex
 
+from a2a_redis import telemetry
 from a2a_redis.connection.cluster import Client
 from a2a_redis.connection.transaction import BATCH_BODY, WITH_ENTRY_ID, Command
 from a2a_redis.errors import CorruptDataError, SubscriberLagError
 from a2a_redis.log.codec import (
+    E_CONTEXT,
     MAX_PAYLOAD_BYTES,
     decode_event,
     encode_closed,
@@ -200,7 +202,7 @@ def carried_entry(key: str, data: bytes, last: Position) -> tuple[bool, StreamEn
     except CorruptDataError as e:  # not trusted: the stream itself decides
         logger.warning("%s: a wake-up carries an unreadable entry (%s)", key, e.reason)
         return False, None
-    return True, StreamEntry(position, version, event)
+    return True, StreamEntry(position, version, event, context=fields.get(E_CONTEXT))
 
 
 def unpack_wake(data: bytes) -> tuple[bytes, bytes, dict[bytes, bytes]] | None:
@@ -280,6 +282,7 @@ class StreamEntry:
     version: int  # -1: unknown (an undecodable entry whose version could not be read)
     event: Event | None  # None: the task's event queue was closed here, or ``error``
     error: CorruptDataError | None = None
+    context: bytes | None = None  # writer's clock and traceparent (``telemetry``), if any
 
 
 def format_position(position: Position) -> str:
@@ -305,7 +308,7 @@ def decode_rows(key: str, rows: Rows) -> list[StreamEntry]:
             error = type(e)(f"stream entry {where} cannot be read: {e.reason}", key=key)
             out.append(StreamEntry(position, entry_version_hint(fields), None, error))
             continue
-        out.append(StreamEntry(position, version, event))
+        out.append(StreamEntry(position, version, event, context=fields.get(E_CONTEXT)))
     return out
 
 
@@ -348,6 +351,7 @@ async def check_not_trimmed(redis: Client, key: str, after: Position) -> None:
     else:
         lost = parse_entry_id(first[0]) > after
     if lost:
+        telemetry.count("lagged")
         raise SubscriberLagError(
             f"events after {format_position(after)} were trimmed (MAXLEN) before this "
             "reader could read them",

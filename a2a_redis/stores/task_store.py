@@ -33,6 +33,7 @@ from a2a.server.owner_resolver import OwnerResolver, resolve_user_scope
 from a2a.server.tasks.task_store import TaskStore
 from a2a.types.a2a_pb2 import ListTasksRequest, ListTasksResponse, Task, TaskState
 
+from a2a_redis import telemetry
 from a2a_redis.connection.cluster import Client
 from a2a_redis.connection.durability import Durability
 from a2a_redis.errors import TaskOwnedElsewhereError
@@ -154,6 +155,7 @@ class VersionedRedisTaskStore(_OverRecords, VersionedTaskStore):
         """The in-process record of events this store appended (shared with the stream)."""
         return self._records.ledger
 
+    @telemetry.store_operation("save")
     async def save(
         self,
         task: Task,
@@ -197,16 +199,19 @@ class VersionedRedisTaskStore(_OverRecords, VersionedTaskStore):
             raise ConcurrentTaskModificationError(task.id) from e
         return TaskVersion(version)
 
+    @telemetry.store_operation("get")
     async def get(self, task_id: str, context: ServerCallContext) -> StoredTask | None:
         """The owner's task with its version, or None. One round trip."""
         found = await self._records.read(task_id, self._records.owner_resolver(context))
         return None if found is None else StoredTask(found[0], TaskVersion(found[1]))
 
+    @telemetry.store_operation("list")
     async def list(self, params: ListTasksRequest, context: ServerCallContext) -> ListTasksResponse:
         """ListTasks over the owner's indexes (see ``task_index.TaskIndex.list``)."""
         owner = self._records.owner_resolver(context)
         return await self._records.index.query(owner, params)
 
+    @telemetry.store_operation("delete")
     async def delete(self, task_id: str, context: ServerCallContext) -> None:
         """Delete the owner's task with its stream and index entries; no-op if not theirs."""
         await self._records.remove(task_id, self._records.owner_resolver(context))
@@ -223,6 +228,7 @@ class RedisTaskStore(_OverRecords, TaskStore):
     Args are those of :class:`VersionedRedisTaskStore`.
     """
 
+    @telemetry.store_operation("save")
     async def save(self, task: Task, context: ServerCallContext) -> None:
         """Insert or overwrite the owner's task, unless that would end a terminal state."""
         owner = self._records.owner_resolver(context)
@@ -230,15 +236,18 @@ class RedisTaskStore(_OverRecords, TaskStore):
             task, owner, None, lambda old: 1 if old is None else old.version + 1
         )
 
+    @telemetry.store_operation("get")
     async def get(self, task_id: str, context: ServerCallContext) -> Task | None:
         """The owner's task, or None. One round trip."""
         found = await self._records.read(task_id, self._records.owner_resolver(context))
         return None if found is None else found[0]
 
+    @telemetry.store_operation("list")
     async def list(self, params: ListTasksRequest, context: ServerCallContext) -> ListTasksResponse:
         """ListTasks over the owner's indexes."""
         return await self._records.index.query(self._records.owner_resolver(context), params)
 
+    @telemetry.store_operation("delete")
     async def delete(self, task_id: str, context: ServerCallContext) -> None:
         """Delete the owner's task; no-op if it is absent or another owner's."""
         await self._records.remove(task_id, self._records.owner_resolver(context))
