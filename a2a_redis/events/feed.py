@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from typing import Any
 
 from a2a_redis.connection.compat import within
 from a2a_redis.errors import A2ARedisError
@@ -39,6 +40,8 @@ class TaskFeed:
         self.destroyed = False
         self.dirty = False
         self.ready: asyncio.Future[None] | None = None
+        #: Reads in flight that joining subscribers share (``event_stream``'s backlog).
+        self.reads: dict[str, asyncio.Future[Any]] = {}
 
     def entries_after(
         self, position: Position, limit: int = SUBSCRIBER_BATCH

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 from redis import exceptions as rex
 
@@ -31,12 +31,12 @@ from a2a_redis.errors import (
     redis_errors,
 )
 from a2a_redis.events.feed import SUBSCRIBER_BATCH, TaskFeed, wait_at_most
+from a2a_redis.events.reads import PipelinedReads
 from a2a_redis.log.event_log import (
     DESTROYED,
     FETCH_BATCH,
     HEARTBEAT,
     Position,
-    Rows,
     StreamEntry,
     carried_entry,
     decode_rows,
@@ -84,6 +84,8 @@ class StreamListener:
             heartbeat=heartbeat,
             subscribe_timeout=subscribe_timeout,
         )
+        #: Joins' reads (stream tails, backlogs), pipelined: a join storm's connections.
+        self.reads = PipelinedReads(redis)
         self._feeds: dict[str, TaskFeed] = {}
         self._by_channel: dict[bytes, TaskFeed] = {}
         self._due: dict[str, TaskFeed] = {}  # feeds with entries to fetch, in wake order
@@ -137,6 +139,10 @@ class StreamListener:
             await self.leave(feed)
             raise
         return feed
+
+    def feed_of(self, task_id: str) -> TaskFeed:
+        """The live feed of ``task_id``: only while a subscriber of the task holds it."""
+        return self._feeds[task_id]
 
     async def serve(self, channel: bytes, handler: Callable[[Any], None]) -> None:
         """Hand every message on ``channel`` (not a task's) to ``handler``.
@@ -252,6 +258,7 @@ class StreamListener:
             self._fetcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._fetcher
+        await self.reads.aclose()
         await self._router.aclose()
 
     # -- feed start and fetch ------------------------------------------------------------
@@ -260,7 +267,9 @@ class StreamListener:
         with redis_errors("subscribe", feed.channel.decode()):
             await self._router.subscribe(feed.channel)
         with redis_errors("read the end of the task's stream", feed.key):
-            tail = cast(Rows, await self._redis.xrevrange(feed.key, count=1))
+            (tail,) = await self.reads.read(("XREVRANGE", feed.key, "+", "-", "COUNT", 1))
+            if isinstance(tail, Exception):
+                raise tail
         start = parse_entry_id(tail[0][0]) if tail else (0, 0)
         feed.covered_from = start
         feed.last = start
