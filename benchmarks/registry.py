@@ -6,12 +6,22 @@ To add one (event stream latency, queue manager, ...): write a module exposing a
 
 from __future__ import annotations
 
-from benchmarks import control, event_stream, migrate, push, queue_manager, scale, task_store
+from benchmarks import (
+    control,
+    event_stream,
+    joins,
+    migrate,
+    push,
+    queue_manager,
+    scale,
+    task_store,
+)
 from benchmarks.common import Benchmark
 
 BENCHMARKS: list[Benchmark] = [
     task_store.BENCHMARK,
     event_stream.BENCHMARK,
+    joins.BENCHMARK,
     queue_manager.BENCHMARK,
     control.BENCHMARK,
     push.BENCHMARK,

@@ -46,6 +46,7 @@ REVERSE_PAGE = 64
 class Page:
     """A backlog read, shared by the subscribers that joined the task meanwhile."""
 
+    key: str  # the stream's
     entries: list[StreamEntry]  # in stream order: the whole stream, or its last page
     whole: bool  # the entries start at the stream's first entry
     running: bool  # the task's stored state is one in which its agent runs
@@ -76,7 +77,7 @@ class Backlog:
         kind = "forward" if forward else "reverse"
         shared = feed.reads.get(kind)
         if shared is None:
-            shared = asyncio.ensure_future(self._read_page(task_id, forward=forward))
+            shared = asyncio.ensure_future(self._read_page(task_id, feed.key, forward=forward))
             feed.reads[kind] = shared
 
             def done(future: asyncio.Future[Any]) -> None:
@@ -86,9 +87,8 @@ class Backlog:
             shared.add_done_callback(done)
         return cast(Page, await asyncio.shield(shared))
 
-    async def _read_page(self, task_id: str, *, forward: bool) -> Page:
+    async def _read_page(self, task_id: str, key: str, *, forward: bool) -> Page:
         """One round trip (plus one per further 512 entries of a long stream, forward)."""
-        key = self._keys.events(task_id)
         if forward:
             first: tuple[Any, ...] = ("XRANGE", key, "-", "+", "COUNT", FETCH_BATCH)
         else:
@@ -102,16 +102,16 @@ class Backlog:
         rows = cast(Rows, rows)
         if not forward:
             rows.reverse()
-            return Page(decode_rows(key, rows), len(rows) < REVERSE_PAGE, running, token)
+            return Page(key, decode_rows(key, rows), len(rows) < REVERSE_PAGE, running, token)
         entries = decode_rows(key, rows)
         while len(rows) == FETCH_BATCH:  # the rest of a long stream, a batch at a time
             after = "(" + rows[-1][0].decode()
             (rows,) = await self._read(("XRANGE", key, after, "+", "COUNT", FETCH_BATCH))
             entries += decode_rows(key, rows)
-        return Page(entries, True, running, token)
+        return Page(key, entries, True, running, token)
 
     async def entries_after(
-        self, task_id: str, after: TaskVersion, page: Page
+        self, after: TaskVersion, page: Page
     ) -> tuple[list[StreamEntry], Position]:
         """This subscriber's part of ``page``: its entries after ``after``, and the position before.
 
@@ -123,8 +123,7 @@ class Backlog:
         """
         if after.is_missing:
             return page.entries, (0, 0)
-        key = self._keys.events(task_id)
-        entries, whole = page.entries, page.whole
+        key, entries, whole = page.key, page.entries, page.whole
         while True:
             for i in range(len(entries) - 1, -1, -1):
                 version = entries[i].version  # -1: unreadable, so needed

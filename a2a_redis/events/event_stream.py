@@ -32,6 +32,7 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncGenerator
 from dataclasses import replace
+from typing import cast
 
 from a2a.server.cluster import TaskEventStream, TaskVersion, VersionedEvent
 from a2a.server.events.event_queue import Event
@@ -54,6 +55,7 @@ from a2a_redis.log.event_log import (
     StreamEntry,
     StreamRetention,
     destroy_commands,
+    share_view,
 )
 from a2a_redis.options import DEFAULT_LEASE_TTL, Options
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
@@ -81,11 +83,25 @@ def activity_of(event: Event) -> Activity:
     return Activity.SETTLED if status.state in SETTLED_STATES else Activity.RUNNING
 
 
-def _needed(version: int, after: TaskVersion, delivered: int) -> bool:
+def _needed(version: int, floor: int, delivered: int) -> bool:
     """Whether a subscriber may need an undecodable entry of ``version`` (-1: unknown)."""
     if version < 0:
         return True
-    return TaskVersion(version).is_after(after) and not 0 < version <= delivered
+    return _is_after(version, floor) and not 0 < version <= delivered
+
+
+def _is_after(version: int, floor: int) -> bool:
+    """``TaskVersion(version).is_after(TaskVersion(floor))``, without making either."""
+    return floor == 0 or floor < version != 0
+
+
+def _view(entry: StreamEntry, event: Event, version: int) -> tuple[VersionedEvent, Activity]:
+    """The entry's event as subscribers yield it, and its activity: made once per entry."""
+    view = entry.view
+    if view is None:
+        view = (VersionedEvent(event=event, version=TaskVersion(version)), activity_of(event))
+        share_view(entry, view)
+    return cast(tuple[VersionedEvent, Activity], view)
 
 
 class _OwnerWatch:
@@ -245,7 +261,7 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
         page = await self._backlogs.page(task_id, forward=after.is_missing)
         watch.running = page.running
         watch.ttl = lease_ttl_of(page.token, self.leases.ttl)
-        return await self._backlogs.entries_after(task_id, after, page)
+        return await self._backlogs.entries_after(after, page)
 
     async def subscribe(
         self, task_id: str, *, after: TaskVersion
@@ -261,6 +277,7 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
         comes from the replica running it for that replica's ``lease_ttl``: it died.
         """
         delivered = 0  # highest version of a non-Message event yielded (de-duplication)
+        floor = version_int(after)
         watch = _OwnerWatch(self.leases.ttl, self._log.options)
         entries = self._log.listener.follow(
             task_id, lambda: self._backlog(task_id, after, watch), idle_timeout=watch.timeout
@@ -269,19 +286,23 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
             async for entry in entries:
                 event, version = entry.event, entry.version
                 error = entry.error
-                if error is not None and _needed(version, after, delivered):
+                if error is not None and _needed(version, floor, delivered):
                     raise type(error)(error.reason, key=error.key)  # a copy per subscriber
-                del entry  # an idle subscriber must not pin the last event (nor below)
-                if event is None or not TaskVersion(version).is_after(after):
-                    continue
-                if version and not isinstance(event, Message):
-                    if version <= delivered:
-                        continue  # a second copy of an event already delivered
+                logged = version and not isinstance(event, Message)
+                if (
+                    event is None
+                    or not _is_after(version, floor)
+                    or (logged and version <= delivered)
+                ):
+                    del entry, event  # (a second copy of an event already delivered, or older)
+                    continue  # an idle subscriber must not pin the last event (nor below)
+                if logged:
                     delivered = version
-                activity = activity_of(event)
+                shared, activity = _view(entry, event, version)
+                del entry, event
                 if activity is not Activity.SILENT:
                     watch.running = activity is Activity.RUNNING
-                yield VersionedEvent(event=event, version=TaskVersion(version))
-                del event
+                yield shared
+                del shared
         finally:
             await entries.aclose()

@@ -132,9 +132,12 @@ class StreamListener:
             self._by_channel[channel] = feed
             feed.ready = asyncio.ensure_future(self._start(feed))
         feed.refs += 1
+        ready = feed.ready
+        assert ready is not None
+        if ready.done() and not ready.cancelled() and ready.exception() is None:
+            return feed  # a live feed: no wait (a join storm's joins after the first)
         try:
-            assert feed.ready is not None
-            await asyncio.shield(feed.ready)
+            await asyncio.shield(ready)
         except BaseException:
             await self.leave(feed)
             raise
@@ -186,8 +189,8 @@ class StreamListener:
         Silence is counted only while the pub/sub connection is up: after a reconnect the
         owner gets a whole ``idle_timeout`` again.
         """
-        key = self._keys.events(task_id)
         feed = await self.join(task_id)
+        key = feed.key
         loop = asyncio.get_running_loop()
         joined = loop.time()
         try:
