@@ -9,6 +9,7 @@ from __future__ import annotations
 from benchmarks import (
     control,
     event_stream,
+    fanout,
     joins,
     migrate,
     push,
@@ -22,6 +23,7 @@ BENCHMARKS: list[Benchmark] = [
     task_store.BENCHMARK,
     event_stream.BENCHMARK,
     joins.BENCHMARK,
+    fanout.BENCHMARK,
     queue_manager.BENCHMARK,
     control.BENCHMARK,
     push.BENCHMARK,

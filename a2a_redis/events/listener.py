@@ -30,7 +30,7 @@ from a2a_redis.errors import (
     OwnerLostError,
     redis_errors,
 )
-from a2a_redis.events.feed import SUBSCRIBER_BATCH, TaskFeed, wait_at_most
+from a2a_redis.events.feed import SUBSCRIBER_BATCH, TaskFeed
 from a2a_redis.events.reads import PipelinedReads
 from a2a_redis.log.event_log import (
     DESTROYED,
@@ -165,6 +165,7 @@ class StreamListener:
             return
         del self._feeds[feed.task_id]
         self._by_channel.pop(feed.channel, None)
+        feed.stop_timer()
         if not self._closed:
             await self._router.unsubscribe(feed.channel)
 
@@ -196,6 +197,7 @@ class StreamListener:
         try:
             with redis_errors("read the task's stream", key):
                 pending, position = await start()
+            del start  # nor its closure: a subscriber holds only what it needs
             pending = pending[:SUBSCRIBER_BATCH]  # the rest is read again: ring or stream
             read_up_to = position
             while True:
@@ -221,9 +223,10 @@ class StreamListener:
                 if timeout is None:
                     await changed.wait()
                     continue
-                remaining = max(feed.alive_at, joined) + timeout - loop.time()
-                if remaining > 0:
-                    await wait_at_most(changed, remaining)
+                deadline = max(feed.alive_at, joined) + timeout
+                if deadline > loop.time():
+                    feed.wake_at(deadline)  # one timer per feed, not one per subscriber
+                    await changed.wait()
                 elif self._router.is_up(feed.channel):
                     raise OwnerLostError(
                         f"no event or heartbeat from the task's owner for {timeout}s", key=key
