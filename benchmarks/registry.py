@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from benchmarks import (
     control,
+    e2e,
     event_stream,
     fanout,
     joins,
@@ -28,5 +29,6 @@ BENCHMARKS: list[Benchmark] = [
     control.BENCHMARK,
     push.BENCHMARK,
     scale.BENCHMARK,
+    e2e.BENCHMARK,
     migrate.BENCHMARK,
 ]

@@ -86,7 +86,7 @@ def _plot_group(group: dict[str, Any], history: Sequence[Run], title: str, out: 
     lines.set_xticks(range(len(stamps)), stamps, fontsize=6, rotation=45, ha="right")
     lines.tick_params(axis="y", labelsize=7)
     lines.set_title(f"history: last {len(history)} run(s) here (UTC)", fontsize=7)
-    if len(names) <= 8:
+    if len(names) <= 8 and lines.get_lines():
         lines.legend(fontsize=5, loc="best")
     fig.tight_layout()
     fig.savefig(out, dpi=80)
