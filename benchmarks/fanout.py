@@ -25,6 +25,8 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from a2a.types.a2a_pb2 import TaskState
+
 from a2a_redis.events.event_stream import RedisTaskEventStream
 from benchmarks.common import Benchmark, Report, RunContext, percentile
 from benchmarks.event_stream import (
@@ -36,6 +38,7 @@ from benchmarks.event_stream import (
     Deliveries,
     GcPauses,
     Lane,
+    Replicas,
     Sizes,
     Tally,
     close_replicas,
@@ -66,6 +69,15 @@ def timed_gc() -> float:
     start = time.perf_counter()
     gc.collect()
     return time.perf_counter() - start
+
+
+def _settled_lane(replicas: Replicas, index: int) -> Lane:
+    """A lane whose first event asks for input: a task whose subscribers expect no owner
+    until it runs again (joining 10,000 subscribers can take longer than a lease on a busy
+    machine, and a WORKING task silent that long has, rightly, lost its owner)."""
+    lane = Lane(replicas, index)
+    lane.task.status.state = TaskState.TASK_STATE_INPUT_REQUIRED
+    return lane
 
 
 @dataclass
@@ -139,7 +151,7 @@ async def fan_out(ctx: RunContext, report: Report, sizes: Sizes) -> None:
         lanes: list[Lane] = []
         for start in range(0, sizes.fan_tasks, 64):
             batch = range(start, min(start + 64, sizes.fan_tasks))
-            lanes += await settled([Lane(replicas, i).create() for i in batch])
+            lanes += await settled([_settled_lane(replicas, i).create() for i in batch])
         conns_before = await connections(ctx.redis, name_b)
 
         arrivals = Arrivals()
