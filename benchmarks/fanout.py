@@ -89,8 +89,8 @@ class Phase:
     pauses: GcPauses
     stats: dict[str, int | bool]
     conns: tuple[int, int]
-    full_gc_s: float  # a full gc.collect() just before publishing
-    tracked: int  # objects the collector tracks then (len(gc.get_objects()))
+    full_gc_s: float  # a full gc.collect() just before publishing (after the freeze)
+    tracked: int  # objects the collector walks then (len(gc.get_objects()))
 
     def rate(self) -> float:
         d = self.deliveries
@@ -116,10 +116,11 @@ async def publish_phase(
     subs = sizes.fan_tasks * sizes.fan_per_task
     arrivals.clear()
 
-    full_gc = timed_gc()
-    tracked = len(gc.get_objects())
     if label == FROZEN:
-        gc.freeze()
+        gc.collect()
+        gc.freeze()  # what survived so far is never walked again
+    full_gc = timed_gc()  # the pause of a full collection now
+    tracked = len(gc.get_objects())
     pauses = GcPauses()
     writers = [lanes[w :: sizes.fan_writers] for w in range(sizes.fan_writers)]
     begin = time.perf_counter()
@@ -260,7 +261,7 @@ async def fan_out(ctx: RunContext, report: Report, sizes: Sizes) -> None:
             f"{d.expected:,} expected, the last "
             f"{_ms(max(d.last_arrival - d.last_send, 0.0)):.0f} ms after the last send; "
             f"while publishing, {p.pauses.describe()}; a full gc.collect() before it took "
-            f"{_ms(p.full_gc_s):.0f} ms, over {p.tracked:,} tracked objects"
+            f"{_ms(p.full_gc_s):.0f} ms, over {p.tracked:,} objects"
         )
         if d.errors:
             report.note(f"WARNING: {p.label}: {d.errors} sends failed (last: {d.last_error})")
