@@ -42,6 +42,7 @@ class PipelinedReads:
         self._max_commands = max_commands
         self._queue: list[tuple[tuple[Read, ...], asyncio.Future[list[Any]]]] = []
         self._senders: set[asyncio.Task[None]] = set()
+        self._sending = 0  # senders running: counted in and out synchronously (see _send)
         self._closed = False
 
     async def read(self, *commands: Read) -> list[Any]:
@@ -54,18 +55,27 @@ class PipelinedReads:
             raise ListenerClosedError("the listener is closed")
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._queue.append((commands, future))
-        if len(self._senders) < self._max_in_flight:
+        if self._sending < self._max_in_flight:
+            self._sending += 1
             sender = asyncio.ensure_future(self._send())
             self._senders.add(sender)
             sender.add_done_callback(self._senders.discard)
         return await future
 
     async def _send(self) -> None:
-        """Send what is queued, a pipeline at a time, until the queue is empty."""
-        while self._queue and not self._closed:
-            batch = self._take()
-            if batch:
-                await self._send_batch(batch)
+        """Send what is queued, a pipeline at a time, until the queue is empty.
+
+        A sender counts itself out in the same step in which it finds the queue empty: a
+        read queued after that starts a sender of its own (a task's done callback would
+        run later, and a read queued meanwhile would wait for ever).
+        """
+        try:
+            while self._queue and not self._closed:
+                batch = self._take()
+                if batch:
+                    await self._send_batch(batch)
+        finally:
+            self._sending -= 1
 
     def _take(self) -> list[tuple[tuple[Read, ...], asyncio.Future[list[Any]]]]:
         """Up to ``max_commands`` commands of queued reads whose callers still wait."""

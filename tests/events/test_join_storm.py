@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from a2a.server.cluster import TaskVersion
 from a2a.types.a2a_pb2 import TaskState
 
+from a2a_redis.events.reads import PipelinedReads
 from tests.events.test_event_stream import Replica, collect, produce
 from tests.helpers import connect, on_every_node
 
@@ -69,3 +70,16 @@ async def test_a_join_storm_shares_reads_and_uses_a_few_connections(
         await a.close()
         await b.close()
         await admin.aclose()
+
+
+async def test_a_read_queued_as_the_last_sender_finishes_is_sent(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    """A sender's done callback runs after the caller it answered: a read queued in between
+    must start a sender of its own, not wait for ever (it hung 1,000 streaming tasks)."""
+    reads = PipelinedReads(redis, max_in_flight=1)
+    key = f"{prefix}:{{t:x}}:k"
+    await redis.set(key, b"v")
+    for _ in range(20):  # awaited directly: wait_for's own task would hide the race
+        assert await reads.read(("GET", key)) == [b"v"]  # (the test's timeout guards)
+    await reads.aclose()
