@@ -7,7 +7,8 @@ PostgreSQL anchors run when ``$A2A_BENCH_POSTGRES_DSN`` is set to an SQLAlchemy 
 
 Every key of a run lives under ``bench:<uuid hex>`` and is deleted at the end with SCAN MATCH
 and UNLINK; the server may be shared, so nothing else is touched. Figures are printed and
-written to ``benchmarks/results/<benchmark>-<UTC timestamp>.json``.
+written to ``benchmarks/results/<benchmark>-<UTC timestamp>.json``, and drawn, beside their
+anchors and the last runs' figures, in ``benchmarks/results/report.html`` (matplotlib).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from benchmarks.common import (
     server_info,
 )
 from benchmarks.registry import BENCHMARKS
+from benchmarks.report import write_report
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -124,6 +126,7 @@ async def run(args: argparse.Namespace) -> int:
                 report.facts["seconds"] = took
                 path = report.write(meta, stamp)
                 print(f"{bench.name}: {took:.0f} s; results written to {_shown(path)}", flush=True)
+        print(f"\nplots of this run and its history: {_shown(write_report())}")
     finally:
         try:
             deleted = await delete_run_keys(redis, prefix)

@@ -14,13 +14,7 @@ Figures:
    over several tasks, each task with one subscriber on B. Anchors: the SDK's
    ``DatabaseTaskEventStream`` (default 0.5 s poll) over ``VersionedDatabaseTaskStore`` on
    SQLite, at a rate SQLite can take, and the raw Redis round trip (PING on A's client).
-2. Fan-out: 10,000 subscribers over 1,000 tasks (10 per task) on B, all through one
-   ``RedisTaskEventStream`` (one listener, one pub/sub connection), while writers on A
-   publish events across the tasks as fast as they can (``publish`` on a stream without a
-   store, the cheapest writer; ``FAN_SAVE`` switches to save + publish): deliveries per
-   second, delivery latency under that load, the Redis connections B's client holds
-   (``CLIENT LIST`` filtered by its client name), memory per subscriber (tracemalloc) and
-   ``listener.stats()``. ``--quick``: 1,000 subscribers over 100 tasks.
+(Fan-out to 10,000 subscribers: ``benchmarks/fanout.py``.)
 """
 
 from __future__ import annotations
@@ -31,13 +25,11 @@ import gc
 import itertools
 import statistics
 import time
-import tracemalloc
 import uuid
 from array import array
 from collections.abc import AsyncGenerator, Awaitable, Iterator, Sequence
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from a2a.server.cluster import (
@@ -246,6 +238,11 @@ class Arrivals:
     """
 
     def __init__(self) -> None:
+        self.lanes = array("l")
+        self.versions = array("q")
+        self.times = array("d")
+
+    def clear(self) -> None:
         self.lanes = array("l")
         self.versions = array("q")
         self.times = array("d")
@@ -618,175 +615,6 @@ async def connections(redis: Redis, name: str) -> tuple[int, int]:
     return len(mine), len(pubsub)
 
 
-def _in_package(filename: str) -> bool:
-    return Path(filename).parent.name == "a2a_redis"
-
-
-def timed_gc() -> float:
-    """Seconds a full ``gc.collect()`` takes now (the pause a gen-2 collection causes)."""
-    start = time.perf_counter()
-    gc.collect()
-    return time.perf_counter() - start
-
-
-async def fan_out(ctx: RunContext, report: Report, sizes: Sizes) -> None:
-    subs = sizes.fan_tasks * sizes.fan_per_task
-    name_b = f"a2a-bench-{ctx.run_id[:12]}-fan-B"
-    client_a = replica_client(ctx, f"a2a-bench-{ctx.run_id[:12]}-fan-A")
-    client_b = replica_client(ctx, name_b, blocking_pool=sizes.fan_pool)
-    subscribers: list[asyncio.Task[None]] = []
-    gc_pauses = GcPauses()
-    async with AsyncExitStack() as stack:
-        stack.push_async_callback(client_a.aclose)
-        stack.push_async_callback(client_b.aclose)
-        replicas = redis_replicas(client_a, client_b, ctx.namespace("fanout"), store=FAN_SAVE)
-        stack.push_async_callback(close_replicas, replicas)
-        assert isinstance(replicas.stream_b, RedisTaskEventStream)
-        listener = replicas.stream_b.listener
-
-        lanes: list[Lane] = []
-        for start in range(0, sizes.fan_tasks, 64):
-            batch = range(start, min(start + 64, sizes.fan_tasks))
-            lanes += await settled([Lane(replicas, i).create() for i in batch])
-        conns_before = await connections(ctx.redis, name_b)
-
-        arrivals = Arrivals()
-        tally = Tally()
-        gc_before = timed_gc()
-        tracemalloc.start()
-        try:
-            base = tracemalloc.take_snapshot()
-            joined_at = time.perf_counter()
-            subscribers = await start_subscribers(
-                replicas, lanes, sizes.fan_per_task, sizes.join_batch, arrivals, tally
-            )
-            joined_s = time.perf_counter() - joined_at
-            gc.collect()
-            grown = tracemalloc.take_snapshot().compare_to(base, "filename")
-        finally:
-            tracemalloc.stop()
-        memory = sum(d.size_diff for d in grown)
-        in_lib = sum(d.size_diff for d in grown if _in_package(d.traceback[0].filename))
-        try:
-            gc_joined = timed_gc()
-            conns_joined = await connections(ctx.redis, name_b)
-            stats_joined = listener.stats()
-            # close the pool's idle connections (opened by the joins), so that the count
-            # below is what the live fan-out itself needs
-            await client_b.connection_pool.disconnect(inuse_connections=False)
-            writers = [lanes[w :: sizes.fan_writers] for w in range(sizes.fan_writers)]
-            begin = time.perf_counter()
-            with gc_pauses.watch():
-                await settled([unpaced(mine, begin + sizes.fan_seconds) for mine in writers])
-                sent = sum(len(lane.sent) for lane in lanes)
-                await tally.wait_for(subs + sent * sizes.fan_per_task, DRAIN_GRACE)
-            stats_loaded = listener.stats()
-            conns_loaded = await connections(ctx.redis, name_b)
-        finally:
-            errors = await stop(subscribers)
-        stats_after = listener.stats()
-
-    d = match(lanes, sizes.fan_per_task, arrivals, begin)
-    span = (d.last_arrival or time.perf_counter()) - d.first_send
-    send_span = max(d.last_send - d.first_send, 1e-9)
-    how = "save + publish" if FAN_SAVE else "publish"
-    title = (
-        f"fan-out: {subs:,} subscribers on B ({sizes.fan_per_task} per task, "
-        f"{sizes.fan_tasks:,} tasks, one RedisTaskEventStream); {sizes.fan_writers} "
-        f"coroutines on A {how} across the tasks, unpaced, for {sizes.fan_seconds:g} s"
-    )
-    rate_detail = {
-        "events": d.sent,
-        "deliveries": d.delivered,
-        "expected": d.expected,
-        "lost": d.lost(),
-        "seconds": span,
-    }
-    with report.group(title, "/s", higher_is_better=True) as group:
-        group.add("deliveries on B", d.delivered / span if span > 0 else 0.0, detail=rate_detail)
-        group.add(f"events ({how}) on A", d.sent / send_span)
-    if d.latencies:
-        with report.group(
-            f"fan-out delivery latency at that load, {how} on A to yield on B",
-            "ms",
-            higher_is_better=False,
-        ) as group:
-            note = f"n={d.delivered}"
-            detail = {"max_ms": _ms(d.latencies[-1])}
-            for metric, q in (("median", 50), ("p99", 99)):
-                value = _ms(percentile(d.latencies, q))
-                group.add(REDIS, value, metric=metric, note=note, detail=detail)
-    with report.group(
-        f"replica B's Redis connections (CLIENT LIST, name {name_b})",
-        "conns",
-        higher_is_better=False,
-    ) as group:
-        group.add("before subscribing", conns_before[0], metric="all")
-        group.add(f"{subs:,} subscribed", conns_joined[0], metric="all")
-        group.add(f"{subs:,} subscribed", conns_joined[1], metric="pub/sub")
-        group.add("publishing", conns_loaded[0], metric="all")
-        group.add("publishing", conns_loaded[1], metric="pub/sub")
-    with report.group(
-        "memory per subscriber on B (tracemalloc snapshot difference / subscribers)",
-        "bytes",
-        higher_is_better=False,
-    ) as group:
-        detail = {"subscribers": subs, "tasks": sizes.fan_tasks}
-        group.add("all", memory / subs, detail={**detail, "total_bytes": memory})
-        group.add("in a2a_redis code", in_lib / subs, detail={**detail, "total_bytes": in_lib})
-
-    report.facts["fan_out"] = {
-        "listener_stats": {
-            "subscribed": stats_joined,
-            "publishing": stats_loaded,
-            "after_stop": stats_after,
-        },
-        "subscribe_seconds": joined_s,
-        "full_gc_ms": {"before": _ms(gc_before), "subscribed": _ms(gc_joined)},
-        "gen2_pauses_while_publishing_ms": [_ms(p) for p in gc_pauses.pauses],
-        "writes": how,
-        "b_pool": f"BlockingConnectionPool(max_connections={sizes.fan_pool})",
-    }
-    report.note(f"listener.stats() with all subscribed: {stats_joined}")
-    report.note(f"listener.stats() after publishing: {stats_loaded}")
-    report.note(
-        f"A sent {d.sent:,} events; B delivered {d.delivered:,} of {d.expected:,} expected, "
-        f"the last {_ms(max(d.last_arrival - d.last_send, 0.0)):.0f} ms after the last send. "
-        + (
-            "A saves each event through its store, then publishes it (a no-op)"
-            if FAN_SAVE
-            else "A publishes with RedisTaskEventStream.publish and no store (one MULTI: "
-            "XADD, PEXPIRE, PUBLISH per event), the cheapest writer, to load B the most"
-        )
-        + ". A and B share this process's event loop (one CPU): the rate is where the two "
-        "together saturate it, and the latency is mostly queueing in that loop"
-    )
-    report.note(
-        f"subscribing {subs:,} took {joined_s:.1f} s ({subs / joined_s:,.0f}/s, "
-        f"{sizes.join_batch} at a time, each from the task's first event), under tracemalloc, "
-        "which slows Python several-fold. Memory: the traced heap's growth over that step, "
-        "after gc: generators, listener feeds, and the asyncio task consuming each "
-        "subscription; 'in a2a_redis code' counts what was allocated directly in the "
-        "package's files (asyncio's share of its waits is counted under asyncio)"
-    )
-    report.note(
-        f"a full gc.collect() took {_ms(gc_before):.0f} ms before subscribing and "
-        f"{_ms(gc_joined):.0f} ms with {subs:,} subscribers: CPython's gen-2 collections "
-        f"stop the event loop about that long; while publishing, {gc_pauses.describe()}"
-    )
-    report.note(
-        f"B's client has a BlockingConnectionPool({sizes.fan_pool}): the listener fetches "
-        "each woken task on its own, concurrently, and redis-py's default pool raises past "
-        "100 connections. 'all' counts the pub/sub connection and the pool's command "
-        "connections; the pool's idle connections (opened by the joins) are closed before "
-        "publishing, so the last row is what the live fan-out opened"
-    )
-    if d.errors:
-        report.note(f"WARNING: {d.errors} sends failed on A (last: {d.last_error})")
-    if errors:
-        report.note(f"WARNING: {len(errors)} subscribers failed (first: {errors[0]!r})")
-
-
 # -- the benchmark ---------------------------------------------------------------------------
 async def run(ctx: RunContext, report: Report) -> None:
     sizes = QUICK if ctx.quick else FULL
@@ -799,11 +627,10 @@ async def run(ctx: RunContext, report: Report) -> None:
         "anchor's."
     )
     await latency(ctx, report, sizes)
-    await fan_out(ctx, report, sizes)
 
 
 BENCHMARK = Benchmark(
     "event_stream",
-    "RedisTaskEventStream cross-replica latency and fan-out beside the SDK's SQL polling",
+    "RedisTaskEventStream cross-replica latency beside the SDK's SQL polling",
     run,
 )

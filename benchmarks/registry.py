@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from benchmarks import (
     control,
+    e2e,
     event_stream,
+    fanout,
+    joins,
     migrate,
     otel,
     push,
@@ -21,10 +24,13 @@ from benchmarks.common import Benchmark
 BENCHMARKS: list[Benchmark] = [
     task_store.BENCHMARK,
     event_stream.BENCHMARK,
+    joins.BENCHMARK,
+    fanout.BENCHMARK,
     queue_manager.BENCHMARK,
     control.BENCHMARK,
     push.BENCHMARK,
     scale.BENCHMARK,
+    e2e.BENCHMARK,
     migrate.BENCHMARK,
     otel.BENCHMARK,
 ]

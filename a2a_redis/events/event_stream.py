@@ -43,31 +43,25 @@ from a2a_redis.connection.cluster import Client
 from a2a_redis.connection.durability import Durability, run_script
 from a2a_redis.connection.transaction import batch_args
 from a2a_redis.errors import redis_errors
+from a2a_redis.events.backlog import Backlog
 from a2a_redis.events.leases import SETTLED_STATES, LeaseKeeper
 from a2a_redis.events.listener import StreamListener
 from a2a_redis.events.plumbing import EventPlumbing, OnEventPlumbing
 from a2a_redis.events.tokens import lease_ttl_of
-from a2a_redis.log.codec import F_STATE, MAX_PAYLOAD_BYTES, version_int
+from a2a_redis.log.codec import MAX_PAYLOAD_BYTES, version_int
 from a2a_redis.log.event_log import (
     APPEND_IF_NEW_SCRIPT,
-    FETCH_BATCH,
     AppendLedger,
     Position,
-    Rows,
     StreamEntry,
     StreamRetention,
-    check_not_trimmed,
-    decode_rows,
     destroy_commands,
-    parse_entry_id,
-    read_entries,
+    share_view,
 )
 from a2a_redis.options import DEFAULT_LEASE_TTL, Options
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
 
 __all__ = ["RedisTaskEventStream"]
-
-_REVERSE_PAGE = 64
 
 
 class Activity(enum.Enum):
@@ -90,11 +84,25 @@ def activity_of(event: Event) -> Activity:
     return Activity.SETTLED if status.state in SETTLED_STATES else Activity.RUNNING
 
 
-def _needed(version: int, after: TaskVersion, delivered: int) -> bool:
+def _needed(version: int, floor: int, delivered: int) -> bool:
     """Whether a subscriber may need an undecodable entry of ``version`` (-1: unknown)."""
     if version < 0:
         return True
-    return TaskVersion(version).is_after(after) and not 0 < version <= delivered
+    return _is_after(version, floor) and not 0 < version <= delivered
+
+
+def _is_after(version: int, floor: int) -> bool:
+    """``TaskVersion(version).is_after(TaskVersion(floor))``, without making either."""
+    return floor == 0 or floor < version != 0
+
+
+def _view(entry: StreamEntry, event: Event, version: int) -> tuple[VersionedEvent, Activity]:
+    """The entry's event as subscribers yield it, and its activity: made once per entry."""
+    view = entry.view
+    if view is None:
+        view = (VersionedEvent(event=event, version=TaskVersion(version)), activity_of(event))
+        share_view(entry, view)
+    return cast(tuple[VersionedEvent, Activity], view)
 
 
 class _OwnerWatch:
@@ -196,6 +204,7 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
         self._log = EventPlumbing(redis, options, listener=listener, leases=leases)
         self._ledger = AppendLedger() if ledger is None else ledger
         self._append_if_new = redis.register_script(APPEND_IF_NEW_SCRIPT)
+        self._backlogs = Backlog(redis, self._log.listener, self._log.keys)
 
     async def aclose(self) -> None:
         """Close the listener and leases this stream created; waiting subscribers then fail."""
@@ -242,69 +251,19 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
         self.leases.drop(task_id)
         await self._log.run("destroy", task_id, destroy_commands(self._log.keys, task_id))
 
-    async def _first_page(
-        self, task_id: str, key: str, after: TaskVersion, watch: _OwnerWatch
-    ) -> Rows:
-        """The backlog's first page, read with the task's state and lease (one round trip).
-
-        They tell whether the task is running now (so its owner must be alive) and how long
-        the owner's lease lasts.
-        """
-        async with self.redis.pipeline(transaction=False) as pipe:
-            if after.is_missing:
-                pipe.xrange(key, min="-", max="+", count=FETCH_BATCH)
-            else:
-                pipe.xrevrange(key, max="+", min="-", count=_REVERSE_PAGE)
-            pipe.hget(self._log.keys.task(task_id), F_STATE)
-            pipe.get(self._log.keys.lease(task_id))
-            rows, state, token = await pipe.execute(raise_on_error=False)
-        if isinstance(rows, Exception):
-            raise rows
-        if isinstance(state, Exception) or isinstance(token, Exception):
-            state = token = None  # a corrupt record or lease: no owner to watch (reads say why)
-        watch.running = state is not None and state.isdigit() and int(state) not in SETTLED_STATES
-        watch.ttl = lease_ttl_of(token, self.leases.ttl)
-        return cast(Rows, rows)
-
     async def _backlog(
-        self, task_id: str, key: str, after: TaskVersion, watch: _OwnerWatch
+        self, task_id: str, after: TaskVersion, watch: _OwnerWatch
     ) -> tuple[list[StreamEntry], Position]:
         """Entries with a version after ``after``, and the position just before them.
 
-        Versions never decrease along a stream, so this reads backwards from the end, a
-        page at a time, until it meets an entry not after ``after`` (or, for MISSING,
-        reads the whole stream forwards). Raises ``SubscriberLagError`` if the entries
-        that were asked for had been trimmed away.
+        Read with the task's state and lease, which tell whether the task is running now
+        (so its owner must be alive) and how long the owner's lease lasts; the read is
+        shared with the task's other joining subscribers (``events/backlog.py``).
         """
-        rows = await self._first_page(task_id, key, after, watch)
-        if after.is_missing:
-            entries = decode_rows(key, rows)
-            position = parse_entry_id(rows[-1][0]) if len(rows) == FETCH_BATCH else None
-            while position is not None:  # the rest of a long stream, a batch at a time
-                batch, last = await read_entries(self.redis, key, position)
-                entries += batch
-                position = last if last != position else None
-            return entries, (0, 0)
-        found: list[StreamEntry] = []
-        high = "+"
-        while True:
-            for row in rows:
-                decoded = decode_rows(key, [row])
-                version = decoded[0].version  # -1: unreadable, so needed
-                if version >= 0 and not TaskVersion(version).is_after(after):
-                    found.reverse()
-                    return found, parse_entry_id(row[0])
-                found += decoded
-            if len(rows) < _REVERSE_PAGE:
-                break
-            high = "(" + rows[-1][0].decode()
-            rows = cast(
-                Rows, await self.redis.xrevrange(key, max=high, min="-", count=_REVERSE_PAGE)
-            )
-        found.reverse()
-        if found and found[0].version > version_int(after) + 1:
-            await check_not_trimmed(self.redis, key, (0, 0))
-        return found, (0, 0)
+        page = await self._backlogs.page(task_id, forward=after.is_missing)
+        watch.running = page.running
+        watch.ttl = lease_ttl_of(page.token, self.leases.ttl)
+        return await self._backlogs.entries_after(after, page)
 
     async def subscribe(
         self, task_id: str, *, after: TaskVersion
@@ -319,33 +278,37 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
         stored state, then the events' states, say so) and neither an event nor a heartbeat
         comes from the replica running it for that replica's ``lease_ttl``: it died.
         """
-        key = self._log.keys.events(task_id)
         delivered = 0  # highest version of a non-Message event yielded (de-duplication)
+        floor = version_int(after)
         watch = _OwnerWatch(self.leases.ttl, self._log.options)
         tap, failure = telemetry.subscription(), None  # None without an SDK: no cost per event
         entries = self._log.listener.follow(
-            task_id, lambda: self._backlog(task_id, key, after, watch), idle_timeout=watch.timeout
+            task_id, lambda: self._backlog(task_id, after, watch), idle_timeout=watch.timeout
         )
         try:
             async for entry in entries:
                 event, version, context = entry.event, entry.version, entry.context
                 error = entry.error
-                if error is not None and _needed(version, after, delivered):
+                if error is not None and _needed(version, floor, delivered):
                     raise type(error)(error.reason, key=error.key)  # a copy per subscriber
-                del entry  # an idle subscriber must not pin the last event (nor below)
-                if event is None or not TaskVersion(version).is_after(after):
-                    continue
-                if version and not isinstance(event, Message):
-                    if version <= delivered:
-                        continue  # a second copy of an event already delivered
+                logged = version and not isinstance(event, Message)
+                if (
+                    event is None
+                    or not _is_after(version, floor)
+                    or (logged and version <= delivered)
+                ):
+                    del entry, event  # (a second copy of an event already delivered, or older)
+                    continue  # an idle subscriber must not pin the last event (nor below)
+                if logged:
                     delivered = version
-                activity = activity_of(event)
+                shared, activity = _view(entry, event, version)
+                del entry, event
                 if activity is not Activity.SILENT:
                     watch.running = activity is Activity.RUNNING
                 if tap is not None:
                     tap.delivered(context)
-                yield VersionedEvent(event=event, version=TaskVersion(version))
-                del event
+                yield shared
+                del shared
         except BaseException as e:
             failure = e
             raise

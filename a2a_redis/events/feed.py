@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from typing import Any
 
 from a2a_redis.connection.compat import within
 from a2a_redis.errors import A2ARedisError
@@ -39,6 +40,10 @@ class TaskFeed:
         self.destroyed = False
         self.dirty = False
         self.ready: asyncio.Future[None] | None = None
+        #: Reads in flight that joining subscribers share (``event_stream``'s backlog).
+        self.reads: dict[str, asyncio.Future[Any]] = {}
+        #: One timer for all subscribers' owner-silence deadlines (the earliest asked).
+        self.timer: asyncio.TimerHandle | None = None
 
     def entries_after(
         self, position: Position, limit: int = SUBSCRIBER_BATCH
@@ -66,6 +71,29 @@ class TaskFeed:
         if entries:
             self.alive_at = asyncio.get_running_loop().time()
             self.notify()
+
+    def wake_at(self, when: float) -> None:
+        """Wake the subscribers at loop time ``when``, or earlier.
+
+        Subscribers that wait with a deadline share one timer, at the earliest deadline
+        asked: no timer per subscriber per wait. One woken before its own deadline asks again.
+        """
+        timer = self.timer
+        if timer is not None:
+            if timer.when() <= when:
+                return
+            timer.cancel()
+        self.timer = asyncio.get_running_loop().call_at(when, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self.timer = None
+        self.notify()
+
+    def stop_timer(self) -> None:
+        """Cancel the timer (the feed's last subscriber left)."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def notify(self) -> None:
         """Wake every subscriber waiting on this feed."""

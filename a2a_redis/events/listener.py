@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 from redis import exceptions as rex
 
@@ -31,13 +31,13 @@ from a2a_redis.errors import (
     OwnerLostError,
     redis_errors,
 )
-from a2a_redis.events.feed import SUBSCRIBER_BATCH, TaskFeed, wait_at_most
+from a2a_redis.events.feed import SUBSCRIBER_BATCH, TaskFeed
+from a2a_redis.events.reads import PipelinedReads
 from a2a_redis.log.event_log import (
     DESTROYED,
     FETCH_BATCH,
     HEARTBEAT,
     Position,
-    Rows,
     StreamEntry,
     carried_entry,
     decode_rows,
@@ -85,6 +85,8 @@ class StreamListener:
             heartbeat=heartbeat,
             subscribe_timeout=subscribe_timeout,
         )
+        #: Joins' reads (stream tails, backlogs), pipelined: a join storm's connections.
+        self.reads = PipelinedReads(redis)
         self._feeds: dict[str, TaskFeed] = {}
         self._by_channel: dict[bytes, TaskFeed] = {}
         self._due: dict[str, TaskFeed] = {}  # feeds with entries to fetch, in wake order
@@ -131,13 +133,20 @@ class StreamListener:
             self._by_channel[channel] = feed
             feed.ready = asyncio.ensure_future(self._start(feed))
         feed.refs += 1
+        ready = feed.ready
+        assert ready is not None
+        if ready.done() and not ready.cancelled() and ready.exception() is None:
+            return feed  # a live feed: no wait (a join storm's joins after the first)
         try:
-            assert feed.ready is not None
-            await asyncio.shield(feed.ready)
+            await asyncio.shield(ready)
         except BaseException:
             await self.leave(feed)
             raise
         return feed
+
+    def feed_of(self, task_id: str) -> TaskFeed:
+        """The live feed of ``task_id``: only while a subscriber of the task holds it."""
+        return self._feeds[task_id]
 
     async def serve(self, channel: bytes, handler: Callable[[Any], None]) -> None:
         """Hand every message on ``channel`` (not a task's) to ``handler``.
@@ -157,6 +166,7 @@ class StreamListener:
             return
         del self._feeds[feed.task_id]
         self._by_channel.pop(feed.channel, None)
+        feed.stop_timer()
         if not self._closed:
             await self._router.unsubscribe(feed.channel)
 
@@ -181,13 +191,14 @@ class StreamListener:
         Silence is counted only while the pub/sub connection is up: after a reconnect the
         owner gets a whole ``idle_timeout`` again.
         """
-        key = self._keys.events(task_id)
         feed = await self.join(task_id)
+        key = feed.key
         loop = asyncio.get_running_loop()
         joined = loop.time()
         try:
             with redis_errors("read the task's stream", key):
                 pending, position = await start()
+            del start  # nor its closure: a subscriber holds only what it needs
             pending = pending[:SUBSCRIBER_BATCH]  # the rest is read again: ring or stream
             read_up_to = position
             while True:
@@ -213,9 +224,10 @@ class StreamListener:
                 if timeout is None:
                     await changed.wait()
                     continue
-                remaining = max(feed.alive_at, joined) + timeout - loop.time()
-                if remaining > 0:
-                    await wait_at_most(changed, remaining)
+                deadline = max(feed.alive_at, joined) + timeout
+                if deadline > loop.time():
+                    feed.wake_at(deadline)  # one timer per feed, not one per subscriber
+                    await changed.wait()
                 elif self._router.is_up(feed.channel):
                     telemetry.count("owner_lost")
                     raise OwnerLostError(
@@ -254,6 +266,7 @@ class StreamListener:
             self._fetcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._fetcher
+        await self.reads.aclose()
         await self._router.aclose()
 
     # -- feed start and fetch ------------------------------------------------------------
@@ -262,7 +275,9 @@ class StreamListener:
         with redis_errors("subscribe", feed.channel.decode()):
             await self._router.subscribe(feed.channel)
         with redis_errors("read the end of the task's stream", feed.key):
-            tail = cast(Rows, await self._redis.xrevrange(feed.key, count=1))
+            (tail,) = await self.reads.read(("XREVRANGE", feed.key, "+", "-", "COUNT", 1))
+            if isinstance(tail, Exception):
+                raise tail
         start = parse_entry_id(tail[0][0]) if tail else (0, 0)
         feed.covered_from = start
         feed.last = start

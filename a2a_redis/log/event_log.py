@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import msgpack  # type: ignore[import-untyped,unused-ignore]
@@ -61,6 +61,7 @@ __all__ = [
     "parse_entry_id",
     "read_entries",
     "retention_commands",
+    "share_view",
     "unpack_wake",
 ]
 
@@ -283,6 +284,15 @@ class StreamEntry:
     event: Event | None  # None: the task's event queue was closed here, or ``error``
     error: CorruptDataError | None = None
     context: bytes | None = None  # writer's clock and traceparent (``telemetry``), if any
+    #: What every local reader of the entry would derive from it alike (the event
+    #: stream's ``VersionedEvent``), made once by the first and shared: fan-out to N
+    #: subscribers allocates nothing per subscriber. Set with :func:`share_view`.
+    view: Any = field(default=None, compare=False, repr=False)
+
+
+def share_view(entry: StreamEntry, view: object) -> None:
+    """Keep ``view`` on ``entry`` for the entry's other readers (see ``StreamEntry.view``)."""
+    object.__setattr__(entry, "view", view)  # a cache on a frozen entry: set once, never read back
 
 
 def format_position(position: Position) -> str:
