@@ -7,11 +7,11 @@ decide, between the two, whether to commit; the retry policy is theirs (bounded)
 
 The body of a commit is a list of commands run by one ``EVALSHA`` of :data:`BATCH_SCRIPT`
 inside the MULTI: the server applies them exactly as if queued one by one (EXEC still
-aborts if a watched key changed), but the client packs three commands and reads three
-replies instead of one per command, which is where redis-py spends its time.
+aborts if a watched key changed), but the client reads three replies, not one per command.
 
-The connection is returned to the pool clean: after EXEC (which clears WATCH), after an
-explicit :meth:`WatchedTransaction.unwatch`, or, on any error, disconnected first.
+Commands are packed here (:class:`Batch` takes parts its callers cached) and written
+straight to the connection. It is returned to the pool clean: after EXEC (which clears
+WATCH), after an explicit :meth:`WatchedTransaction.unwatch`, or, on error, disconnected.
 """
 
 from __future__ import annotations
@@ -44,19 +44,10 @@ from a2a_redis.connection.durability import Durability, run_script
 from a2a_redis.errors import raise_if_pool_exhausted, redis_errors
 
 __all__ = [
-    "BATCH_BODY",
-    "BATCH_SCRIPT",
-    "WITH_ENTRY_ID",
-    "Batch",
-    "Command",
-    "WatchedTransaction",
-    "backoff",
-    "batch_args",
-    "bulk",
-    "execute",
-    "pack",
+    "BATCH_BODY", "BATCH_SCRIPT", "FALLBACK", "WITH_ENTRY_ID", "Batch", "Command",
+    "WatchedTransaction", "backoff", "batch_args", "bulk", "call_packed", "execute", "pack",
     "run_atomically",
-]
+]  # fmt: skip
 
 Command = tuple[Any, ...]
 
@@ -131,7 +122,7 @@ def bulk(value: bytes) -> bytes:
 
 
 def _resp(args: Sequence[bytes]) -> bytes:
-    return b"*%d\r\n%b" % (len(args), b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in args]))
+    return b"*%d\r\n%b" % (len(args), b"".join(map(bulk, args)))
 
 
 def pack(commands: Sequence[Command | bytes]) -> bytes:
@@ -140,14 +131,15 @@ def pack(commands: Sequence[Command | bytes]) -> bytes:
 
 
 _MULTI, _EXEC, _UNWATCH = pack([("MULTI",)]), pack([("EXEC",)]), pack([("UNWATCH",)])
+#: What :func:`call_packed` returns when the caller must use redis-py's own path.
+FALLBACK: Any = object()
 
 
 class Batch:
     """The body of a commit: commands for :data:`BATCH_SCRIPT`, packed as they are added.
 
-    :meth:`add` takes a :data:`Command`; :meth:`add_packed` a command whose ARGV part
-    (its argument count, then its name and arguments, as :func:`bulk` strings) the caller
-    packed, and cached what it could of, with the keys it touches.
+    :meth:`add_packed` takes a command's ARGV part (argument count, name, arguments, each a
+    :func:`bulk` string) packed by the caller, who caches what it can of it.
     """
 
     __slots__ = ("_count", "_keys", "_parts", "first_key")
@@ -158,19 +150,12 @@ class Batch:
         self._count = 0  # elements of ARGV
         self.first_key = b""  # the key of the first command (the slot, for messages)
 
-    def __bool__(self) -> bool:
-        return self._count > 0
-
     def add(self, command: Command) -> None:
         """Append ``command`` (args: bytes, str or int)."""
         args = [a if type(a) is bytes else _arg(a) for a in command]
         name = args[0] = args[0].upper()
         keys = args[1:] if name in _MULTI_KEY else [] if name in _NOT_KEYS else args[1:2]
-        self.add_packed(
-            len(args) + 1,
-            b"".join([b"$%d\r\n%b\r\n" % (len(a), a) for a in [b"%d" % len(args), *args]]),
-            *keys,
-        )
+        self.add_packed(len(args) + 1, b"".join(map(bulk, [b"%d" % len(args), *args])), *keys)
 
     def add_packed(self, count: int, packed: bytes, *keys: bytes) -> None:
         """Append a command packed as ``count`` ARGV elements, touching ``keys``."""
@@ -211,13 +196,9 @@ async def backoff(attempt: int, base: float = 0.001, cap: float = 0.05) -> None:
 
 
 async def _send(conn: AbstractConnection, packed: bytes) -> None:
-    """Write ``packed`` on ``conn``.
-
-    On a connected connection with no health check due, straight to its stream writer:
-    redis-py's ``send_packed_command`` wraps each write in ``asyncio.wait_for`` (a task
-    per write) when the connection has a socket timeout, which the caller's one timeout
-    for the round trip already covers. Otherwise through redis-py (which connects first).
-    """
+    """Write ``packed`` on ``conn`` (to its stream writer if connected, no health check due)."""
+    # redis-py's send_packed_command makes a task per write (a wait_for that our one
+    # timeout per round trip covers); it also connects and checks health when needed.
     writer: asyncio.StreamWriter | None = getattr(conn, "_writer", None)
     if writer is None or (
         conn.health_check_interval
@@ -260,6 +241,32 @@ async def _read(conn: AbstractConnection, count: int, timeout: float | None) -> 
     return replies
 
 
+async def call_packed(redis: Client, packed: bytes) -> Any:
+    """One packed command's reply (error replies returned) on a pooled connection, or FALLBACK.
+
+    Below redis-py's command machinery. :data:`FALLBACK` tells the caller to go through
+    redis-py: on a cluster, and after a connection error (its retry policy then applies).
+    """
+    if is_cluster(redis):
+        return FALLBACK
+    pool: ConnectionPool = redis.connection_pool
+    try:
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    except rex.ConnectionError as e:
+        raise_if_pool_exhausted(e)
+        raise
+    reply: Any = FALLBACK
+    try:
+        (reply,) = await _exchange(conn, packed, 1)
+    except BaseException as e:
+        await conn.disconnect()  # mid-reply: unusable
+        if not isinstance(e, (rex.ConnectionError, rex.TimeoutError)):
+            raise
+    finally:
+        await pool.release(conn)
+    return reply
+
+
 def _raise_nested(replies: Sequence[Any]) -> None:
     for reply in replies:
         if isinstance(reply, rex.ResponseError):
@@ -292,6 +299,14 @@ async def run_atomically(
     """
     keys, argv = batch_args(commands)
     with redis_errors(operation, key):
+        if durability is None or not durability.waits:  # one EVALSHA, packed here
+            reply = await call_packed(
+                redis, _resp([b"EVALSHA", _BATCH_SHA, b"%d" % len(keys), *keys, *argv])
+            )
+            if isinstance(reply, rex.ResponseError) and not isinstance(reply, rex.NoScriptError):
+                raise reply
+            if reply is not FALLBACK and not isinstance(reply, rex.NoScriptError):
+                return
         await run_script(redis, redis.register_script(BATCH_SCRIPT), keys, argv, durability, key)
 
 

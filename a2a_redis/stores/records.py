@@ -26,7 +26,16 @@ from a2a.utils.proto_utils import to_stream_response
 from redis import exceptions as rex
 
 from a2a_redis.connection.cluster import Client, SlotMovedError, is_cluster
-from a2a_redis.connection.transaction import Batch, Command, WatchedTransaction, backoff, bulk, pack
+from a2a_redis.connection.transaction import (
+    FALLBACK,
+    Batch,
+    Command,
+    WatchedTransaction,
+    backoff,
+    bulk,
+    call_packed,
+    pack,
+)
 from a2a_redis.errors import (
     A2ARedisError,
     ContentionError,
@@ -73,6 +82,7 @@ Decide = Callable[[RecordHead | None], int]
 
 _CACHED = 4096  # tasks whose keys are kept packed
 _HSET = bulk(b"HSET")
+_READ_FIELDS = (F_SCHEMA, F_OWNER, F_VERSION, F_TASK)
 #: Fields a write can leave out when the stored record has the same value: the schema
 #: (a record read under WATCH has the current one), the owner (checked equal), and these.
 _KEPT = {F_SCHEMA: True, F_OWNER: True}
@@ -81,7 +91,7 @@ _KEPT = {F_SCHEMA: True, F_OWNER: True}
 class _Frame:
     """One task's keys, packed once (a write's fixed parts)."""
 
-    __slots__ = ("key", "packed", "push", "watch")
+    __slots__ = ("key", "packed", "push", "read", "watch")
 
     def __init__(self, key: str, push: str) -> None:
         self.key = key
@@ -90,6 +100,8 @@ class _Frame:
         self.push = push
         #: WATCH the record, and read its head, in one write.
         self.watch = pack([("WATCH", raw), ("HMGET", raw, *HEAD_FIELDS)])
+        #: Read what ``get`` returns.
+        self.read = pack([("HMGET", raw, *_READ_FIELDS)])
 
 
 class TaskRecords:
@@ -140,9 +152,14 @@ class TaskRecords:
 
         For the replicas' own bookkeeping (the orphan reaper), never for a caller's request.
         """
-        key = self.keys.task(task_id)
+        frame = self._frame(task_id)
+        key = frame.key
         with redis_errors("get task", key):
-            row = await self.redis.hmget(key, [F_SCHEMA, F_OWNER, F_VERSION, F_TASK])
+            row = await call_packed(self.redis, frame.read)
+            if row is FALLBACK:
+                row = await self.redis.hmget(key, list(_READ_FIELDS))
+            elif isinstance(row, rex.ResponseError):
+                raise row
         return decode_stored(key, task_id, cast("list[bytes | None]", row))
 
     # -- write ---------------------------------------------------------------------------
