@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -331,6 +332,60 @@ async def save_and_get(ctx: RunContext, report: Report, sizes: Sizes, sql: SqlSt
             group.add(label, result.rate, anchor=label != REDIS, detail=result.detail())
 
 
+# -- figure 2b: the same ratios from alternating short blocks ----------------------------------
+async def _block(chains: Sequence[Chain], steps: int) -> float:
+    """Saves per second of ``steps`` saves on each of ``chains`` at once."""
+    start = time.perf_counter()
+
+    async def run(chain: Chain) -> None:
+        for _ in range(steps):
+            await chain.step()
+
+    await asyncio.gather(*(run(c) for c in chains))
+    return len(chains) * steps / (time.perf_counter() - start)
+
+
+async def _gets(target: Target, task_id: str, count: int) -> float:
+    start = time.perf_counter()
+    for _ in range(count):
+        await target.get(task_id)
+    return count / (time.perf_counter() - start)
+
+
+async def paired(ctx: RunContext, report: Report, sizes: Sizes) -> None:
+    """The store / raw ratios, each the median over short blocks run alternately.
+
+    On a shared, noisy machine a ratio of two rates taken seconds apart drifts with the
+    load; a pair of blocks a few milliseconds apart sees the same load.
+    """
+    store = versioned_target(
+        REDIS, VersionedRedisTaskStore(ctx.redis, prefix=ctx.namespace("pair"))
+    )
+    raw = raw_target(RAW, ctx.redis, ctx.namespace("pair-raw"))
+    one = [await start_chains(t, 1, 0) for t in (store, raw)]
+    many = [await start_chains(t, CONCURRENCY, 1) for t in (store, raw)]
+    ids = [one[0][0].task.id, one[1][0].task.id]
+    shapes = {
+        "save, 1 coroutine": lambda i: _block(one[i], 100),
+        f"save, {CONCURRENCY} coroutines": lambda i: _block(many[i], 10),
+        "get, 1 coroutine": lambda i: _gets((store, raw)[i], ids[i], 100),
+    }
+    pairs = 8 if ctx.quick else 30
+    ratios: dict[str, list[float]] = {name: [] for name in shapes}
+    for turn in range(pairs):
+        for name, block in shapes.items():
+            rates = [0.0, 0.0]
+            for i in (0, 1) if turn % 2 == 0 else (1, 0):
+                rates[i] = await block(i)
+            ratios[name].append(rates[0] / rates[1])
+    title = f"redis store / raw redis-py, median of {pairs} pairs of alternating blocks"
+    with report.group(title, "x raw", higher_is_better=True) as group:
+        for name, found in ratios.items():
+            q = statistics.quantiles(found, n=4)
+            group.add(name, statistics.median(found), note=f"IQR {q[0]:.2f}-{q[2]:.2f}")
+    _error_note(report, REDIS, one[0] + many[0])
+
+
 # -- figure 3: ListTasks ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class Query:
@@ -547,6 +602,7 @@ async def run(ctx: RunContext, report: Report) -> None:
     async with AsyncExitStack() as stack:
         sql = SqlStores(ctx, stack)
         await save_and_get(ctx, report, sizes, sql)
+        await paired(ctx, report, sizes)
         await list_tasks(ctx, report, sizes, sql)
 
 

@@ -7,11 +7,11 @@ decide, between the two, whether to commit; the retry policy is theirs (bounded)
 
 The body of a commit is a list of commands run by one ``EVALSHA`` of :data:`BATCH_SCRIPT`
 inside the MULTI: the server applies them exactly as if queued one by one (EXEC still
-aborts if a watched key changed), but the client packs three commands and reads three
-replies instead of one per command, which is where redis-py spends its time.
+aborts if a watched key changed), but the client reads three replies, not one per command.
 
-The connection is returned to the pool clean: after EXEC (which clears WATCH), after an
-explicit :meth:`WatchedTransaction.unwatch`, or, on any error, disconnected first.
+Commands are packed here (:class:`Batch` takes parts its callers cached) and written
+straight to the connection. It is returned to the pool clean: after EXEC (which clears
+WATCH), after an explicit :meth:`WatchedTransaction.unwatch`, or, on error, disconnected.
 """
 
 from __future__ import annotations
@@ -44,17 +44,10 @@ from a2a_redis.connection.durability import Durability, run_script
 from a2a_redis.errors import raise_if_pool_exhausted, redis_errors
 
 __all__ = [
-    "BATCH_BODY",
-    "BATCH_SCRIPT",
-    "WITH_ENTRY_ID",
-    "Command",
-    "WatchedTransaction",
-    "backoff",
-    "batch_args",
-    "execute",
-    "pack",
+    "BATCH_BODY", "BATCH_SCRIPT", "FALLBACK", "WITH_ENTRY_ID", "Batch", "Command",
+    "WatchedTransaction", "backoff", "batch_args", "bulk", "call_packed", "execute", "pack",
     "run_atomically",
-]
+]  # fmt: skip
 
 Command = tuple[Any, ...]
 
@@ -123,10 +116,13 @@ def _arg(value: Any) -> bytes:
     raise TypeError(f"unsupported Redis argument type {type(value).__name__}")
 
 
+def bulk(value: bytes) -> bytes:
+    """``value`` as one RESP bulk string (an argument of a packed command)."""
+    return b"$%d\r\n%b\r\n" % (len(value), value)
+
+
 def _resp(args: Sequence[bytes]) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    parts += [b"$%d\r\n%b\r\n" % (len(a), a) for a in args]
-    return b"".join(parts)
+    return b"*%d\r\n%b" % (len(args), b"".join(map(bulk, args)))
 
 
 def pack(commands: Sequence[Command | bytes]) -> bytes:
@@ -134,10 +130,46 @@ def pack(commands: Sequence[Command | bytes]) -> bytes:
     return b"".join(c if isinstance(c, bytes) else _resp([_arg(a) for a in c]) for c in commands)
 
 
-def _batch(commands: Sequence[Command]) -> bytes:
-    """One packed EVALSHA running ``commands``, declaring every key they touch."""
-    keys, argv = batch_args(commands)
-    return _resp([b"EVALSHA", _BATCH_SHA, b"%d" % len(keys), *keys, *argv])
+_MULTI, _EXEC, _UNWATCH = pack([("MULTI",)]), pack([("EXEC",)]), pack([("UNWATCH",)])
+#: What :func:`call_packed` returns when the caller must use redis-py's own path.
+FALLBACK: Any = object()
+
+
+class Batch:
+    """The body of a commit: commands for :data:`BATCH_SCRIPT`, packed as they are added.
+
+    :meth:`add_packed` takes a command's ARGV part (argument count, name, arguments, each a
+    :func:`bulk` string) packed by the caller, who caches what it can of it.
+    """
+
+    __slots__ = ("_count", "_keys", "_parts", "first_key")
+
+    def __init__(self) -> None:
+        self._keys: dict[bytes, None] = {}
+        self._parts: list[bytes] = []
+        self._count = 0  # elements of ARGV
+        self.first_key = b""  # the key of the first command (the slot, for messages)
+
+    def add(self, command: Command) -> None:
+        """Append ``command`` (args: bytes, str or int)."""
+        args = [a if type(a) is bytes else _arg(a) for a in command]
+        name = args[0] = args[0].upper()
+        keys = args[1:] if name in _MULTI_KEY else [] if name in _NOT_KEYS else args[1:2]
+        self.add_packed(len(args) + 1, b"".join(map(bulk, [b"%d" % len(args), *args])), *keys)
+
+    def add_packed(self, count: int, packed: bytes, *keys: bytes) -> None:
+        """Append a command packed as ``count`` ARGV elements, touching ``keys``."""
+        if not self._count and keys:
+            self.first_key = keys[0]
+        self._keys.update(dict.fromkeys(keys))
+        self._parts.append(packed)
+        self._count += count
+
+    def packed(self) -> bytes:
+        """The EVALSHA running the batch, declaring every key it touches."""
+        keys = self._keys
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n" % (3 + len(keys) + self._count, _BATCH_SHA)
+        return b"".join([head, bulk(b"%d" % len(keys)), *map(bulk, keys), *self._parts])
 
 
 def batch_args(commands: Sequence[Command]) -> tuple[list[bytes], list[bytes]]:
@@ -161,6 +193,78 @@ def batch_args(commands: Sequence[Command]) -> tuple[list[bytes], list[bytes]]:
 async def backoff(attempt: int, base: float = 0.001, cap: float = 0.05) -> None:
     """Sleep a small, jittered, exponentially growing delay before retry ``attempt`` (1-based)."""
     await asyncio.sleep(random.uniform(0, min(cap, base * (2**attempt))))
+
+
+async def _send(conn: AbstractConnection, packed: bytes) -> None:
+    """Write ``packed`` on ``conn`` (to its stream writer if connected, no health check due)."""
+    # redis-py's send_packed_command makes a task per write (a wait_for that our one
+    # timeout per round trip covers); it also connects and checks health when needed.
+    writer: asyncio.StreamWriter | None = getattr(conn, "_writer", None)
+    if writer is None or (
+        conn.health_check_interval
+        and asyncio.get_running_loop().time() > getattr(conn, "next_health_check", math.inf)
+    ):
+        await conn.send_packed_command(packed)
+        return
+    if writer.transport.is_closing():
+        raise rex.ConnectionError("Connection closed by the server before write")
+    try:
+        writer.writelines((packed,))  # (what redis-py calls: fakeredis has no write)
+        await writer.drain()
+    except OSError as e:
+        raise rex.ConnectionError(f"Error while writing to socket: {e}") from e
+
+
+async def _exchange(
+    conn: AbstractConnection, packed: bytes, count: int, wait: float = 0.0
+) -> list[Any]:
+    """Send ``packed`` and read ``count`` replies (error replies returned, not raised)."""
+    await _send(conn, packed)
+    if _ONE_TIMEOUT:  # one timeout for the whole round trip, not one per reply
+        deadline = getattr(conn, "socket_timeout", None)
+        try:
+            async with asyncio.timeout(None if deadline is None else deadline + wait):
+                return await _read(conn, count, math.inf)
+        except TimeoutError as e:
+            where = f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')}"
+            raise rex.TimeoutError(f"Timeout reading from {where}") from e
+    return await _read(conn, count, None)  # pragma: no cover - older stacks
+
+
+async def _read(conn: AbstractConnection, count: int, timeout: float | None) -> list[Any]:
+    replies: list[Any] = []
+    for _ in range(count):
+        try:
+            replies.append(await conn.read_response(timeout=timeout))
+        except rex.ResponseError as e:
+            replies.append(e)
+    return replies
+
+
+async def call_packed(redis: Client, packed: bytes) -> Any:
+    """One packed command's reply (error replies returned) on a pooled connection, or FALLBACK.
+
+    Below redis-py's command machinery. :data:`FALLBACK` tells the caller to go through
+    redis-py: on a cluster, and after a connection error (its retry policy then applies).
+    """
+    if is_cluster(redis):
+        return FALLBACK
+    pool: ConnectionPool = redis.connection_pool
+    try:
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    except rex.ConnectionError as e:
+        raise_if_pool_exhausted(e)
+        raise
+    reply: Any = FALLBACK
+    try:
+        (reply,) = await _exchange(conn, packed, 1)
+    except BaseException as e:
+        await conn.disconnect()  # mid-reply: unusable
+        if not isinstance(e, (rex.ConnectionError, rex.TimeoutError)):
+            raise
+    finally:
+        await pool.release(conn)
+    return reply
 
 
 def _raise_nested(replies: Sequence[Any]) -> None:
@@ -195,6 +299,14 @@ async def run_atomically(
     """
     keys, argv = batch_args(commands)
     with redis_errors(operation, key):
+        if durability is None or not durability.waits:  # one EVALSHA, packed here
+            reply = await call_packed(
+                redis, _resp([b"EVALSHA", _BATCH_SHA, b"%d" % len(keys), *keys, *argv])
+            )
+            if isinstance(reply, rex.ResponseError) and not isinstance(reply, rex.NoScriptError):
+                raise reply
+            if reply is not FALLBACK and not isinstance(reply, rex.NoScriptError):
+                return
         await run_script(redis, redis.register_script(BATCH_SCRIPT), keys, argv, durability, key)
 
 
@@ -221,7 +333,7 @@ class WatchedTransaction:
         self._release: Callable[[AbstractConnection], Any] | None = None
         self._clean = True
         self._wait = durability if durability is not None and durability.waits else None
-        self._watched: tuple[list[Command], list[Any]] = ([], [])
+        self._watched: tuple[bytes, list[Any]] = (b"", [])
 
     async def __aenter__(self) -> WatchedTransaction:
         try:
@@ -267,46 +379,30 @@ class WatchedTransaction:
             if isinstance(reply, REDIRECTS) and is_cluster(self._redis):
                 raise await note_redirect(self._redis, reply, self._key)
 
-    async def _roundtrip(self, commands: Sequence[Command | bytes], wait: float = 0.0) -> list[Any]:
+    async def _roundtrip(self, packed: bytes, count: int, wait: float = 0.0) -> list[Any]:
         conn = self._conn
         assert conn is not None, "use WatchedTransaction as an async context manager"
         self._clean = False
-        await conn.send_packed_command(pack(commands))
-        if _ONE_TIMEOUT:  # one timeout for the whole round trip, not one per reply
-            deadline = getattr(conn, "socket_timeout", None)
-            try:
-                async with asyncio.timeout(None if deadline is None else deadline + wait):
-                    return await self._read(conn, len(commands), math.inf)
-            except TimeoutError as e:
-                where = f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')}"
-                raise rex.TimeoutError(f"Timeout reading from {where}") from e
-        return await self._read(conn, len(commands), None)  # pragma: no cover - older stacks
-
-    @staticmethod
-    async def _read(conn: AbstractConnection, count: int, timeout: float | None) -> list[Any]:
-        replies: list[Any] = []
-        for _ in range(count):
-            try:
-                replies.append(await conn.read_response(timeout=timeout))
-            except rex.ResponseError as e:
-                replies.append(e)
-        return replies
+        return await _exchange(conn, packed, count, wait)
 
     async def watch(self, keys: Sequence[str], reads: Sequence[Command]) -> list[Any]:
         """WATCH ``keys`` and run ``reads``, in one round trip. Returns the reads' replies."""
-        watch: list[Command] = [("WATCH", *keys), *reads]
-        replies = await self._roundtrip(watch)
+        return await self.watch_packed(pack([("WATCH", *keys), *reads]), len(reads))
+
+    async def watch_packed(self, packed: bytes, reads: int) -> list[Any]:
+        """:meth:`watch`, with the WATCH and the ``reads`` commands already packed."""
+        replies = await self._roundtrip(packed, reads + 1)
         await self._redirected(replies)
         _raise_nested(replies)
-        self._watched = (watch, replies[1:])  # to watch again after a NOSCRIPT (commit)
+        self._watched = (packed, replies[1:])  # to watch again after a NOSCRIPT (commit)
         return replies[1:]
 
     async def unwatch(self) -> None:
         """Give up the transaction (one round trip)."""
-        await self._roundtrip([("UNWATCH",)])
+        await self._roundtrip(_UNWATCH, 1)
         self._clean = True
 
-    async def commit(self, commands: Sequence[Command]) -> list[Any] | None:
+    async def commit(self, commands: Sequence[Command] | Batch) -> list[Any] | None:
         """Apply ``commands`` atomically (one scripted batch in MULTI/EXEC).
 
         Returns ``[]`` on success, or None if a watched key changed (nothing was written).
@@ -316,10 +412,17 @@ class WatchedTransaction:
         Raises the first error reply, for example WRONGTYPE from a command of the batch
         (commands before it stay applied, as in Redis).
         """
-        wait = [self._wait.wait_command()] if self._wait is not None else []
+        if isinstance(commands, Batch):
+            batch = commands
+        else:
+            batch = Batch()
+            for command in commands:
+                batch.add(command)
+        body = [_MULTI, batch.packed(), _EXEC]
+        if self._wait is not None:
+            body.append(pack([self._wait.wait_command()]))
         replies = await self._roundtrip(
-            [("MULTI",), _batch(commands), ("EXEC",), *wait],
-            self._wait.timeout if self._wait is not None else 0.0,
+            b"".join(body), len(body), self._wait.timeout if self._wait is not None else 0.0
         )
         await self._redirected(replies)
         _raise_nested(replies[:2])
@@ -331,15 +434,17 @@ class WatchedTransaction:
             return None
         if isinstance(result[0], rex.NoScriptError) or str(result[0]).startswith("NOSCRIPT"):
             watch, seen = self._watched
-            self._watched = ([], [])  # once: a script flushed again counts as a lost race
-            replies = await self._roundtrip([("SCRIPT", "LOAD", BATCH_SCRIPT), *watch])
+            self._watched = (b"", [])  # once: a script flushed again counts as a lost race
+            replies = await self._roundtrip(
+                pack([("SCRIPT", "LOAD", BATCH_SCRIPT)]) + watch, len(seen) + 2
+            )
             await self._redirected(replies)
             _raise_nested(replies)
             if not watch or replies[2:] != seen:
                 await self.unwatch()
                 return None
-            return await self.commit(commands)  # the reads the caller decided on still hold
+            return await self.commit(batch)  # the reads the caller decided on still hold
         _raise_nested(result)
         if self._wait is not None:  # the batch's first command names the task's key
-            self._wait.check(replies[3], _arg(commands[0][1]).decode(errors="replace"))
+            self._wait.check(replies[3], batch.first_key.decode(errors="replace"))
         return []

@@ -231,9 +231,19 @@ def decode_head(key: str, values: list[bytes | None]) -> RecordHead | None:
 
 
 def encode_record(
-    task: Task, payload: bytes, *, owner: str, version: int, write_id: bytes, expires_at: int
+    task: Task,
+    payload: bytes,
+    *,
+    owner: str,
+    version: int,
+    write_id: bytes,
+    expires_at: int,
+    member: bytes | None = None,
 ) -> dict[bytes, bytes]:
-    """The hash fields of a task record (``payload`` is ``task.SerializeToString()``)."""
+    """The hash fields of a task record (``payload`` is ``task.SerializeToString()``).
+
+    ``member`` is the task's :func:`index_member`, if the caller has it already.
+    """
     return {
         F_SCHEMA: _SCHEMA,
         F_OWNER: utf8(owner),
@@ -241,7 +251,7 @@ def encode_record(
         F_TASK: payload,
         F_CONTEXT: utf8(task.context_id),
         F_STATE: b"%d" % task.status.state,
-        F_MEMBER: index_member(task),
+        F_MEMBER: index_member(task) if member is None else member,
         F_WRITE: write_id,
         F_EXPIRES: b"%d" % expires_at,
     }

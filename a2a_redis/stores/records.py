@@ -26,7 +26,16 @@ from a2a.utils.proto_utils import to_stream_response
 from redis import exceptions as rex
 
 from a2a_redis.connection.cluster import Client, SlotMovedError, is_cluster
-from a2a_redis.connection.transaction import Command, WatchedTransaction, backoff
+from a2a_redis.connection.transaction import (
+    FALLBACK,
+    Batch,
+    Command,
+    WatchedTransaction,
+    backoff,
+    bulk,
+    call_packed,
+    pack,
+)
 from a2a_redis.errors import (
     A2ARedisError,
     ContentionError,
@@ -38,6 +47,8 @@ from a2a_redis.errors import (
     require_binary_client,
 )
 from a2a_redis.log.codec import (
+    F_CONTEXT,
+    F_EXPIRES,
     F_OWNER,
     F_SCHEMA,
     F_TASK,
@@ -69,6 +80,29 @@ logger = logging.getLogger(__name__)
 #: Decides the new version from the stored record (None: absent), or raises.
 Decide = Callable[[RecordHead | None], int]
 
+_CACHED = 4096  # tasks whose keys are kept packed
+_HSET = bulk(b"HSET")
+_READ_FIELDS = (F_SCHEMA, F_OWNER, F_VERSION, F_TASK)
+#: Fields a write can leave out when the stored record has the same value: the schema
+#: (a record read under WATCH has the current one), the owner (checked equal), and these.
+_KEPT = {F_SCHEMA: True, F_OWNER: True}
+
+
+class _Frame:
+    """One task's keys, packed once (a write's fixed parts)."""
+
+    __slots__ = ("key", "packed", "push", "read", "watch")
+
+    def __init__(self, key: str, push: str) -> None:
+        self.key = key
+        raw = key.encode()
+        self.packed = bulk(raw)
+        self.push = push
+        #: WATCH the record, and read its head, in one write.
+        self.watch = pack([("WATCH", raw), ("HMGET", raw, *HEAD_FIELDS)])
+        #: Read what ``get`` returns.
+        self.read = pack([("HMGET", raw, *_READ_FIELDS)])
+
 
 class TaskRecords:
     """The record engine both stores share: read, optimistic write, delete.
@@ -92,6 +126,17 @@ class TaskRecords:
         self.index = TaskIndex(redis, self.keys, split=is_cluster(redis))
         #: Events this store appended, which ``publish`` then need not (shared with the stream).
         self.ledger = AppendLedger()
+        self._frames: dict[str, _Frame] = {}
+
+    def _frame(self, task_id: str) -> _Frame:
+        """The task's packed keys (cached; ``InvalidIdError`` for an over-long id)."""
+        frame = self._frames.get(task_id)
+        if frame is None:
+            if len(self._frames) >= _CACHED:
+                self._frames.clear()
+            key, push = self.keys.task(task_id), self.keys.push_configs(task_id)
+            frame = self._frames[task_id] = _Frame(key, push)
+        return frame
 
     # -- read ----------------------------------------------------------------------------
     async def read(self, task_id: str, owner: str) -> tuple[Task, int] | None:
@@ -107,15 +152,20 @@ class TaskRecords:
 
         For the replicas' own bookkeeping (the orphan reaper), never for a caller's request.
         """
-        key = self.keys.task(task_id)
+        frame = self._frame(task_id)
+        key = frame.key
         with redis_errors("get task", key):
-            row = await self.redis.hmget(key, [F_SCHEMA, F_OWNER, F_VERSION, F_TASK])
+            row = await call_packed(self.redis, frame.read)
+            if row is FALLBACK:
+                row = await self.redis.hmget(key, list(_READ_FIELDS))
+            elif isinstance(row, rex.ResponseError):
+                raise row
         return decode_stored(key, task_id, cast("list[bytes | None]", row))
 
     # -- write ---------------------------------------------------------------------------
     def _write_commands(
         self,
-        key: str,
+        frame: _Frame,
         task: Task,
         payload: bytes,
         owner: str,
@@ -124,7 +174,7 @@ class TaskRecords:
         old: RecordHead | None,
         event: Event | None,
         history: Sequence[tuple[int, Event]] = (),
-    ) -> tuple[list[Command], list[Command], int]:
+    ) -> tuple[Batch, list[Command], int]:
         """The write's commands in the task's slot, its index commands, and its expiry.
 
         Index commands join the task's MULTI on one server; on a cluster they run after it
@@ -135,22 +185,34 @@ class TaskRecords:
         if terminal and self.terminal_ttl is not None:
             expires_at = int(time.time() * 1000 + self.terminal_ttl * 1000)
         member = index_member(task)
-        fields: list[bytes] = []
         record = encode_record(
-            task, payload, owner=owner, version=version, write_id=write_id, expires_at=expires_at
+            task, payload, owner=owner, version=version, write_id=write_id,
+            expires_at=expires_at, member=member,
+        )  # fmt: skip
+        if old is not None:  # the record exists: write only the fields that change
+            kept = {**_KEPT, F_CONTEXT: old.context_id == task.context_id}
+            kept[F_EXPIRES] = old.expires_at == expires_at
+            record = {name: value for name, value in record.items() if not kept.get(name, False)}
+        batch = Batch()
+        fields = [bulk(part) for item in record.items() for part in item]
+        batch.add_packed(
+            len(fields) + 3,
+            b"%b%b%b%b" % (bulk(b"%d" % (len(fields) + 2)), _HSET, frame.packed, b"".join(fields)),
+            frame.key.encode(),
         )
-        for name, value in record.items():
-            fields += (name, value)
-        cmds: list[Command] = [("HSET", key, *fields)]
-        push = self.keys.push_configs(task.id)  # the task's push configs share its lifetime
+        key, push = frame.key, frame.push  # the task's push configs share its lifetime
         if expires_at:
-            cmds += [("PEXPIREAT", key, expires_at), ("PEXPIREAT", push, expires_at)]
+            batch.add(("PEXPIREAT", key, expires_at))
+            batch.add(("PEXPIREAT", push, expires_at))
         elif old is not None and old.expires_at:
-            cmds += [("PERSIST", key), ("PERSIST", push)]
-        index_cmds = self.index.index_commands(owner, old, task, member, expires_at)
-        if not self.index.split:
-            cmds += index_cmds
-            index_cmds = []
+            batch.add(("PERSIST", key))
+            batch.add(("PERSIST", push))
+        index_cmds: list[Command] = []
+        if self.index.split:
+            index_cmds = self.index.index_commands(owner, old, task, member, expires_at)
+        else:
+            self.index.pack_commands(batch, owner, old, task, member, expires_at)
+        cmds: list[Command] = []
         if event is not None:
             cmds += append_commands(
                 self.keys, task.id, version, event, terminal=terminal, retention=self.retention,
@@ -166,7 +228,9 @@ class TaskRecords:
             cmds += retention_commands(
                 self.keys, task.id, terminal=terminal, retention=self.retention
             )
-        return cmds, index_cmds, expires_at
+        for command in cmds:
+            batch.add(command)
+        return batch, index_cmds, expires_at
 
     async def write(
         self,
@@ -194,10 +258,10 @@ class TaskRecords:
         random write id stored with the record makes a retry after a lost EXEC reply
         recognise its own committed write instead of reporting a conflict.
         """
-        key = self.keys.task(task.id)
+        key = self._frame(task.id).key
         payload = task.SerializeToString()
         # Refuse what cannot be written before any round trip: over-long ids, big payloads.
-        self.keys.indexes(owner, task.context_id, task.status.state)
+        self.index.packed_keys(owner, task.context_id, task.status.state)
         check_payload_size(key, "task", len(payload), self.max_payload_bytes)
         events = ([] if event is None else [event]) + [past for _, past in history]
         for one in events:
@@ -269,9 +333,10 @@ class TaskRecords:
 
         The index commands are those still to run after the commit (on a cluster).
         """
+        frame = self._frame(task.id)
         with redis_errors("save task", key, connection=False):
             async with WatchedTransaction(self.redis, key, self.durability) as tx:
-                (raw,) = await tx.watch([key], [("HMGET", key, *HEAD_FIELDS)])
+                (raw,) = await tx.watch_packed(frame.watch, 1)
                 try:
                     old = decode_head(key, raw)
                     if old is not None and old.write_id == write_id:
@@ -305,7 +370,7 @@ class TaskRecords:
                     await tx.unwatch()
                     raise
                 cmds, index_cmds, expires_at = self._write_commands(
-                    key, task, payload, owner, version, write_id, old, event, history
+                    frame, task, payload, owner, version, write_id, old, event, history
                 )
                 if intent_set is not None:
                     await intent_set  # the pending intent is set before anything commits

@@ -47,7 +47,7 @@ from a2a.utils.errors import InvalidParamsError
 from a2a.utils.task import decode_list_tasks_cursor, decode_page_token, encode_list_tasks_cursor
 
 from a2a_redis.connection.cluster import Client
-from a2a_redis.connection.transaction import Command, execute, run_atomically
+from a2a_redis.connection.transaction import Batch, Command, bulk, execute, run_atomically
 from a2a_redis.errors import A2ARedisError, CorruptDataError, InvalidIdError, redis_errors
 from a2a_redis.log.codec import (
     F_CONTEXT,
@@ -78,6 +78,10 @@ PURGE_BATCH = 256
 PENDING_GRACE_MS = 5_000
 RECONCILE_BATCH = 64
 QUERY_ROUNDS = 4  # a list re-reads after purging, reconciling or repairing, this often
+_CACHED = 4096  # (owner, context id, state) combinations whose index keys are kept packed
+_ZREM, _ZADD = bulk(b"3") + bulk(b"ZREM"), bulk(b"4") + bulk(b"ZADD")
+#: An index key, as bytes and as a packed argument.
+Packed = tuple[tuple[bytes, bytes], ...]
 
 
 def _now_ms() -> int:
@@ -92,6 +96,34 @@ class TaskIndex:
         self._keys = keys
         #: True on Redis Cluster: index keys are not in the task's slot (see module doc).
         self.split = split
+        self._packed: dict[tuple[str, str, int], Packed] = {}
+
+    def packed_keys(self, owner: str, context_id: str, state: int) -> Packed:
+        """Every index of a task with this context id and state: (key, packed key), cached.
+
+        Raises ``InvalidIdError`` for an over-long owner or context id, as ``Keys`` does.
+        """
+        found = self._packed.get((owner, context_id, state))
+        if found is None:
+            if len(self._packed) >= _CACHED:
+                self._packed.clear()
+            keys = [k.encode() for k in self._keys.indexes(owner, context_id, state)]
+            found = self._packed[owner, context_id, state] = tuple((k, bulk(k)) for k in keys)
+        return found
+
+    def _moves(
+        self, owner: str, old: RecordHead | None, new: Task | None, new_member: bytes
+    ) -> tuple[Packed, Packed]:
+        """The index entries a write leaves (member ``old.member``) and enters (``new_member``)."""
+        before = () if old is None else self.packed_keys(owner, old.context_id, old.state)
+        if new is None:
+            return before, ()
+        after = self.packed_keys(owner, new.context_id, new.status.state)
+        if old is not None and old.member == new_member:  # the entries that stay are not touched
+            return tuple(k for k in before if k not in after), tuple(
+                k for k in after if k not in before
+            )
+        return before, after
 
     # -- index changes (commands for the writer's MULTI) ----------------------------------------
     def index_commands(
@@ -106,16 +138,43 @@ class TaskIndex:
 
         ``new`` None means the task is deleted. Entries that do not change are not touched.
         """
+        gone, added = self._moves(owner, old, new, new_member)
+        cmds: list[Command] = [("ZREM", k, old.member) for k, _ in gone] if old is not None else []
+        cmds += [("ZADD", k, 0, new_member) for k, _ in added]
+        return cmds + self._expiry_commands(owner, old, new, new_member, new_expires_at)
+
+    def pack_commands(
+        self,
+        batch: Batch,
+        owner: str,
+        old: RecordHead | None,
+        new: Task,
+        new_member: bytes,
+        new_expires_at: int = 0,
+    ) -> None:
+        """:meth:`index_commands` of a write, added to ``batch`` (packed from the cache)."""
+        gone, added = self._moves(owner, old, new, new_member)
+        if gone and old is not None:
+            member = bulk(old.member)
+            for key, packed in gone:
+                batch.add_packed(4, _ZREM + packed + member, key)
+        member = b"$1\r\n0\r\n" + bulk(new_member)
+        for key, packed in added:
+            batch.add_packed(5, _ZADD + packed + member, key)
+        for command in self._expiry_commands(owner, old, new, new_member, new_expires_at):
+            batch.add(command)
+
+    def _expiry_commands(
+        self,
+        owner: str,
+        old: RecordHead | None,
+        new: Task | None,
+        new_member: bytes,
+        new_expires_at: int,
+    ) -> list[Command]:
+        """The changes to the owner's ``expiring`` zset (terminal tasks with a TTL)."""
         keys = self._keys
-        before: set[tuple[str, bytes]] = set()
-        after: set[tuple[str, bytes]] = set()
-        if old is not None:
-            before = {(k, old.member) for k in keys.indexes(owner, old.context_id, old.state)}
-        if new is not None:
-            idx = keys.indexes(owner, new.context_id, new.status.state)
-            after = {(k, new_member) for k in idx}
-        cmds: list[Command] = [("ZREM", k, m) for k, m in sorted(before - after)]
-        cmds += [("ZADD", k, 0, m) for k, m in sorted(after - before)]
+        cmds: list[Command] = []
         old_loc = old.locator() if old is not None and old.expires_at else None
         new_loc = (
             encode_locator(new.context_id, new.status.state, new_member)
