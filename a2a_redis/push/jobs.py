@@ -85,7 +85,7 @@ class _Sender(Protocol):
         error: str,
         attempts: int,
     ) -> None: ...
-    def count(self, what: str) -> None: ...
+    def count(self, what: str, n: int = 1) -> None: ...
 
 
 def _state_of(event: PushEvent) -> int:
@@ -303,7 +303,7 @@ class Job:
                     self.task_id, config, self.field, version, nid, error, attempts
                 )
                 return Outcome(attempts, error)
-            sender.count("retries")
+            sender.count("retried")
             with redis_errors("push delivery (attempts)", self._state_keys[0]):
                 await sender.redis.hset(
                     self._state_keys[0], b"a:" + self.field,

@@ -8,7 +8,10 @@ retried, ``j:F`` the id of the job delivering to it (one live job per (task, con
 
 from __future__ import annotations
 
-__all__ = ["ADOPT", "ADVANCE", "FINISH", "RENEW"]
+__all__ = ["ADOPT", "ADVANCE", "FINISH", "GROUP", "RENEW"]
+
+#: The consumer group of ``keys.push_jobs`` every replica's workers share.
+GROUP = "a2a-push"
 
 # ARGV: field, job id, "1" to take over from another job. Returns {-1, other job} when
 # another job holds the config; else {cursor, task version, task state, attempts}.
