@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -108,46 +109,44 @@ async def test_a_task_without_configs_costs_nothing_more(
             await backend.redis.aclose()
 
 
-async def test_delivery_state_goes_with_the_task(real_url: str, prefix: str, receiver) -> None:
-    backend = RedisBackend(connect(real_url), prefix=prefix)
+@contextlib.asynccontextmanager
+async def delivered(
+    url: str, prefix: str, receiver: Receiver, events: int, **options: Any
+) -> AsyncIterator[RedisBackend]:
+    """A backend (``options``) whose sender delivered task t1's ``events`` + 2 events."""
+    backend = RedisBackend(connect(url), prefix=prefix, **options)
     sender = sender_for(backend)
     await sender.start()
-    keys = backend.push_config_store.keys
     try:
         await configure(backend, "t1", receiver, "x")
-        await run_task(backend, "t1", 2)
-        await eventually(lambda: len(receiver.delivered("x")) >= 4, what="4 deliveries")
+        await run_task(backend, "t1", events)
+        await eventually(lambda: len(receiver.delivered("x")) >= events + 2, what="deliveries")
         await eventually(lambda: sender.stats()["jobs"] == 0, what="the job ended")
+        yield backend
+    finally:
+        await sender.aclose()
+        await backend.aclose()
+        await backend.redis.aclose()
+
+
+async def test_delivery_state_goes_with_the_task(real_url: str, prefix: str, receiver) -> None:
+    async with delivered(real_url, prefix, receiver, 2) as backend:
+        keys = backend.push_config_store.keys
         status = await delivery_status(backend.redis, keys)
         assert (status["jobs"], status["pending"]) == (0, 0)  # acknowledged and deleted
         assert await backend.redis.exists(keys.push_state("t1")) == 1  # the cursor
         assert await backend.redis.pttl(keys.push_state("t1")) == -1  # as the task: kept
         await backend.task_store.delete("t1", ctx())
         assert await backend.redis.exists(keys.push_state("t1"), keys.push_configs("t1")) == 0
-    finally:
-        await sender.aclose()
-        await backend.aclose()
-        await backend.redis.aclose()
 
 
 async def test_delivery_state_follows_the_task_ttl(real_url: str, prefix: str, receiver) -> None:
-    backend = RedisBackend(connect(real_url), prefix=prefix, terminal_ttl=300)
-    sender = sender_for(backend)
-    await sender.start()
-    keys = backend.push_config_store.keys
-    try:
-        await configure(backend, "t1", receiver, "x")
-        await run_task(backend, "t1", 1)
-        await eventually(lambda: len(receiver.delivered("x")) >= 3, what="3 deliveries")
-        await eventually(lambda: sender.stats()["jobs"] == 0, what="the job ended")
+    async with delivered(real_url, prefix, receiver, 1, terminal_ttl=300) as backend:
+        keys = backend.push_config_store.keys
         task_ttl = await backend.redis.pttl(keys.task("t1"))
         state_ttl = await backend.redis.pttl(keys.push_state("t1"))
         assert 0 < task_ttl <= 300_000 and 0 < state_ttl <= 300_000
         assert 0 < await backend.redis.pttl(keys.push_configs("t1")) <= 300_000
-    finally:
-        await sender.aclose()
-        await backend.aclose()
-        await backend.redis.aclose()
 
 
 async def test_dead_letters_are_capped_and_expire(real_url: str, prefix: str) -> None:
