@@ -17,7 +17,6 @@ from pathlib import Path
 
 import uvicorn
 from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
-from a2a.types import AgentCapabilities, AgentCard, AgentInterface, AgentSkill
 from starlette.applications import Starlette
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,6 +26,7 @@ from agent_server import ChunkAgent  # noqa: E402
 
 from a2a_redis import RedisBackend  # noqa: E402
 from a2a_redis.push import RetryPolicy  # noqa: E402
+from tests.helpers import push_card  # noqa: E402
 
 
 def main() -> None:
@@ -38,19 +38,8 @@ def main() -> None:
     ):  # fmt: skip
         parser.add_argument(f"--{name}", type=kind, default=default)
     args = parser.parse_args()
-    url = f"http://127.0.0.1:{args.port}/"
-    card = AgentCard(
-        name="push replica",
-        description="Streams text chunks; delivers push notifications.",
-        version="1.0.0",
-        capabilities=AgentCapabilities(streaming=True, push_notifications=True),
-        default_input_modes=["text"],
-        default_output_modes=["text"],
-        supported_interfaces=[
-            AgentInterface(protocol_binding="JSONRPC", protocol_version="1.0", url=url)
-        ],
-        skills=[AgentSkill(id="chunks", name="Chunks", description="Chunks.", tags=["t"])],
-    )
+    card = push_card()  # the tests' card, declaring push notifications, served here
+    card.supported_interfaces[0].url = f"http://127.0.0.1:{args.port}/"
     retry = RetryPolicy(
         max_attempts=args.max_attempts, max_age=args.max_age, base_delay=0.01, max_delay=0.05
     )

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from a2a.types.a2a_pb2 import StreamResponse, TaskState
@@ -32,6 +32,7 @@ from tests.helpers import (
     eventually,
     free_port,
     push_config,
+    replica_pair,
     send_request,
 )
 from tests.push.receiver import Hit, Receiver, running_receiver
@@ -63,17 +64,12 @@ def push_pair(
     url: str, prefix: str, folder: Path, *extra: str
 ) -> Iterator[tuple[PushReplica, PushReplica]]:
     """Replicas "A" and "B" (``extra``: sender options), ready; stopped afterwards."""
-    pair = (
-        PushReplica("A", url, prefix, folder, *extra),
-        PushReplica("B", url, prefix, folder, *extra),
-    )
-    try:
-        for replica in pair:
-            replica.wait_ready()
-        yield pair
-    finally:
-        for replica in pair:
-            replica.stop()
+
+    def make(name: str, url: str, prefix: str, delay: float, *extra: str) -> PushReplica:
+        return PushReplica(name, url, prefix, folder, *extra)
+
+    with replica_pair(url, prefix, 0.05, *extra, kind=make) as pair:
+        yield cast("tuple[PushReplica, PushReplica]", pair)
 
 
 @pytest.fixture
