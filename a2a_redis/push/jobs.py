@@ -13,7 +13,6 @@ gone, or the task never appeared within ``max_age``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -172,17 +171,12 @@ class Job:
         try:
             done, _ = await asyncio.wait({follow}, timeout=age_left)
             if follow not in done and self._cursor_unmoved:
-                follow.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await follow
+                await _stop(follow)
                 logger.info("push job %s: task %r never appeared", self.job_id, self.task_id)
             else:
                 await follow
         finally:
-            if not follow.done():
-                follow.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await follow
+            await _stop(follow)
         if not self.sender.closed:
             await self._finish()
 
@@ -310,6 +304,25 @@ class Job:
                     b"%d:%d:%d" % (version, attempts, first_ms),
                 )  # fmt: skip
             await asyncio.sleep(delay)
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` until it has ended, then return (re-raising a cancel of our own).
+
+    Once is not always enough: on Python 3.11 a cancel that lands as an ``asyncio.timeout``
+    inside the event feed expires can be swallowed, and the follower would wait on.
+    """
+    interrupted = False
+    while not task.done():
+        task.cancel()
+        try:
+            await asyncio.wait({task}, timeout=0.5)
+        except asyncio.CancelledError:
+            interrupted = True
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("push job follower ended with %r", task.exception())
+    if interrupted:
+        raise asyncio.CancelledError
 
 
 def _parse_attempts(raw: Any) -> tuple[int, int, int] | None:
