@@ -9,6 +9,8 @@ event. Here the durable record decides instead:
   :meth:`RedisPushNotificationConfigStore.record_deliveries` is on). So
   :meth:`send_notification` costs nothing: no command, no wait, and a replica that dies
   right after a save, or never calls it, loses nothing. Tasks without configs cost nothing.
+  With the legacy handler the record is the queue's log (appended at enqueue, at version
+  0), followed by stream position (``push/positions.py``).
 * **Workers.** Every replica's sender reads jobs with ``XREADGROUP`` in one consumer group
   (``scripts.GROUP``). Each job (``push/jobs.py``) follows its task's log from the config's
   cursor and POSTs each event in order; at most ``max_in_flight`` requests are in flight
