@@ -38,7 +38,7 @@ from google.protobuf.json_format import MessageToDict
 
 from a2a_redis.errors import A2ARedisError, CorruptDataError, SubscriberLagError, redis_errors
 from a2a_redis.log.codec import TERMINAL_STATES, utf8, version_int
-from a2a_redis.log.event_log import Position, parse_entry_id, read_entries
+from a2a_redis.log.event_log import Position, StreamEntry, parse_entry_id, read_entries
 from a2a_redis.push.policy import headers_for, notification_id, retry_after_seconds
 from a2a_redis.push.positions import follow_positions, position_mark, skip_positions
 
@@ -248,17 +248,20 @@ class Job:
         config = await self.sender.config_store.config_at(self.task_id, self.field)
         if found is None or config is None:
             return
-        cursor = int(found[0])
+        cursor, raw = int(found[0]), found[4] if len(found) > 4 else b""
         target = cursor + 1
-        if isinstance(error, SubscriberLagError):
+        first: list[StreamEntry] = []
+        if isinstance(error, SubscriberLagError) or not (cursor or raw):
             key = self.sender.keys.events(self.task_id)
             with redis_errors("push delivery (first entry)", key):
                 first, _ = await read_entries(self.sender.redis, key, (0, 0), count=1)
-            if (len(found) > 4 and found[4]) or (first and first[0].version == 0):
-                await skip_positions(self, config, found[4] or b"0-0", first)
-                return
-            if first and first[0].version > cursor + 1:
-                target = first[0].version - 1
+        if raw or (first and first[0].version <= 0):  # a log without versions (or unreadable)
+            await skip_positions(
+                self, config, raw, first, lag=isinstance(error, SubscriberLagError)
+            )
+            return
+        if isinstance(error, SubscriberLagError) and first and first[0].version > cursor + 1:
+            target = first[0].version - 1
         nid = notification_id(self.task_id, cursor + 1, self.field)
         reason = f"{type(error).__name__}: versions {cursor + 1}-{target} lost"
         await self.sender.dead_letter(self.task_id, config, self.field, cursor + 1, nid, reason, 0)

@@ -175,13 +175,41 @@ async def _settle(
 
 
 async def skip_positions(
-    job: Job, config: TaskPushNotificationConfig, raw: bytes, first: list[StreamEntry]
+    job: Job,
+    config: TaskPushNotificationConfig,
+    raw: bytes,
+    first: list[StreamEntry],
+    *,
+    lag: bool,
 ) -> None:
-    """Dead-letter the entries trimmed after the position ``raw``; resume at ``first``."""
-    position = parse_entry_id(raw)
-    mark = position_mark(_after(position))
+    """Move past what the log no longer has or cannot decode, after the position ``raw``.
+
+    ``lag``: dead-letter the entries trimmed after ``raw``, resume at ``first`` (the log's
+    first entry). Otherwise (an undecodable entry or config): with no position yet, follow
+    by position from the start (``follow_positions`` dead-letters an undecodable entry
+    itself); else dead-letter the entry after ``raw`` and move past it.
+    """
+    position = parse_entry_id(raw) if raw else (0, 0)
+    if not lag and not raw:
+        await job.advance(0, format_position(position))
+        return
+    if lag:
+        mark, target = (
+            position_mark(_after(position)),
+            _before(first[0].position) if first else position,
+        )
+        reason = f"SubscriberLagError: entries after {format_position(position)} lost"
+    else:
+        key = job.sender.keys.events(job.task_id)
+        with redis_errors("push delivery (read the log)", key):
+            rest, _ = await read_entries(job.sender.redis, key, position, count=1)
+        if not rest:
+            return
+        target = rest[0].position
+        mark, reason = (
+            position_mark(target),
+            "CorruptDataError: the entry or config cannot be decoded",
+        )
     nid = notification_id(job.task_id, mark, job.field)
-    reason = f"SubscriberLagError: entries after {format_position(position)} lost"
     await job.sender.dead_letter(job.task_id, config, job.field, mark, nid, reason, 0)
-    target = _before(first[0].position) if first else position
     await job.advance(0, format_position(target))

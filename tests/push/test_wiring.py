@@ -33,6 +33,8 @@ from tests.helpers import (
     backend_pair,
     ctx,
     eventually,
+    make_task,
+    numbered,
     push_card,
     push_config,
     send_request,
@@ -203,3 +205,30 @@ async def test_legacy_dead_letters_are_delivered_by_push_retry(replicas, receive
 async def _letters(backend: RedisBackend, n: int) -> list[DeadLetter] | None:
     letters = await dead_letters(backend.redis, backend.push_config_store.keys)
     return letters if len(letters) >= n else None
+
+
+async def test_a_legacy_log_with_undecodable_entries_dead_letters_them(replicas, receiver) -> None:
+    """Entries the job cannot decode in a log without versions (the first one, and one
+    after the Task) are dead-lettered by position; every other event arrives, in order."""
+    a, _ = replicas
+    a.request_handler(ScriptedAgent(), push_card(), legacy=True)
+    config = push_config("tq", "x", TOKEN, CREDENTIALS, url=receiver.url("x"))
+    await a.push_config_store.set_info("tq", config, ctx())
+    key = a.push_config_store.keys.events("tq")
+    await a.redis.xadd(key, {b"zz": b"not an event"})
+    queue = await a.queue_manager.create_or_tap("tq")
+    await queue.enqueue_event(make_task("tq", state=TaskState.TASK_STATE_WORKING))
+    await a.redis.xadd(key, {b"zz": b"not an event either"})
+    for i, state in enumerate((TaskState.TASK_STATE_WORKING, TaskState.TASK_STATE_COMPLETED)):
+        await queue.enqueue_event(numbered(i, "tq", state))
+    await queue.close(immediate=True)  # nobody consumes it here; its close mark is written
+    hits = await all_delivered(receiver, "x", 3)
+    assert [h.event().WhichOneof("payload") for h in hits] == [
+        "task",
+        "status_update",
+        "status_update",
+    ]
+    assert [h.event().status_update.metadata["n"] for h in hits[1:]] == ["0", "1"]
+    letters = await eventually(lambda: _letters(a, 2), what="2 dead letters")
+    assert all("CorruptDataError" in x.error for x in letters)
+    assert len({x.notification_id for x in letters} | {h.nid for h in hits}) == 5
