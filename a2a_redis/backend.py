@@ -196,13 +196,14 @@ class RedisBackend:
         SDK's ``LegacyRequestHandler``, with ``RedisTaskStore`` and ``RedisQueueManager``).
         Both forward a cancel to the replica running the task (``control``). Both get the
         push-config store unless ``handler_kwargs`` names another; other ``handler_kwargs``
-        pass through. When ``agent_card`` declares push notifications, the V2 handler also
-        gets :attr:`push_sender` (made here, once) as ``push_sender`` and its URL policy as
+        pass through. When ``agent_card`` declares push notifications, both also get
+        :attr:`push_sender` (made here, once) as ``push_sender`` and its URL policy as
         ``push_url_validator``, unless ``handler_kwargs`` names them (the legacy handler's
-        event log carries no versions to deliver by).
+        log has no versions: its events are delivered by stream position,
+        ``push/positions.py``).
         """
         handler_kwargs.setdefault("push_config_store", self.push_config_store)
-        push = agent_card.capabilities.push_notifications and not legacy  # legacy: no versions
+        push = agent_card.capabilities.push_notifications
         if push and "push_sender" not in handler_kwargs:
             if self.push_sender is None:
                 self.push_sender = RedisPushNotificationSender(

@@ -175,12 +175,17 @@ class ReplicaProcess:
 
 @contextlib.contextmanager
 def replica_pair(
-    redis_url: str, prefix: str, delay: float, *extra: str
+    redis_url: str,
+    prefix: str,
+    delay: float,
+    *extra: str,
+    kind: Callable[..., ReplicaProcess] = ReplicaProcess,
 ) -> Iterator[tuple[ReplicaProcess, ReplicaProcess]]:
-    """Replicas "A" and "B" on one Redis, ready; stopped afterwards."""
+    """Replicas "A" and "B" (``kind(name, redis_url, prefix, delay, *extra)``) on one Redis,
+    ready; stopped afterwards."""
     pair = (
-        ReplicaProcess("A", redis_url, prefix, delay, *extra),
-        ReplicaProcess("B", redis_url, prefix, delay, *extra),
+        kind("A", redis_url, prefix, delay, *extra),
+        kind("B", redis_url, prefix, delay, *extra),
     )
     try:
         for replica in pair:

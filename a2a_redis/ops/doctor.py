@@ -23,6 +23,7 @@ from redis.asyncio.sentinel import SentinelConnectionPool
 
 from a2a_redis.connection.cluster import Client, is_cluster, node_client
 from a2a_redis.log.keys import Keys
+from a2a_redis.ops.push_cli import push_report
 from a2a_redis.ops.report import Report, size
 from a2a_redis.ops.topology import cluster_topology, sentinel_topology
 from a2a_redis.version import __version__
@@ -205,6 +206,7 @@ async def check(client: Client, keys: Keys, report: Report) -> None:
     if is_cluster(client):
         await _cluster(client, keys, report)
         await replicas(client, keys, report)
+        await push_report(client, keys, report)
         return
     if isinstance(client.connection_pool, SentinelConnectionPool):  # Sentinel-managed
         await sentinel_topology(client, report)
@@ -213,6 +215,7 @@ async def check(client: Client, keys: Keys, report: Report) -> None:
         await _persistence(client, report)
         await _our_keys(client, keys, report)
         await replicas(client, keys, report)
+        await push_report(client, keys, report)
 
 
 # -- Redis Cluster -------------------------------------------------------------------------

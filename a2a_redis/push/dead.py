@@ -14,13 +14,16 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, cast
 
+from redis import exceptions as rex
+
 from a2a_redis.connection.cluster import Client
 from a2a_redis.errors import CorruptDataError, redis_errors
 from a2a_redis.log.codec import utf8
 from a2a_redis.log.keys import Keys
+from a2a_redis.push.scripts import GROUP
 from a2a_redis.stores.push_config_store import JOBS_MAXLEN
 
-__all__ = ["DeadLetter", "dead_letters", "retry_dead"]
+__all__ = ["DeadLetter", "dead_letters", "delivery_status", "retry_dead"]
 
 _PAGE = 500
 
@@ -96,3 +99,33 @@ async def retry_dead(redis: Client, keys: Keys, *, task_id: str | None = None) -
                 pipe.xdel(keys.push_dead, *(x.entry_id for x in letters))
                 await pipe.execute()
     return sum(len(v) for v in groups.values())
+
+
+async def delivery_status(redis: Client, keys: Keys) -> dict[str, Any]:
+    """What the server holds of push delivery, for ``doctor`` and ``push status``.
+
+    ``jobs`` (entries of the job stream: (task, config) pairs being delivered or waiting),
+    ``pending`` (jobs held by a replica's worker), ``consumers`` (holding at least one) and
+    ``dead`` (dead letters kept). One round trip (a pipeline on the ``{push}`` slot); a
+    group not created yet (no sender ever ran) counts as none pending.
+    """
+    with redis_errors("read push delivery status", keys.push_jobs):
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(keys.push_jobs)
+            pipe.xlen(keys.push_dead)
+            pipe.xpending(keys.push_jobs, GROUP)
+            jobs, dead, pending = await pipe.execute(raise_on_error=False)
+    for value in (jobs, dead):
+        if isinstance(value, Exception):
+            raise value
+    if isinstance(pending, rex.ResponseError) and str(pending).startswith("NOGROUP"):
+        pending = {"pending": 0, "consumers": []}
+    elif isinstance(pending, Exception):
+        raise pending
+    held = [c for c in pending.get("consumers") or [] if int(c.get("pending", 0)) > 0]
+    return {
+        "jobs": int(jobs),
+        "pending": int(pending.get("pending") or 0),
+        "consumers": len(held),
+        "dead": int(dead),
+    }

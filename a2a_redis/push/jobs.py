@@ -8,12 +8,19 @@ the event is delivered or dead-lettered, then advances the cursor; so event v+1 
 out before v is settled, and a job taken over after a crash resumes where the cursor says.
 It ends when the task's terminal event is settled, the config is deleted, the task is
 gone, or the task never appeared within ``max_age``.
+
+Legacy handler: its queue manager logs events without a version (0), as the agent enqueues
+them. At the first such event the job follows the log by stream position instead: the
+cursor is the entry's position (``p:F``), and the notification id's version part is the
+position as one integer beyond any version (:func:`position_mark`), as stable as the
+entry. Versioned entries in the same log (a cancel or an orphan's FAILED, written by the
+versioned store) keep their version. Such a job also ends at a close mark of the queue
+when the stored task is terminal or gone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -31,8 +38,9 @@ from google.protobuf.json_format import MessageToDict
 
 from a2a_redis.errors import A2ARedisError, CorruptDataError, SubscriberLagError, redis_errors
 from a2a_redis.log.codec import TERMINAL_STATES, utf8, version_int
-from a2a_redis.log.event_log import read_entries
+from a2a_redis.log.event_log import Position, StreamEntry, parse_entry_id, read_entries
 from a2a_redis.push.policy import headers_for, notification_id, retry_after_seconds
+from a2a_redis.push.positions import follow_positions, position_mark, skip_positions
 
 if TYPE_CHECKING:
     from a2a_redis.connection.cluster import Client
@@ -85,7 +93,7 @@ class _Sender(Protocol):
         error: str,
         attempts: int,
     ) -> None: ...
-    def count(self, what: str) -> None: ...
+    def count(self, what: str, n: int = 1) -> None: ...
 
 
 def _state_of(event: PushEvent) -> int:
@@ -105,7 +113,7 @@ class Job:
         keys = sender.keys
         self._state_keys = [keys.push_state(task_id), keys.task(task_id)]
         self._warned = False
-        self._cursor_unmoved = True
+        self.cursor_unmoved = True
 
     async def _script(self, name: str, args: list[Any]) -> Any:
         script = self.sender.scripts[name]
@@ -158,6 +166,7 @@ class Job:
             logger.debug("push job %s: another job delivers to this config", self.job_id)
             return
         cursor, version, state, attempts = int(found[0]), int(found[1]), int(found[2]), found[3]
+        position = parse_entry_id(found[4]) if len(found) > 4 and found[4] else None
         retrying = _parse_attempts(attempts)
         if version and cursor >= version and state in TERMINAL_STATES:
             await self._finish()
@@ -168,51 +177,70 @@ class Job:
             age_left = max(
                 0.0, self.sender.retry.max_age - (time.time() * 1000 - created_ms) / 1000
             )
-        follow = asyncio.ensure_future(self._follow(cursor, retrying))
+        follow = asyncio.ensure_future(self._follow_any(cursor, position, state, retrying))
         try:
             done, _ = await asyncio.wait({follow}, timeout=age_left)
-            if follow not in done and self._cursor_unmoved:
-                follow.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await follow
+            if follow not in done and self.cursor_unmoved:
+                await _stop(follow)
                 logger.info("push job %s: task %r never appeared", self.job_id, self.task_id)
             else:
                 await follow
         finally:
-            if not follow.done():
-                follow.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await follow
+            await _stop(follow)
         if not self.sender.closed:
             await self._finish()
 
-    async def _follow(self, cursor: int, retrying: tuple[int, int, int] | None) -> None:
+    async def _follow_any(
+        self,
+        cursor: int,
+        position: Position | None,
+        state: int,
+        retrying: tuple[int, int, int] | None,
+    ) -> None:
+        if position is None:
+            if not await self._follow(cursor, retrying):
+                return
+            position = (0, 0)  # the legacy queue manager's log: follow it by position
+        await follow_positions(self, cursor, position, state, retrying)
+
+    async def _follow(self, cursor: int, retrying: tuple[int, int, int] | None) -> bool:
+        """Deliver by version; True (nothing delivered) at an event without a version."""
         stream = self.sender.event_stream
         events = stream.subscribe(self.task_id, after=TaskVersion(cursor))
         try:
             async for item in events:
                 if self.sender.closed:
-                    return
+                    return False
                 event, version = item.event, version_int(item.version)
+                if isinstance(event, PushEvent) and not version:
+                    return True
                 if not isinstance(event, PushEvent) or version <= cursor:
                     continue
-                self._cursor_unmoved = False
+                self.cursor_unmoved = False
                 config = await self.sender.config_store.config_at(self.task_id, self.field)
                 if config is None:
-                    return  # the config was deleted: nothing more to deliver to it
+                    return False  # the config was deleted: nothing more to deliver to it
                 resume = retrying if retrying and retrying[0] == version else None
                 outcome = await self.deliver(config, event, version, resume)
                 if outcome.refused:
-                    return
+                    return False
                 moved = await self._script("advance", [self.field, self.job_id, version])
                 if not moved:
                     logger.info("push job %s: another job took this config over", self.job_id)
-                    return
+                    return False
                 cursor = version
                 if _state_of(event) in TERMINAL_STATES:
-                    return
+                    return False
         finally:
             await events.aclose()
+        return False
+
+    async def advance(self, version: int, position: str) -> bool:
+        """Move the cursors past an entry settled; False if another job took the config."""
+        if await self._script("advance", [self.field, self.job_id, version, position]):
+            return True
+        logger.info("push job %s: another job took this config over", self.job_id)
+        return False
 
     async def _skip(self, error: A2ARedisError) -> None:
         """Dead-letter events the log no longer has (trimmed) or cannot decode; move on."""
@@ -220,14 +248,20 @@ class Job:
         config = await self.sender.config_store.config_at(self.task_id, self.field)
         if found is None or config is None:
             return
-        cursor = int(found[0])
+        cursor, raw = int(found[0]), found[4] if len(found) > 4 else b""
         target = cursor + 1
-        if isinstance(error, SubscriberLagError):
+        first: list[StreamEntry] = []
+        if isinstance(error, SubscriberLagError) or not (cursor or raw):
             key = self.sender.keys.events(self.task_id)
             with redis_errors("push delivery (first entry)", key):
                 first, _ = await read_entries(self.sender.redis, key, (0, 0), count=1)
-            if first and first[0].version > cursor + 1:
-                target = first[0].version - 1
+        if raw or (first and first[0].version <= 0):  # a log without versions (or unreadable)
+            await skip_positions(
+                self, config, raw, first, lag=isinstance(error, SubscriberLagError)
+            )
+            return
+        if isinstance(error, SubscriberLagError) and first and first[0].version > cursor + 1:
+            target = first[0].version - 1
         nid = notification_id(self.task_id, cursor + 1, self.field)
         reason = f"{type(error).__name__}: versions {cursor + 1}-{target} lost"
         await self.sender.dead_letter(self.task_id, config, self.field, cursor + 1, nid, reason, 0)
@@ -247,8 +281,9 @@ class Job:
                 break
             position = last
             for entry in entries:
-                if entry.version in wanted and isinstance(entry.event, PushEvent):
-                    found[entry.version] = entry.event
+                mark = entry.version if entry.version > 0 else position_mark(entry.position)
+                if mark in wanted and isinstance(entry.event, PushEvent):
+                    found[mark] = entry.event
         for version in sorted(wanted):
             event = found.get(version)
             if event is None:
@@ -303,13 +338,32 @@ class Job:
                     self.task_id, config, self.field, version, nid, error, attempts
                 )
                 return Outcome(attempts, error)
-            sender.count("retries")
+            sender.count("retried")
             with redis_errors("push delivery (attempts)", self._state_keys[0]):
                 await sender.redis.hset(
                     self._state_keys[0], b"a:" + self.field,
                     b"%d:%d:%d" % (version, attempts, first_ms),
                 )  # fmt: skip
             await asyncio.sleep(delay)
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` until it has ended, then return (re-raising a cancel of our own).
+
+    Once is not always enough: on Python 3.11 a cancel that lands as an ``asyncio.timeout``
+    inside the event feed expires can be swallowed, and the follower would wait on.
+    """
+    interrupted = False
+    while not task.done():
+        task.cancel()
+        try:
+            await asyncio.wait({task}, timeout=0.5)
+        except asyncio.CancelledError:
+            interrupted = True
+    if not task.cancelled() and task.exception() is not None:
+        logger.debug("push job follower ended with %r", task.exception())
+    if interrupted:
+        raise asyncio.CancelledError
 
 
 def _parse_attempts(raw: Any) -> tuple[int, int, int] | None:

@@ -2,16 +2,22 @@
 
 State scripts run in the task's slot: ``KEYS[1]`` is ``keys.push_state(task)``, ``KEYS[2]``
 ``keys.task(task)``. The state hash holds, per config field ``F``: ``c:F`` the highest
-version delivered or dead-lettered, ``a:F`` ``"version:attempts:first ms"`` of the event being
-retried, ``j:F`` the id of the job delivering to it (one live job per (task, config)).
+version delivered or dead-lettered, ``p:F`` the stream position (``ms-seq``) of the last
+entry settled in a log without versions (the legacy queue manager's, ``positions.py``),
+``a:F`` ``"version:attempts:first ms"`` of the event being retried (the version, or the
+position's mark), ``j:F`` the id of the job delivering to it (one live job per (task,
+config)).
 """
 
 from __future__ import annotations
 
-__all__ = ["ADOPT", "ADVANCE", "FINISH", "RENEW"]
+__all__ = ["ADOPT", "ADVANCE", "FINISH", "GROUP", "RENEW"]
+
+#: The consumer group of ``keys.push_jobs`` every replica's workers share.
+GROUP = "a2a-push"
 
 # ARGV: field, job id, "1" to take over from another job. Returns {-1, other job} when
-# another job holds the config; else {cursor, task version, task state, attempts}.
+# another job holds the config; else {cursor, task version, task state, attempts, position}.
 ADOPT = b"""local f = ARGV[1]
 local j = redis.call('HGET', KEYS[1], 'j:' .. f)
 if j and j ~= ARGV[2] and ARGV[3] ~= '1' then return {-1, j} end
@@ -19,15 +25,18 @@ redis.call('HSET', KEYS[1], 'j:' .. f, ARGV[2])
 local c = redis.call('HGET', KEYS[1], 'c:' .. f) or '0'
 local a = redis.call('HGET', KEYS[1], 'a:' .. f) or ''
 local h = redis.call('HMGET', KEYS[2], 'v', 's')
-return {tonumber(c), tonumber(h[1] or '0'), tonumber(h[2] or '0'), a}
+local p = redis.call('HGET', KEYS[1], 'p:' .. f) or ''
+return {tonumber(c), tonumber(h[1] or '0'), tonumber(h[2] or '0'), a, p}
 """
 
-# ARGV: field, job id, version delivered (or dead-lettered). Returns 0 when another job
-# took the config over (this one stops), else 1.
+# ARGV: field, job id, version delivered (or dead-lettered; "0": none), and for an entry
+# without a version its stream position. Returns 0 when another job took the config over
+# (this one stops), else 1.
 ADVANCE = b"""local f = ARGV[1]
 if redis.call('HGET', KEYS[1], 'j:' .. f) ~= ARGV[2] then return 0 end
 local c = tonumber(redis.call('HGET', KEYS[1], 'c:' .. f) or '0')
 if tonumber(ARGV[3]) > c then redis.call('HSET', KEYS[1], 'c:' .. f, ARGV[3]) end
+if ARGV[4] then redis.call('HSET', KEYS[1], 'p:' .. f, ARGV[4]) end
 redis.call('HDEL', KEYS[1], 'a:' .. f)
 return 1
 """
@@ -40,7 +49,7 @@ if redis.call('HGET', KEYS[1], 'j:' .. f) == ARGV[2] then
 end
 local t = redis.call('PTTL', KEYS[2])
 if t == -2 then
-  redis.call('HDEL', KEYS[1], 'c:' .. f, 'a:' .. f)
+  redis.call('HDEL', KEYS[1], 'c:' .. f, 'a:' .. f, 'p:' .. f)
 elseif t > 0 then
   redis.call('PEXPIRE', KEYS[1], t)
 end

@@ -9,8 +9,10 @@ event. Here the durable record decides instead:
   :meth:`RedisPushNotificationConfigStore.record_deliveries` is on). So
   :meth:`send_notification` costs nothing: no command, no wait, and a replica that dies
   right after a save, or never calls it, loses nothing. Tasks without configs cost nothing.
+  With the legacy handler the record is the queue's log (appended at enqueue, at version
+  0), followed by stream position (``push/positions.py``).
 * **Workers.** Every replica's sender reads jobs with ``XREADGROUP`` in one consumer group
-  (:data:`GROUP`). Each job (``push/jobs.py``) follows its task's log from the config's
+  (``scripts.GROUP``). Each job (``push/jobs.py``) follows its task's log from the config's
   cursor and POSTs each event in order; at most ``max_in_flight`` requests are in flight
   per replica. A job is acknowledged (``XACK`` + ``XDEL``) only after its outcome is
   recorded. The holder resets its jobs' idle time every ``claim_after / 3``; jobs of a
@@ -50,12 +52,14 @@ from a2a_redis.push.jobs import Job
 from a2a_redis.push.policy import RetryPolicy, UrlValidator, default_url_validator
 from a2a_redis.stores.push_config_store import RedisPushNotificationConfigStore
 
-__all__ = ["GROUP", "RedisPushNotificationSender"]
+__all__ = ["COUNTERS", "METRIC_PREFIX", "RedisPushNotificationSender"]
 
 logger = logging.getLogger(__name__)
 
-#: The consumer group every replica's workers share.
-GROUP = "a2a-push"
+#: The counters of :meth:`RedisPushNotificationSender.stats`.
+COUNTERS = ("delivered", "retried", "dead", "claimed", "refused")
+#: The prefix of :meth:`RedisPushNotificationSender.metrics`' names.
+METRIC_PREFIX = "a2a_redis.push."
 _BATCH = 100  # jobs read or claimed per command
 _CLOSE_WAIT = 5.0  # seconds aclose waits for cancelled jobs
 _BLOCK_MS = 2000  # XREADGROUP BLOCK: under common socket timeouts (5 s), never 0
@@ -134,7 +138,7 @@ class RedisPushNotificationSender(PushNotificationSender):
         self._room = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._closed = False
-        self._counts = {"delivered": 0, "retries": 0, "dead": 0, "refused": 0}
+        self._counts = dict.fromkeys(COUNTERS, 0)
         self._in_flight = 0
         config_store.record_deliveries(True, on_use=self.ensure_started)
 
@@ -179,7 +183,12 @@ class RedisPushNotificationSender(PushNotificationSender):
             await self.http.aclose()
 
     def stats(self) -> dict[str, Any]:
-        """Counts since start: jobs held, requests in flight, delivered, retries, dead."""
+        """This replica's delivery: running, jobs held, requests in flight, and counters.
+
+        The counters count since start: ``delivered`` notifications, ``retried`` attempts
+        (each failed attempt followed by another), ``dead`` letters written, ``claimed``
+        jobs taken over from a silent replica, ``refused`` configs (URL policy).
+        """
         return {
             "running": bool(self._loops) and not self._closed,
             "jobs": len(self._jobs),
@@ -187,20 +196,31 @@ class RedisPushNotificationSender(PushNotificationSender):
             **self._counts,
         }
 
+    def metrics(self) -> dict[str, int]:
+        """:meth:`stats` as metric names: ``a2a_redis.push.delivered`` and so on.
+
+        Counters (monotonic): ``delivered``, ``retried``, ``dead``, ``claimed``, ``refused``;
+        gauges: ``in_flight`` (requests) and ``jobs`` (held by this replica).
+        """
+        gauges = {"in_flight": self._in_flight, "jobs": len(self._jobs)}
+        return {f"{METRIC_PREFIX}{k}": v for k, v in {**self._counts, **gauges}.items()}
+
     @property
     def closed(self) -> bool:
         """Whether :meth:`aclose` was called (jobs stop at their next step)."""
         return self._closed
 
-    def count(self, what: str) -> None:
-        """Count one outcome (``delivered``, ``retries``, ``dead``, ``refused``)."""
-        self._counts[what] += 1
+    def count(self, what: str, n: int = 1) -> None:
+        """Count ``n`` outcomes (one of :data:`COUNTERS`)."""
+        self._counts[what] += n
 
     # -- jobs ------------------------------------------------------------------------------
     async def _ensure_group(self) -> None:
         with redis_errors("create push consumer group", self.keys.push_jobs):
             try:
-                await self.redis.xgroup_create(self.keys.push_jobs, GROUP, id="0", mkstream=True)
+                await self.redis.xgroup_create(
+                    self.keys.push_jobs, scripts.GROUP, id="0", mkstream=True
+                )
             except rex.ResponseError as e:
                 if not str(e).startswith("BUSYGROUP"):
                     raise
@@ -219,7 +239,11 @@ class RedisPushNotificationSender(PushNotificationSender):
                     continue
                 with redis_errors("read push jobs", key):
                     reply = await self.redis.xreadgroup(
-                        GROUP, self.consumer, {key: b">"}, count=min(free, _BATCH), block=_BLOCK_MS
+                        scripts.GROUP,
+                        self.consumer,
+                        {key: b">"},
+                        count=min(free, _BATCH),
+                        block=_BLOCK_MS,
                     )
                 for _, entries in _streams(reply):
                     self._start_jobs(entries)
@@ -251,7 +275,7 @@ class RedisPushNotificationSender(PushNotificationSender):
     async def _renew(self) -> None:
         held = list(self._jobs)
         for i in range(0, len(held), 500):
-            args: list[Any] = [GROUP, self.consumer, *held[i : i + 500]]
+            args: list[Any] = [scripts.GROUP, self.consumer, *held[i : i + 500]]
             with redis_errors("renew push jobs", self.keys.push_jobs):
                 lost = await self.scripts["renew"](keys=[self.keys.push_jobs], args=args)
             for job_id in cast("list[bytes]", lost):
@@ -266,13 +290,14 @@ class RedisPushNotificationSender(PushNotificationSender):
             return
         with redis_errors("claim push jobs", self.keys.push_jobs):
             reply = await self.redis.xautoclaim(
-                self.keys.push_jobs, GROUP, self.consumer,
+                self.keys.push_jobs, scripts.GROUP, self.consumer,
                 min_idle_time=round(self.claim_after * 1000), start_id="0-0",
                 count=min(free, _BATCH),
             )  # fmt: skip
         entries = reply[1] if isinstance(reply, list | tuple) and len(reply) > 1 else []
         if entries:
             logger.info("claimed %d push job(s) of a silent replica", len(entries))
+            self.count("claimed", len(entries))
         self._start_jobs(entries)
 
     def _start_jobs(self, entries: Any) -> None:
@@ -302,14 +327,16 @@ class RedisPushNotificationSender(PushNotificationSender):
         key = self.keys.push_jobs
         with redis_errors("acknowledge push job", key):
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xack(key, GROUP, job_id)
+                pipe.xack(key, scripts.GROUP, job_id)
                 pipe.xdel(key, job_id)
                 await pipe.execute()
 
     async def is_pending(self, job_id: bytes) -> bool:
         """Whether ``job_id`` is still held by some consumer (one round trip)."""
         with redis_errors("read pending push jobs", self.keys.push_jobs):
-            rows = await self.redis.xpending_range(self.keys.push_jobs, GROUP, job_id, job_id, 1)
+            rows = await self.redis.xpending_range(
+                self.keys.push_jobs, scripts.GROUP, job_id, job_id, 1
+            )
         return bool(rows)
 
     # -- delivery ----------------------------------------------------------------------------

@@ -380,7 +380,7 @@ class TaskRecords:
 
     # -- delete --------------------------------------------------------------------------
     async def remove(self, task_id: str, owner: str) -> None:
-        """Delete the owner's task: record, stream, push configs and index entries.
+        """Delete the owner's task: record, stream, push configs and state, index entries.
 
         Atomically; on a cluster the index entries just after (see ``task_index.py``).
         """
@@ -402,7 +402,12 @@ class TaskRecords:
                                 await tx.unwatch()
                                 return
                             cmds: list[Command] = [
-                                ("UNLINK", key, self.keys.push_configs(task_id)),
+                                (
+                                    "UNLINK",
+                                    key,
+                                    self.keys.push_configs(task_id),
+                                    self.keys.push_state(task_id),
+                                ),
                                 *destroy_commands(self.keys, task_id),
                             ]
                             changes = self.index.index_commands(owner, old, None)

@@ -41,6 +41,12 @@ def test_push_dead_lists_and_push_retry_requeues(
             await client.xadd(keys.push_dead, _letter(task, version))
 
     _on(real_url, seed)
+    assert main(["push", "status", "--url", real_url, "--prefix", prefix]) == 0
+    status = capsys.readouterr().out
+    assert "0 job(s), 0 held by 0 replica(s), 3 dead letter(s)" in status
+    main(["doctor", "--url", real_url, "--prefix", prefix])  # its status: the server's config
+    doctor = capsys.readouterr().out
+    assert "push delivery" in doctor and "3 dead letter(s)" in doctor
     assert main(["push", "dead", "--url", real_url, "--prefix", prefix]) == 0
     out = capsys.readouterr().out
     assert "3 dead letter(s)" in out and "HTTP 503" in out and "hook" in out

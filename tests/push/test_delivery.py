@@ -114,6 +114,8 @@ async def test_failing_receiver_gets_everything_in_order_after_retries(replicas,
         hits = receiver.delivered("x")
         assert sequence(hits) == expected(4)
         assert all(receiver.path("x").attempts[h.nid] == 4 for h in hits)
+        assert sum(s.stats()["retried"] for s in senders) == 3 * 6
+        assert sum(s.stats()["delivered"] for s in senders) == 6
         # order per config: no attempt of event v+1 before event v was delivered
         first_try = [h.nid for h in receiver.hits]
         assert [n for i, n in enumerate(first_try) if n not in first_try[:i]] == [
@@ -188,6 +190,10 @@ async def test_a_dead_replicas_jobs_are_taken_over(replicas, receiver) -> None:
         first = {h.nid: h for h in reversed(hits)}
         assert sequence([first[n] for n in unique]) == expected(2)
         assert b_sender.stats()["delivered"] >= 3
+        metrics = b_sender.metrics()
+        assert metrics["a2a_redis.push.claimed"] == 1  # A's one job
+        assert metrics["a2a_redis.push.delivered"] == b_sender.stats()["delivered"]
+        assert a_sender.stats()["claimed"] == 0
     finally:
         await b_sender.aclose()
 
