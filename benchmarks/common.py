@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from redis.asyncio import Redis
@@ -81,6 +83,16 @@ async def choose_server(url: str | None) -> Server:
     return Server(
         embedded.url, f"embedded valkey-server (nothing answered at {LOCAL_URL})", embedded
     )
+
+
+def load_example(name: str) -> ModuleType:
+    """``examples/<name>.py`` as a module (``examples/`` is a folder of scripts, not a package)."""
+    path = Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"a2a_redis_example_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def machine_info() -> dict[str, Any]:

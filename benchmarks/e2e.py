@@ -29,14 +29,10 @@ import asyncio
 import contextlib
 import os
 import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +42,14 @@ from a2a.types import Message, Part, Role, SendMessageRequest, SubscribeToTaskRe
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from benchmarks.common import POSTGRES_ENV, Benchmark, Report, RunContext, percentile
+from benchmarks.common import (
+    POSTGRES_ENV,
+    Benchmark,
+    Report,
+    RunContext,
+    load_example,
+    percentile,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PG = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -55,45 +58,9 @@ CHUNK = re.compile(r"chunk (\d+) from")
 ROUND_TIMEOUT = 180.0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def servers(commands: list[list[str]]) -> Iterator[list[str]]:
+def servers(commands: list[list[str]]) -> contextlib.AbstractContextManager[list[str]]:
     """Start one replica per command (``{port}`` filled in); yield their URLs; stop them."""
-    procs: list[subprocess.Popen[bytes]] = []
-    urls = []
-    try:
-        for command in commands:
-            port = free_port()
-            args = [a.replace("{port}", str(port)) for a in command]
-            procs.append(subprocess.Popen(args, cwd=ROOT))
-            urls.append(f"http://127.0.0.1:{port}")
-        for url, proc in zip(urls, procs, strict=True):
-            deadline = time.monotonic() + 60
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"a replica exited at start (code {proc.returncode})")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(url + "/.well-known/agent-card.json", timeout=1).is_success:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the replica at {url} did not start")
-                time.sleep(0.1)
-        yield urls
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    return load_example("demo").serve(commands, start_timeout=60, cwd=ROOT)  # type: ignore[no-any-return]
 
 
 @dataclass

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 from collections.abc import AsyncIterator
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import uvicorn
@@ -25,36 +22,19 @@ from a2a.server.cluster import DatabaseTaskEventStream, VersionedDatabaseTaskSto
 from a2a.server.request_handlers import DefaultRequestHandler
 from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
 from a2a.server.tasks import InMemoryTaskStore
-from a2a.types import AgentCapabilities, AgentCard, AgentInterface
 from sqlalchemy.ext.asyncio import create_async_engine
 from starlette.applications import Starlette
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "agent_server.py"
-
-
-def example() -> ModuleType:
-    """``examples/agent_server.py`` as a module (for its ``ChunkAgent``)."""
-    spec = importlib.util.spec_from_file_location("a2a_redis_example_agent_server", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks.common import load_example
 
 
 def build_app(args: argparse.Namespace) -> Starlette:
     url = f"http://{args.host}:{args.port}/"
-    card = AgentCard(
-        name="a2a-redis e2e anchor",
-        description="examples/agent_server.py's agent on the SDK's own backends.",
-        version="1.0.0",
-        capabilities=AgentCapabilities(streaming=True),
-        default_input_modes=["text"],
-        default_output_modes=["text"],
-        supported_interfaces=[
-            AgentInterface(protocol_binding="JSONRPC", protocol_version="1.0", url=url)
-        ],
+    example = load_example("agent_server")
+    card = example.agent_card(
+        url, "a2a-redis e2e anchor", "examples/agent_server.py's agent on the SDK's own backends."
     )
-    agent = example().ChunkAgent(args.name, args.delay)
+    agent = example.ChunkAgent(args.name, args.delay)
     engine = None
     kwargs: dict[str, Any] = {}
     if args.backend == "memory":

@@ -97,6 +97,30 @@ def metrics_route(name: str) -> Route:
     return Route("/metrics", serve)
 
 
+def agent_card(
+    url: str,
+    name: str = "a2a-redis example agent",
+    description: str = "Streams text chunks; any replica can serve any task.",
+) -> AgentCard:
+    """The agent card: streaming, over JSON-RPC at ``url``, with the one chunks skill."""
+    return AgentCard(
+        name=name,
+        description=description,
+        version="1.0.0",
+        capabilities=AgentCapabilities(streaming=True),
+        default_input_modes=["text"],
+        default_output_modes=["text"],
+        supported_interfaces=[
+            AgentInterface(protocol_binding="JSONRPC", protocol_version="1.0", url=url)
+        ],
+        skills=[
+            AgentSkill(
+                id="chunks", name="Chunks", description="Streams text chunks.", tags=["demo"]
+            )
+        ],
+    )
+
+
 def build_app(
     url: str,
     redis_url: str,
@@ -113,22 +137,7 @@ def build_app(
     One line wires the handler: the V2 ``DefaultRequestHandler`` in cluster mode, or with
     ``legacy`` the ``LegacyRequestHandler`` with ``RedisTaskStore`` and ``RedisQueueManager``.
     """
-    card = AgentCard(
-        name="a2a-redis example agent",
-        description="Streams text chunks; any replica can serve any task.",
-        version="1.0.0",
-        capabilities=AgentCapabilities(streaming=True),
-        default_input_modes=["text"],
-        default_output_modes=["text"],
-        supported_interfaces=[
-            AgentInterface(protocol_binding="JSONRPC", protocol_version="1.0", url=url)
-        ],
-        skills=[
-            AgentSkill(
-                id="chunks", name="Chunks", description="Streams text chunks.", tags=["demo"]
-            )
-        ],
-    )
+    card = agent_card(url)
     backend = RedisBackend.from_url(
         redis_url, prefix=prefix, lease_ttl=lease_ttl, orphan_policy=orphan_policy
     )

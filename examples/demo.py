@@ -53,32 +53,32 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def replicas(
-    redis_url: str, prefix: str, count: int = 2, metrics: bool = False
+def serve(
+    commands: list[list[str]], start_timeout: float = 30, cwd: Path | None = None
 ) -> Iterator[list[str]]:
-    """Start ``count`` replicas; yield their URLs; stop them (SIGTERM, then SIGKILL)."""
+    """Start one server per command (``{port}`` filled in, in ``cwd``); yield their URLs.
+
+    Each counts as started once it serves its agent card; stopped with SIGTERM, then
+    SIGKILL. Raises ``RuntimeError`` if one exits or does not answer in ``start_timeout``.
+    """
     procs: list[subprocess.Popen[bytes]] = []
     urls = []
     try:
-        for i in range(1, count + 1):
+        for command in commands:
             port = free_port()
-            args = [
-                sys.executable, str(HERE / "agent_server.py"), "--port", str(port),
-                "--redis-url", redis_url, "--prefix", prefix, "--name", f"replica {i}",
-                "--delay", "0.3", "--log-level", "error", *(["--metrics"] if metrics else []),
-            ]  # fmt: skip
-            procs.append(subprocess.Popen(args))
+            args = [a.replace("{port}", str(port)) for a in command]
+            procs.append(subprocess.Popen(args, cwd=cwd))
             urls.append(f"http://127.0.0.1:{port}")
         for url, proc in zip(urls, procs, strict=True):
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + start_timeout
             while True:
                 if proc.poll() is not None:
-                    raise SystemExit(f"a replica exited at start (code {proc.returncode})")
+                    raise RuntimeError(f"a replica exited at start (code {proc.returncode})")
                 with contextlib.suppress(httpx.HTTPError):
                     if httpx.get(url + "/.well-known/agent-card.json", timeout=1).is_success:
                         break
                 if time.monotonic() > deadline:
-                    raise SystemExit(f"replica at {url} did not start")
+                    raise RuntimeError(f"the replica at {url} did not start")
                 time.sleep(0.1)
         yield urls
     finally:
@@ -87,10 +87,25 @@ def replicas(
                 proc.send_signal(signal.SIGTERM)
         for proc in procs:
             try:
-                proc.wait(10)
+                proc.wait(15)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def replicas(
+    redis_url: str, prefix: str, count: int = 2, metrics: bool = False
+) -> contextlib.AbstractContextManager[list[str]]:
+    """Start ``count`` replicas of ``agent_server.py`` on one Redis (see :func:`serve`)."""
+    commands = []
+    for i in range(1, count + 1):
+        command = [
+            sys.executable, str(HERE / "agent_server.py"), "--port", "{port}",
+            "--redis-url", redis_url, "--prefix", prefix, "--name", f"replica {i}",
+            "--delay", "0.3", "--log-level", "error", *(["--metrics"] if metrics else []),
+        ]  # fmt: skip
+        commands.append(command)
+    return serve(commands)
 
 
 def describe(response: StreamResponse) -> str:
@@ -181,7 +196,10 @@ def main() -> None:
         else:
             print(f"using REDIS_URL={url} (keys under {prefix}:)")
         metrics = "--metrics" in sys.argv[1:]
-        urls = stack.enter_context(replicas(url, prefix, metrics=metrics))
+        try:
+            urls = stack.enter_context(replicas(url, prefix, metrics=metrics))
+        except RuntimeError as e:
+            raise SystemExit(str(e)) from None
         print(f"replica 1 at {urls[0]}, replica 2 at {urls[1]}, sharing one Redis\n")
         try:
             asyncio.run(drive(*urls))
