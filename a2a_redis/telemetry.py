@@ -1,12 +1,9 @@
 """OpenTelemetry for a2a-redis: metrics, spans, trace context across replicas, log trace ids.
 
-Everything OpenTelemetry lives here. The library uses only the OpenTelemetry API (the
-``otel`` extra); without it every call below is a cheap no-op and nothing fails to import.
-With the API but no SDK, store operations and the per-event paths skip even the API's
-no-ops (:func:`subscription` returns None).
+Everything OpenTelemetry lives here, through the API only (the ``otel`` extra): without it
+every call is a no-op; with the API but no SDK the hot paths skip even the API's no-ops.
 
-- Meter ``a2a_redis``: the instruments of the README's table. Attributes are
-  low-cardinality only: never a task id, context id, owner or payload.
+- Meter ``a2a_redis``: the README's table. Low-cardinality attributes only (no ids).
 - Tracer ``a2a-redis``: one CLIENT span per store operation, per publish that appends, and
   per subscription (never one per event), nested under the current span. The SDK's switch
   ``OTEL_INSTRUMENTATION_A2A_SDK_ENABLED=false`` turns our spans off too.
@@ -144,12 +141,15 @@ def configure(
         i[name] = make(name, callbacks=[functools.partial(_observe, watched)], description=what)
 
 
+_PUSH_COUNTED = ("delivered", "retried", "dead", "claimed", "refused")  # (push sender's)
 #: Instruments read from the components' own counts at each collection: (name, monotonic).
 _OBSERVED = (
     ("a2a_redis.leases.held", False, "Task leases this replica holds"),
     ("a2a_redis.queue.taps", False, "Remote event queue taps open here"),
     ("a2a_redis.cancels.forwarded", True, "Cancels sent to the replica running the task"),
     ("a2a_redis.orphans.failed", True, "Running tasks of dead replicas failed by this one"),
+    *((f"a2a_redis.push.{k}", True, f"Push notifications {k}") for k in _PUSH_COUNTED),
+    *((f"a2a_redis.push.{k}", False, f"Push delivery {k} here") for k in ("in_flight", "jobs")),
 )
 
 

@@ -43,6 +43,7 @@ from a2a.server.tasks.push_notification_sender import PushNotificationEvent, Pus
 from a2a.types.a2a_pb2 import TaskPushNotificationConfig
 from redis import exceptions as rex
 
+from a2a_redis import telemetry
 from a2a_redis.connection.cluster import Client
 from a2a_redis.errors import A2ARedisError, CorruptDataError, redis_errors
 from a2a_redis.events.event_stream import RedisTaskEventStream
@@ -63,6 +64,10 @@ METRIC_PREFIX = "a2a_redis.push."
 _BATCH = 100  # jobs read or claimed per command
 _CLOSE_WAIT = 5.0  # seconds aclose waits for cancelled jobs
 _BLOCK_MS = 2000  # XREADGROUP BLOCK: under common socket timeouts (5 s), never 0
+
+
+def _metric(name: str, sender: RedisPushNotificationSender) -> int:
+    return sender.metrics()[name]
 
 
 class RedisPushNotificationSender(PushNotificationSender):
@@ -140,6 +145,8 @@ class RedisPushNotificationSender(PushNotificationSender):
         self._closed = False
         self._counts = dict.fromkeys(COUNTERS, 0)
         self._in_flight = 0
+        for name in self.metrics():  # the same counts in OpenTelemetry (``telemetry``)
+            telemetry.observe(name, self, functools.partial(_metric, name))
         config_store.record_deliveries(True, on_use=self.ensure_started)
 
     # -- the SDK's interface -------------------------------------------------------------
