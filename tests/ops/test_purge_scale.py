@@ -13,20 +13,20 @@ import asyncio
 import collections
 import os
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 import redis.asyncio as aioredis
 from a2a.server.context import ServerCallContext
 from a2a.types.a2a_pb2 import ListTasksRequest, Task, TaskState, TaskStatus
-from redis.asyncio.connection import AbstractConnection
 
+from a2a_redis.connection.transaction import Batch
 from a2a_redis.options import Options
 from a2a_redis.stores.records import TaskRecords
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
 from tests.helpers import NamedUser, connect
 from tests.ops.test_migrate import run_cli as cli
+from tests.wire import resp_commands, tap_wire
 
 S = TaskState
 N = 100_000
@@ -59,30 +59,25 @@ async def bulk_seed(
                 task = Task(id=f"{owner}-{i:06d}", context_id=f"c{i % 10}")
                 task.status.CopyFrom(TaskStatus(state=state_of(i)))  # type: ignore[arg-type]
                 task.status.timestamp.FromNanoseconds(now - (40 if age(i) else 1) * DAY_NS + i)
-                key = records.keys.task(task.id)
-                cmds, index_cmds, _ = records._write_commands(
-                    key, task, task.SerializeToString(), owner, 1, os.urandom(8), None, None
-                )
-                for cmd in (*cmds, *index_cmds):
+                batch, index_cmds, _ = records._write_commands(
+                    records._frame(task.id), task, task.SerializeToString(), owner, 1,
+                    os.urandom(8), None, None,
+                )  # fmt: skip
+                for cmd in (*unbatch(batch), *index_cmds):
                     pipe.execute_command(*cmd)
             await pipe.execute()
 
 
-def commands_of(packed: Any) -> Iterator[tuple[bytes, list[bytes]]]:
-    """(name, arguments) of each command in RESP bytes (one chunk or a list of them)."""
-    data = packed if isinstance(packed, bytes) else b"".join(bytes(c) for c in packed)
-    at = 0
-    while at < len(data):
-        assert data[at : at + 1] == b"*", data[at : at + 20]
-        end = data.index(b"\r\n", at)
-        count, at = int(data[at + 1 : end]), end + 2
-        args = []
-        for _ in range(count):
-            end = data.index(b"\r\n", at)
-            size = int(data[at + 1 : end])
-            args.append(data[end + 2 : end + 2 + size])
-            at = end + 2 + size + 2
-        yield args[0].upper(), args[1:]
+def unbatch(batch: Batch) -> list[list[str | bytes]]:
+    """The commands of a store's commit body (its EVALSHA's ARGV: count, name, arguments)."""
+    ((_evalsha, _sha, keys, *rest),) = resp_commands(batch.packed())
+    argv, commands = rest[int(keys) :], []
+    while argv:
+        count = int(argv[0])
+        name, *args = argv[1 : 1 + count]
+        commands.append([name.decode(), *args])  # (a cluster client wants a str name)
+        argv = argv[1 + count :]
+    return commands
 
 
 class Wire(collections.Counter[bytes]):
@@ -101,20 +96,18 @@ class Wire(collections.Counter[bytes]):
 
 @pytest.fixture
 def wire(monkeypatch: pytest.MonkeyPatch) -> Wire:
-    """Every command this process sends to Redis, read off the wire."""
+    """Every command this process sends to Redis, read off the wire (``tests/wire.py``)."""
     seen = Wire()
-    real = AbstractConnection.send_packed_command
 
-    async def send(self: AbstractConnection, command: Any, *args: Any, **kwargs: Any) -> None:
-        for name, argv in commands_of(command):
-            seen[name] += 1
-            if name == b"HMGET":
-                seen.read.add(argv[0])
-            elif name == b"SCAN":
-                seen.scans.append(argv[argv.index(b"MATCH") + 1])
-        await real(self, command, *args, **kwargs)
+    def count(command: list[bytes]) -> None:
+        name, argv = command[0].upper(), command[1:]
+        seen[name] += 1
+        if name == b"HMGET":
+            seen.read.add(argv[0])
+        elif name == b"SCAN":
+            seen.scans.append(argv[argv.index(b"MATCH") + 1])
 
-    monkeypatch.setattr(AbstractConnection, "send_packed_command", send)
+    tap_wire(monkeypatch, count)
     return seen
 
 

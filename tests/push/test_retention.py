@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 from a2a.types.a2a_pb2 import TaskPushNotificationConfig
-from redis.asyncio.connection import Connection
 
 from a2a_redis import RedisBackend
 from a2a_redis.push.dead import delivery_status
 from tests.helpers import connect, ctx, eventually, numbered
 from tests.push.receiver import Receiver, running_receiver
 from tests.push.test_delivery import configure, run_task, sender_for
+from tests.wire import tap_wire
 
 #: Commands an idle sender's worker loops send (reading and claiming jobs): not a task's.
 IDLE = {"XGROUP", "XREADGROUP", "XAUTOCLAIM"}
@@ -31,18 +31,9 @@ IDLE = {"XGROUP", "XREADGROUP", "XAUTOCLAIM"}
 
 @pytest.fixture
 def wire(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bytes, ...]]:
-    """Every command any connection of this process sends from now on (at the wire:
-    ``send_packed_command``, since the store's transactions pack their own RESP)."""
+    """Every command any connection of this process sends from now on (``tests/wire.py``)."""
     seen: list[tuple[bytes, ...]] = []
-    original = Connection.send_packed_command
-
-    async def send(self: Connection, command: Any, check_health: bool = True) -> None:
-        raw = command.encode() if isinstance(command, str) else command
-        raw = raw if isinstance(raw, bytes) else b"".join(bytes(c) for c in raw)
-        seen.extend(_commands(raw))
-        await original(self, command, check_health)
-
-    monkeypatch.setattr(Connection, "send_packed_command", send)
+    tap_wire(monkeypatch, lambda command: seen.append(tuple(command)))
     return seen
 
 
@@ -52,21 +43,6 @@ def _name(command: tuple[bytes, ...]) -> str:
     if name == "COMMAND" and len(command) > 2:
         return command[2].decode().upper()
     return name
-
-
-def _commands(raw: bytes) -> list[tuple[bytes, ...]]:
-    """The RESP arrays of bulk strings in ``raw``, as argument tuples."""
-    out, i = [], 0
-    while i < len(raw):
-        end = raw.index(b"\r\n", i)
-        n, i, args = int(raw[i + 1 : end]), end + 2, []
-        for _ in range(n):
-            end = raw.index(b"\r\n", i)
-            length = int(raw[i + 1 : end])
-            args.append(raw[end + 2 : end + 2 + length])
-            i = end + 4 + length
-        out.append(tuple(args))
-    return out
 
 
 @pytest.fixture
