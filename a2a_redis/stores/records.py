@@ -80,7 +80,7 @@ logger = logging.getLogger(__name__)
 #: Decides the new version from the stored record (None: absent), or raises.
 Decide = Callable[[RecordHead | None], int]
 
-_CACHED = 4096  # tasks whose keys are kept packed
+_CACHED = 4096  # tasks whose keys are kept packed (until they end, or are deleted)
 _HSET = bulk(b"HSET")
 _READ_FIELDS = (F_SCHEMA, F_OWNER, F_VERSION, F_TASK)
 #: Fields a write can leave out when the stored record has the same value: the schema
@@ -128,14 +128,20 @@ class TaskRecords:
         self.ledger = AppendLedger()
         self._frames: dict[str, _Frame] = {}
 
-    def _frame(self, task_id: str) -> _Frame:
-        """The task's packed keys (cached; ``InvalidIdError`` for an over-long id)."""
+    def _frame(self, task_id: str, keep: bool = True) -> _Frame:
+        """The task's packed keys (``InvalidIdError`` for an over-long id).
+
+        Kept (``keep``) for the tasks this replica writes, until they end or are deleted;
+        a read alone does not keep them, so a replica that only serves reads holds none.
+        """
         frame = self._frames.get(task_id)
         if frame is None:
-            if len(self._frames) >= _CACHED:
-                self._frames.clear()
             key, push = self.keys.task(task_id), self.keys.push_configs(task_id)
-            frame = self._frames[task_id] = _Frame(key, push)
+            frame = _Frame(key, push)
+            if keep:
+                if len(self._frames) >= _CACHED:
+                    self._frames.clear()
+                self._frames[task_id] = frame
         return frame
 
     # -- read ----------------------------------------------------------------------------
@@ -152,7 +158,7 @@ class TaskRecords:
 
         For the replicas' own bookkeeping (the orphan reaper), never for a caller's request.
         """
-        frame = self._frame(task_id)
+        frame = self._frame(task_id, keep=False)
         key = frame.key
         with redis_errors("get task", key):
             row = await call_packed(self.redis, frame.read)
@@ -310,6 +316,8 @@ class TaskRecords:
                 await self.index.finish(owner, intent, index_cmds)
         if event is not None:
             self.ledger.record(task.id, version)
+        if task.status.state in TERMINAL_STATES:  # a finished task rarely writes again
+            self._frames.pop(task.id, None)
         if expires_at:  # best effort: the save has committed whatever happens here
             try:
                 await self.index.purge_expired(owner)
@@ -386,6 +394,7 @@ class TaskRecords:
         """
         key = self.keys.task(task_id)
         self.keys.expiring(owner)  # an over-long owner raises InvalidIdError, as everywhere
+        self._frames.pop(task_id, None)
         intent = self.index.intent(task_id, os.urandom(8)) if self.index.split else b""
         if intent:
             await self.index.begin(owner, intent)
