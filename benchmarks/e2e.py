@@ -60,7 +60,9 @@ ROUND_TIMEOUT = 180.0
 
 def servers(commands: list[list[str]]) -> contextlib.AbstractContextManager[list[str]]:
     """Start one replica per command (``{port}`` filled in); yield their URLs; stop them."""
-    return load_example("demo").serve(commands, start_timeout=60, cwd=ROOT)  # type: ignore[no-any-return]
+    # One by one: the SDK's SQL stores create their tables at start-up, and two would race.
+    demo = load_example("demo")
+    return demo.serve(commands, start_timeout=60, cwd=ROOT, one_by_one=True)  # type: ignore[no-any-return]
 
 
 @dataclass

@@ -54,32 +54,29 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve(
-    commands: list[list[str]], start_timeout: float = 30, cwd: Path | None = None
+    commands: list[list[str]],
+    start_timeout: float = 30,
+    cwd: Path | None = None,
+    one_by_one: bool = False,
 ) -> Iterator[list[str]]:
     """Start one server per command (``{port}`` filled in, in ``cwd``); yield their URLs.
 
-    Each counts as started once it serves its agent card; stopped with SIGTERM, then
-    SIGKILL. Raises ``RuntimeError`` if one exits or does not answer in ``start_timeout``.
+    Each counts as started once it serves its agent card; ``one_by_one`` starts the next only
+    then (servers that create their tables at start-up would race). Stopped with SIGTERM,
+    then SIGKILL. ``RuntimeError`` if one exits or does not answer in ``start_timeout``.
     """
     procs: list[subprocess.Popen[bytes]] = []
-    urls = []
+    urls: list[str] = []
     try:
         for command in commands:
             port = free_port()
             args = [a.replace("{port}", str(port)) for a in command]
             procs.append(subprocess.Popen(args, cwd=cwd))
             urls.append(f"http://127.0.0.1:{port}")
+            if one_by_one:
+                _wait_started(urls[-1], procs[-1], start_timeout)
         for url, proc in zip(urls, procs, strict=True):
-            deadline = time.monotonic() + start_timeout
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"a replica exited at start (code {proc.returncode})")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(url + "/.well-known/agent-card.json", timeout=1).is_success:
-                        break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the replica at {url} did not start")
-                time.sleep(0.1)
+            _wait_started(url, proc, start_timeout)
         yield urls
     finally:
         for proc in procs:
@@ -91,6 +88,19 @@ def serve(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _wait_started(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"a replica exited at start (code {proc.returncode})")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/.well-known/agent-card.json", timeout=1).is_success:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the replica at {url} did not start")
+        time.sleep(0.1)
 
 
 def replicas(
