@@ -214,6 +214,16 @@ class SentinelDeployment:
                 await client.aclose()
         raise AssertionError("no Sentinel answered")
 
+    async def failover(self, guard: float = 60.0) -> tuple[int, int]:
+        """``SENTINEL FAILOVER`` (graceful), then :meth:`wait_failover`: (old, new) ports."""
+        old_port = await self.master_port()
+        sentinel = aioredis.Redis(port=self.sentinels[0].port)
+        try:
+            assert await sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)
+        finally:
+            await sentinel.aclose()
+        return old_port, await self.wait_failover(old_port, guard)
+
     async def wait_failover(self, old_port: int, guard: float = 60.0) -> int:
         """Wait (bounded) until every Sentinel names a new master that acts as one."""
         loop = asyncio.get_running_loop()

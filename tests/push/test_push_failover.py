@@ -8,9 +8,7 @@ The Cluster path is every other push test: they run on the embedded Redis Cluste
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-
-from tests.deployments import SERVICE, SentinelDeployment
+from tests.deployments import SentinelDeployment
 from tests.helpers import backend_pair, eventually, start_task
 from tests.push.receiver import running_receiver
 from tests.push.test_delivery import configure, expected, sender_for, sequence
@@ -33,13 +31,7 @@ async def test_delivery_goes_on_through_a_sentinel_failover(prefix: str) -> None
                 for n in range(5):
                     version = await write_until_in(a, task, version, n)
                 await eventually(lambda: len(receiver.delivered("x")) >= 6, what="before")
-                old_port = await deployment.master_port()
-                sentinel = aioredis.Redis(port=deployment.sentinels[0].port)
-                try:
-                    assert await sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)
-                finally:
-                    await sentinel.aclose()
-                await deployment.wait_failover(old_port, GUARD)
+                await deployment.failover(GUARD)
                 for n in range(5, 10):
                     version = await write_until_in(a, task, version, n)
                 await eventually(

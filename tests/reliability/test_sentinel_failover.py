@@ -238,13 +238,7 @@ async def test_a_demoted_master_sends_writers_to_the_new_one(prefix: str):
                 # As the SDK does: publishing a running task's event holds its lease, whose
                 # heartbeats tell B's subscriber that the owner lives through the failover.
                 version = await write_numbered(a, task, version, n)
-            old_port = await deployment.master_port()
-            sentinel = aioredis.Redis(port=deployment.sentinels[0].port)
-            try:
-                assert await sentinel.execute_command("SENTINEL", "FAILOVER", SERVICE)
-            finally:
-                await sentinel.aclose()
-            new_port = await deployment.wait_failover(old_port, GUARD)
+            old_port, new_port = await deployment.failover(GUARD)
             old = aioredis.Redis(port=old_port)
             try:  # the old master is alive, and a replica now
                 while (await old.info("replication"))["role"] != "slave":
