@@ -91,11 +91,16 @@ class Phase:
     conns: tuple[int, int]
     full_gc_s: float  # a full gc.collect() just before publishing (after the freeze)
     tracked: int  # objects the collector walks then (len(gc.get_objects()))
+    cpu_s: float  # this process's CPU time (user + system) while publishing and draining
 
     def rate(self) -> float:
         d = self.deliveries
         span = (d.last_arrival or time.perf_counter()) - d.first_send
         return d.delivered / span if span > 0 else 0.0
+
+    def cpu_per_delivery(self) -> float:
+        """Process CPU seconds per delivery: A's sends and B's fan-out together."""
+        return self.cpu_s / max(self.deliveries.delivered, 1)
 
     def send_rate(self) -> float:
         d = self.deliveries
@@ -124,14 +129,30 @@ async def publish_phase(
     pauses = GcPauses()
     writers = [lanes[w :: sizes.fan_writers] for w in range(sizes.fan_writers)]
     begin = time.perf_counter()
+    cpu = time.process_time()
     with pauses.watch():
         await settled([unpaced(mine, begin + sizes.fan_seconds) for mine in writers])
         sent = sum(len(lane.sent) for lane in lanes)
         await tally.wait_for(subs + sent * sizes.fan_per_task, DRAIN_GRACE)
+    cpu_s = time.process_time() - cpu
     stats = stream_b.listener.stats()
     conns = await connections(ctx.redis, name_b)
     d = match(lanes, sizes.fan_per_task, arrivals, begin)
-    return Phase(label, d, pauses, stats, conns, full_gc, tracked)
+    return Phase(label, d, pauses, stats, conns, full_gc, tracked, cpu_s)
+
+
+def report_cpu(report: Report, phases: list[Phase]) -> None:
+    """Process CPU time per delivery: a figure that other processes' load dilutes less."""
+    with report.group(
+        "fan-out: this process's CPU time per delivery (A's sends and B's deliveries, "
+        "one event loop; unlike the rate, not diluted by other processes on the machine)",
+        "µs",
+        higher_is_better=False,
+    ) as group:
+        for p in phases:
+            detail = {"cpu_s": p.cpu_s, "deliveries": p.deliveries.delivered}
+            anchor = p.label == DEFAULT_GC
+            group.add(p.label, p.cpu_per_delivery() * 1e6, anchor=anchor, detail=detail)
 
 
 async def fan_out(ctx: RunContext, report: Report, sizes: Sizes) -> None:
@@ -200,6 +221,7 @@ async def fan_out(ctx: RunContext, report: Report, sizes: Sizes) -> None:
             anchor = p.label == DEFAULT_GC
             group.add(p.label, p.rate(), metric="deliveries", anchor=anchor, detail=detail)
             group.add(p.label, p.send_rate(), metric="events", anchor=anchor)
+    report_cpu(report, phases)
     with report.group(
         f"fan-out delivery latency at that load, {how} on A to yield on B",
         "ms",

@@ -32,16 +32,16 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncGenerator
 from dataclasses import replace
-from typing import cast
 
 from a2a.server.cluster import TaskEventStream, TaskVersion, VersionedEvent
 from a2a.server.events.event_queue import Event
 from a2a.types.a2a_pb2 import Message, Task, TaskArtifactUpdateEvent
+from redis import exceptions as rex
 
 from a2a_redis import telemetry
 from a2a_redis.connection.cluster import Client
 from a2a_redis.connection.durability import Durability, run_script
-from a2a_redis.connection.transaction import batch_args
+from a2a_redis.connection.transaction import FALLBACK, batch_args, call_packed, pack
 from a2a_redis.errors import redis_errors
 from a2a_redis.events.backlog import Backlog
 from a2a_redis.events.leases import SETTLED_STATES, LeaseKeeper
@@ -84,11 +84,16 @@ def activity_of(event: Event) -> Activity:
     return Activity.SETTLED if status.state in SETTLED_STATES else Activity.RUNNING
 
 
-def _needed(version: int, floor: int, delivered: int) -> bool:
-    """Whether a subscriber may need an undecodable entry of ``version`` (-1: unknown)."""
-    if version < 0:
-        return True
-    return _is_after(version, floor) and not 0 < version <= delivered
+def _check_needed(entry: StreamEntry, floor: int, delivered: int) -> None:
+    """Raise (a copy of) an undecodable entry's error if this subscriber may need it.
+
+    It may unless its version (-1: unknown) is not after ``floor``, or was delivered.
+    """
+    error, version = entry.error, entry.version
+    if error is None:
+        return
+    if version < 0 or (_is_after(version, floor) and not 0 < version <= delivered):
+        raise type(error)(error.reason, key=error.key)  # a copy per subscriber
 
 
 def _is_after(version: int, floor: int) -> bool:
@@ -96,13 +101,24 @@ def _is_after(version: int, floor: int) -> bool:
     return floor == 0 or floor < version != 0
 
 
-def _view(entry: StreamEntry, event: Event, version: int) -> tuple[VersionedEvent, Activity]:
-    """The entry's event as subscribers yield it, and its activity: made once per entry."""
-    view = entry.view
-    if view is None:
-        view = (VersionedEvent(event=event, version=TaskVersion(version)), activity_of(event))
+#: What the subscribers of one entry share (``StreamEntry.view``): the event as they yield
+#: it, its activity, and whether it is logged at its version (so de-duplicated by it).
+View = tuple[VersionedEvent, Activity, bool]
+
+
+def _view(entry: StreamEntry) -> View | None:
+    """The entry's shared view, made by its first reader; None for an entry without event."""
+    view: View | None = entry.view
+    if view is None and entry.event is not None:
+        event, version = entry.event, entry.version
+        logged = bool(version) and not isinstance(event, Message)
+        view = (
+            VersionedEvent(event=event, version=TaskVersion(version)),
+            activity_of(event),
+            logged,
+        )
         share_view(entry, view)
-    return cast(tuple[VersionedEvent, Activity], view)
+    return view
 
 
 class _OwnerWatch:
@@ -242,6 +258,17 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
             keys, argv = batch_args(commands)  # the stream comes first: XADD is the first
             durability = self._log.options.durability
             with redis_errors("publish", key):
+                if durability is None or not durability.waits:
+                    # Below redis-py's command machinery (no task per write, one timeout).
+                    sha = self._append_if_new.sha
+                    packed = pack([("EVALSHA", sha, len(keys), *keys, version, *argv)])
+                    reply = await call_packed(self.redis, packed)
+                    if isinstance(reply, rex.NoScriptError):
+                        reply = FALLBACK  # redis-py's Script loads it and runs it again
+                    elif isinstance(reply, Exception):
+                        raise reply
+                    if reply is not FALLBACK:
+                        return
                 await run_script(
                     self.redis, self._append_if_new, keys, [version, *argv], durability, key
                 )
@@ -278,35 +305,41 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
         stored state, then the events' states, say so) and neither an event nor a heartbeat
         comes from the replica running it for that replica's ``lease_ttl``: it died.
         """
-        delivered = 0  # highest version of a non-Message event yielded (de-duplication)
         floor = version_int(after)
+        low = floor or -1  # versions after ``after`` (every one if it is MISSING) are above it
+        mark = floor  # a logged event is delivered once, if above this: ``after`` or the last
         watch = _OwnerWatch(self.leases.ttl, self._log.options)
         tap, failure = telemetry.subscription(), None  # None without an SDK: no cost per event
-        entries = self._log.listener.follow(
-            task_id, lambda: self._backlog(task_id, after, watch), idle_timeout=watch.timeout
-        )
+        reader = None
         try:
-            async for entry in entries:
-                event, version, context = entry.event, entry.version, entry.context
-                error = entry.error
-                if error is not None and _needed(version, floor, delivered):
-                    raise type(error)(error.reason, key=error.key)  # a copy per subscriber
-                logged = version and not isinstance(event, Message)
-                if (
-                    event is None
-                    or not _is_after(version, floor)
-                    or (logged and version <= delivered)
-                ):
-                    del entry, event  # (a second copy of an event already delivered, or older)
-                    continue  # an idle subscriber must not pin the last event (nor below)
+            # One generator, over the feed's reader (not over ``listener.follow``): each
+            # delivery resumes one generator frame, and a waiting subscriber holds one future.
+            reader = await self._log.listener.open(
+                task_id, lambda: self._backlog(task_id, after, watch), idle_timeout=watch.timeout
+            )
+            while True:
+                entry = reader.take()
+                if entry is None:
+                    if reader.finished:
+                        return
+                    await reader.more()
+                    continue
+                version = entry.version
+                view = entry.view or _view(entry)
+                if view is None:  # no event: a queue's close mark, or an undecodable entry
+                    _check_needed(entry, floor, mark)
+                    continue
+                shared, activity, logged = view
+                if version <= (mark if logged else low):  # not after ``after``, or delivered
+                    del entry, view, shared  # an idle subscriber must not pin the last event
+                    continue
                 if logged:
-                    delivered = version
-                shared, activity = _view(entry, event, version)
-                del entry, event
+                    mark = version
                 if activity is not Activity.SILENT:
                     watch.running = activity is Activity.RUNNING
                 if tap is not None:
-                    tap.delivered(context)
+                    tap.delivered(entry.context)
+                del entry, view
                 yield shared
                 del shared
         except BaseException as e:
@@ -315,4 +348,5 @@ class RedisTaskEventStream(OnEventPlumbing, TaskEventStream):
         finally:
             if tap is not None:
                 tap.close(failure)
-            await entries.aclose()
+            if reader is not None:
+                await reader.close()

@@ -21,17 +21,15 @@ from typing import Any
 
 from redis import exceptions as rex
 
-from a2a_redis import telemetry
 from a2a_redis.connection.cluster import Client
 from a2a_redis.connection.links import PubSubRouter
 from a2a_redis.connection.transaction import backoff
 from a2a_redis.errors import (
     CorruptDataError,
     ListenerClosedError,
-    OwnerLostError,
     redis_errors,
 )
-from a2a_redis.events.feed import SUBSCRIBER_BATCH, TaskFeed
+from a2a_redis.events.feed import SUBSCRIBER_BATCH, FeedReader, TaskFeed
 from a2a_redis.events.reads import PipelinedReads
 from a2a_redis.log.event_log import (
     DESTROYED,
@@ -170,6 +168,33 @@ class StreamListener:
         if not self._closed:
             await self._router.unsubscribe(feed.channel)
 
+    async def open(
+        self,
+        task_id: str,
+        start: Callable[[], Awaitable[tuple[list[StreamEntry], Position]]],
+        *,
+        idle_timeout: float | Callable[[], float | None] | None = None,
+    ) -> FeedReader:
+        """A reader of a task's stream entries: those ``start`` returns, then every later one.
+
+        The feed is joined before ``start`` runs, so no entry written meanwhile is missed;
+        ``start`` returns its entries and the position just before them. The reader hands
+        out entries once each, in stream order (de-duplicated by position), from the shared
+        ring, or from the stream itself when it has fallen behind the ring; at most
+        :data:`SUBSCRIBER_BATCH` at a time, so a reader that stops reading holds no more
+        than that (what it has not read stays in the ring or in Redis). See
+        :class:`FeedReader` for ``idle_timeout``. Close it with :meth:`FeedReader.close`.
+        """
+        feed = await self.join(task_id)
+        joined = asyncio.get_running_loop().time()
+        try:
+            with redis_errors("read the task's stream", feed.key):
+                pending, position = await start()
+        except BaseException:
+            await self.leave(feed)
+            raise
+        return FeedReader(self, feed, pending, position, joined, idle_timeout)
+
     async def follow(
         self,
         task_id: str,
@@ -177,68 +202,32 @@ class StreamListener:
         *,
         idle_timeout: float | Callable[[], float | None] | None = None,
     ) -> AsyncGenerator[StreamEntry, None]:
-        """Yield a task's stream entries: those ``start`` returns, then every later one.
+        """Yield what :meth:`open`'s reader hands out.
 
-        The feed is joined before ``start`` runs, so no entry written meanwhile is missed;
-        ``start`` returns its entries and the position just before them. Entries are
-        yielded once each, in stream order (de-duplicated by position), from the shared
-        ring, or from the stream itself when this reader has fallen behind the ring; at
-        most :data:`SUBSCRIBER_BATCH` at a time, so a reader that stops reading holds no
-        more than that (what it has not read stays in the ring or in Redis). Never ends by itself,
-        except when the stream is destroyed (it returns); with ``idle_timeout`` (seconds,
-        or a function giving them, None while no owner is expected), raises
-        :class:`OwnerLostError` after that long without an entry or an owner heartbeat.
-        Silence is counted only while the pub/sub connection is up: after a reconnect the
-        owner gets a whole ``idle_timeout`` again.
+        Never ends by itself, except when the stream is destroyed (it returns); with
+        ``idle_timeout``, raises :class:`OwnerLostError` when the task's owner fell silent
+        (see :class:`FeedReader`).
         """
-        feed = await self.join(task_id)
-        key = feed.key
-        loop = asyncio.get_running_loop()
-        joined = loop.time()
+        reader = await self.open(task_id, start, idle_timeout=idle_timeout)
+        del start  # nor its closure: a subscriber holds only what it needs
         try:
-            with redis_errors("read the task's stream", key):
-                pending, position = await start()
-            del start  # nor its closure: a subscriber holds only what it needs
-            pending = pending[:SUBSCRIBER_BATCH]  # the rest is read again: ring or stream
-            read_up_to = position
             while True:
-                for entry in pending:
-                    if entry.position > position:
-                        position = entry.position
-                        yield entry
-                entry = pending = None  # type: ignore[assignment]  # pin nothing while idle
-                position = max(position, read_up_to)
-                if feed.ended is not None:
-                    raise feed.ended
-                if feed.destroyed:
-                    return
-                changed = feed.changed
-                ring = feed.entries_after(position)
-                if ring is None:  # fell behind the shared ring: catch up from the stream
-                    pending, read_up_to = await self._catch_up(key, position)
+                entry = reader.take()
+                if entry is None:
+                    if reader.finished:
+                        return
+                    await reader.more()
                     continue
-                pending = ring
-                if ring:
-                    continue
-                timeout = idle_timeout() if callable(idle_timeout) else idle_timeout
-                if timeout is None:
-                    await changed.wait()
-                    continue
-                deadline = max(feed.alive_at, joined) + timeout
-                if deadline > loop.time():
-                    feed.wake_at(deadline)  # one timer per feed, not one per subscriber
-                    await changed.wait()
-                elif self._router.is_up(feed.channel):
-                    telemetry.count("owner_lost")
-                    raise OwnerLostError(
-                        f"no event or heartbeat from the task's owner for {timeout}s", key=key
-                    )
-                else:  # our own connection is down: the owner's silence proves nothing
-                    await changed.wait()
+                yield entry
+                del entry  # an idle subscriber must not pin the last event
         finally:
-            await self.leave(feed)
+            await reader.close()
 
-    async def _catch_up(self, key: str, position: Position) -> tuple[list[StreamEntry], Position]:
+    def is_up(self, channel: bytes) -> bool:
+        """Whether the pub/sub connection carrying ``channel`` is up."""
+        return self._router.is_up(channel)
+
+    async def catch_up(self, key: str, position: Position) -> tuple[list[StreamEntry], Position]:
         """Read entries after ``position`` for a reader behind the ring; wait out outages."""
         attempt = 0
         while True:
