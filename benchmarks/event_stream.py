@@ -337,6 +337,40 @@ class Lane:
             await self.step()
 
 
+#: A lane as another process takes it over: index, task (bytes), version, steps taken.
+LaneState = tuple[int, bytes, int, int]
+#: What that process hands back: sends (version -> time), their durations, errors, state.
+LaneResult = tuple[dict[int, float], list[float], int, str, LaneState]
+
+
+def lane_state(lane: Lane) -> LaneState:
+    return lane.index, lane.task.SerializeToString(), version_int(lane.version), lane.steps
+
+
+def lane_from(replicas: Replicas, state: LaneState) -> Lane:
+    """The lane ``state`` describes, sending through ``replicas`` (in another process)."""
+    index, task, version, steps = state
+    lane = Lane(replicas, index)
+    lane.task = Task.FromString(task)
+    lane.version, lane.steps = TaskVersion(version), steps
+    return lane
+
+
+def lane_result(lane: Lane) -> LaneResult:
+    return lane.sent, lane.save_s, lane.errors, lane.last_error, lane_state(lane)
+
+
+def merge_result(lane: Lane, result: LaneResult) -> None:
+    """Take back a lane that another process moved on (its sends, errors and state)."""
+    sent, save_s, errors, last_error, (_, task, version, steps) = result
+    lane.sent.update(sent)
+    lane.save_s += save_s
+    lane.errors += errors
+    lane.last_error = last_error or lane.last_error
+    lane.task = Task.FromString(task)
+    lane.version, lane.steps = TaskVersion(version), steps
+
+
 async def unpaced(lanes: Sequence[Lane], until: float) -> None:
     """Send on the lanes in turn, back to back, until ``until``."""
     for lane in itertools.cycle(lanes):

@@ -6,11 +6,16 @@ A publish events across the tasks as fast as they can (``publish`` on a stream w
 store, the cheapest writer; ``FAN_SAVE`` in ``event_stream.py`` switches to save +
 publish). A and B share this process's event loop.
 
-Two phases over the same subscribers, in one run: CPython's default garbage collection,
-then after ``gc.freeze()`` (the optional tuning the README describes: freeze once the
-process reached its steady state, so full collections walk only what came later). Each
-phase reports deliveries per second, delivery latency (median, p99), and every full
-(generation 2) collection's pause while publishing (``gc.callbacks`` timing). Also: the
+Three phases over the same subscribers, in one run: CPython's default garbage collection;
+the same with A's writers in a process of their own (spawned; so B's event loop does only
+B's work, and the figures are B's capacity, not the two replicas' sharing one core); then,
+A back in this loop, after ``gc.freeze()`` (the optional tuning the README describes:
+freeze once the process reached its steady state, so full collections walk only what came
+later). Each phase reports deliveries per second, this process's CPU time per delivery
+(less diluted than the rate by other processes on a shared machine), delivery latency
+(median, p99), and every full (generation 2) collection's pause while publishing
+(``gc.callbacks`` timing). Phases run in that order: a later one may run on a busier
+machine, so compare phases by their CPU time per delivery, or across runs. Also: the
 Redis connections B's client holds (``CLIENT LIST`` by client name), memory per subscriber
 (tracemalloc) and ``listener.stats()``. ``--quick``: 1,000 subscribers over 100 tasks.
 """
@@ -19,13 +24,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import multiprocessing
 import time
 import tracemalloc
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from a2a.types.a2a_pb2 import TaskState
+from redis.asyncio import Redis
 
 from a2a_redis.events.event_stream import RedisTaskEventStream
 from benchmarks.common import Benchmark, Report, RunContext, percentile
@@ -38,12 +47,17 @@ from benchmarks.event_stream import (
     Deliveries,
     GcPauses,
     Lane,
+    LaneState,
     Replicas,
     Sizes,
     Tally,
     close_replicas,
     connections,
+    lane_from,
+    lane_result,
+    lane_state,
     match,
+    merge_result,
     redis_replicas,
     replica_client,
     settled,
@@ -54,6 +68,7 @@ from benchmarks.event_stream import (
 
 DEFAULT_GC = "default GC"
 FROZEN = "gc.freeze() after joining"
+APART = "A in another process"  # (default GC) B's loop does only B's work: its capacity
 
 
 def _ms(seconds: float) -> float:
@@ -107,6 +122,59 @@ class Phase:
         return d.sent / max(d.last_send - d.first_send, 1e-9)
 
 
+def _writer_main(
+    server: dict[str, Any], prefix: str, states: list[LaneState], sizes: Sizes, pipe: Connection
+) -> None:
+    """Replica A in a process of its own: the lanes' sends, unpaced, when the parent says go."""
+    asyncio.run(_write_apart(server, prefix, states, sizes, pipe))
+
+
+async def _write_apart(
+    server: dict[str, Any], prefix: str, states: list[LaneState], sizes: Sizes, pipe: Connection
+) -> None:
+    client = Redis(**server)
+    stream = RedisTaskEventStream(client, prefix=prefix)
+    replicas = Replicas("redis stream", None, stream, stream)
+    lanes = [lane_from(replicas, state) for state in states]
+    try:
+        pipe.send("ready")
+        begin = pipe.recv()
+        writers = [lanes[w :: sizes.fan_writers] for w in range(sizes.fan_writers)]
+        await settled([unpaced(mine, begin + sizes.fan_seconds) for mine in writers])
+        pipe.send([lane_result(lane) for lane in lanes])
+    finally:
+        await stream.aclose()
+        await client.aclose()
+
+
+async def apart_phase(lanes: list[Lane], sizes: Sizes, ctx: RunContext) -> float:
+    """Run A's sends in another process (spawned, so nothing of this loop is shared).
+
+    Returns when it has sent; its lanes' records are merged into ``lanes``. Send times are
+    ``perf_counter()`` (CLOCK_MONOTONIC on Linux: one clock for both processes).
+    """
+    kwargs = ctx.redis.connection_pool.connection_kwargs
+    server = {k: kwargs[k] for k in ("host", "port", "unix_socket_path", "db") if k in kwargs}
+    if "path" in kwargs:
+        server["unix_socket_path"] = kwargs["path"]
+    states = [lane_state(lane) for lane in lanes]
+    here, there = multiprocessing.get_context("spawn").Pipe()
+    process = multiprocessing.get_context("spawn").Process(
+        target=_writer_main, args=(server, ctx.namespace("fanout"), states, sizes, there)
+    )
+    process.start()
+    try:
+        await asyncio.to_thread(here.recv)  # "ready": imported, connected
+        begin = time.perf_counter() + 0.01
+        here.send(begin)
+        results = await asyncio.to_thread(here.recv)
+        for lane, result in zip(lanes, results, strict=True):
+            merge_result(lane, result)
+    finally:
+        await asyncio.to_thread(process.join, 30)
+    return begin
+
+
 async def publish_phase(
     label: str,
     lanes: list[Lane],
@@ -131,7 +199,10 @@ async def publish_phase(
     begin = time.perf_counter()
     cpu = time.process_time()
     with pauses.watch():
-        await settled([unpaced(mine, begin + sizes.fan_seconds) for mine in writers])
+        if label == APART:
+            begin = await apart_phase(lanes, sizes, ctx)
+        else:
+            await settled([unpaced(mine, begin + sizes.fan_seconds) for mine in writers])
         sent = sum(len(lane.sent) for lane in lanes)
         await tally.wait_for(subs + sent * sizes.fan_per_task, DRAIN_GRACE)
     cpu_s = time.process_time() - cpu
@@ -200,7 +271,7 @@ async def fan_out(ctx: RunContext, report: Report, sizes: Sizes) -> None:
             # close the pool's idle connections (opened by the joins), so that the count
             # below is what the live fan-out itself needs
             await client_b.connection_pool.disconnect(inuse_connections=False)
-            for label in (DEFAULT_GC, FROZEN):
+            for label in (DEFAULT_GC, APART, FROZEN):
                 phases.append(
                     await publish_phase(label, lanes, sizes, arrivals, tally, stream_b, ctx, name_b)
                 )
@@ -291,8 +362,9 @@ async def fan_out(ctx: RunContext, report: Report, sizes: Sizes) -> None:
         f"subscribing {subs:,} took {joined_s:.1f} s ({subs / joined_s:,.0f}/s, "
         f"{sizes.join_batch} at a time) under tracemalloc, which slows Python several-fold; "
         f"a full gc.collect() took {_ms(gc_before):.0f} ms before subscribing. A and B share "
-        "this process's event loop (one CPU): the rate is where the two together saturate "
-        "it, and the latency is mostly queueing in that loop"
+        "this process's event loop (one CPU), except in the phase with A in another process: "
+        "the rate is where the two together saturate it, and the latency is mostly queueing "
+        "in that loop"
     )
     if errors:
         report.note(f"WARNING: {len(errors)} subscribers failed (first: {errors[0]!r})")
