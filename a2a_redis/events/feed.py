@@ -86,7 +86,7 @@ class TaskFeed:
                     future.set_result(None)
 
     def forget_cancelled(self) -> None:
-        """Drop the futures of readers cancelled while waiting (one left: keep the list)."""
+        """Drop the futures of readers cancelled while waiting (as a reader leaves)."""
         if len(self.waiters) > self.refs:
             self.waiters = [f for f in self.waiters if not f.done()]
 
@@ -258,5 +258,7 @@ class FeedReader:
         source, self._source = self._source, None  # type: ignore[assignment]
         self._pending = None
         if source is not None:
-            self.feed.forget_cancelled()
-            await source.leave(self.feed)
+            try:
+                await source.leave(self.feed)
+            finally:
+                self.feed.forget_cancelled()

@@ -171,6 +171,29 @@ async def test_slow_subscriber_catches_up_from_the_stream(redis, backend, prefix
     await listener.aclose()
 
 
+async def test_subscribers_cancelled_while_waiting_leave_nothing_on_the_feed(pair):
+    """A waiting subscriber holds one future on its task's feed; one cancelled while
+    waiting (a client gone) takes it away as it leaves, while the task stays idle."""
+    a, b = pair
+    versions = await produce(a, "t", [S.TASK_STATE_INPUT_REQUIRED])
+    keeper = b.stream.subscribe("t", after=versions[-1])
+    kept = asyncio.ensure_future(keeper.__anext__())  # waits for the next event
+    await eventually(lambda: b.stream.listener.stats()["subscribers"] == 1)
+    feed = b.stream.listener.feed_of("t")
+    for _ in range(20):
+        gen = b.stream.subscribe("t", after=versions[-1])
+        waiting = asyncio.ensure_future(gen.__anext__())
+        await eventually(lambda: len(feed.waiters) == 2)  # the keeper and this one
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        await eventually(lambda: feed.refs == 1)
+        assert len(feed.waiters) == 1  # the keeper's
+    more = await produce_more(a, "t", versions[-1], 1)
+    assert (await asyncio.wait_for(kept, GUARD)).version == more[0]
+    await keeper.aclose()
+
+
 async def produce_more(replica: Replica, task_id: str, version: TaskVersion, n: int):
     task = make_task(task_id, state=S.TASK_STATE_WORKING)
     out = []
