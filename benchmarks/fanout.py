@@ -163,6 +163,7 @@ async def apart_phase(lanes: list[Lane], sizes: Sizes, ctx: RunContext) -> float
         target=_writer_main, args=(server, ctx.namespace("fanout"), states, sizes, there)
     )
     process.start()
+    there.close()  # so that a writer process that dies ends our recv() (EOFError), not hangs
     try:
         await asyncio.to_thread(here.recv)  # "ready": imported, connected
         begin = time.perf_counter() + 0.01
@@ -171,7 +172,10 @@ async def apart_phase(lanes: list[Lane], sizes: Sizes, ctx: RunContext) -> float
         for lane, result in zip(lanes, results, strict=True):
             merge_result(lane, result)
     finally:
+        here.close()
         await asyncio.to_thread(process.join, 30)
+        if process.is_alive():
+            process.kill()
     return begin
 
 
