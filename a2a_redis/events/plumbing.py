@@ -92,10 +92,15 @@ class EventPlumbing:
     async def append(self, operation: str, task_id: str, version: int, event: Event) -> None:
         """Append ``event`` at ``version`` to the task's log, with its wake-up.
 
-        Returns once the entry is in the stream; concurrent appends share round trips
-        (:class:`GroupedAppends`).
+        Returns once the entry is in the stream; concurrent appends share round trips.
         """
-        commands = self.append_commands(task_id, version, event)
+        await self.write(operation, task_id, self.append_commands(task_id, version, event))
+
+    async def write(self, operation: str, task_id: str, commands: list[Command]) -> None:
+        """:meth:`run`, grouped with the writes of other tasks made meanwhile.
+
+        One round trip, shared (:class:`GroupedAppends`); returns once ``commands`` ran.
+        """
         key = self.keys.events(task_id)
         await self.appends.append(operation, key, commands, self.options.durability)
 

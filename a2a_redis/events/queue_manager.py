@@ -247,7 +247,7 @@ class RedisQueueManager(OnEventPlumbing, QueueManager):
         """
         retention = self._log.options.stream_retention
         commands = close_commands(self._log.keys, task_id, token=b"ended", retention=retention)
-        await self._log.run("end the queue's taps", task_id, commands)
+        await self._log.write("end the queue's taps", task_id, commands)
 
     # -- lifecycle -------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -290,7 +290,7 @@ class RedisQueueManager(OnEventPlumbing, QueueManager):
         self.leases.drop(task_id, token)
         retention = self._log.options.stream_retention
         commands = close_commands(self._log.keys, task_id, token=token, retention=retention)
-        await self._log.run("close the queue", task_id, commands)
+        await self._log.write("close the queue", task_id, commands)
         await self.leases.release(task_id, token)
 
     # -- tap side --------------------------------------------------------------------------
