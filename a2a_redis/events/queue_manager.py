@@ -287,6 +287,7 @@ class RedisQueueManager(OnEventPlumbing, QueueManager):
         token = self._leases.pop(task_id, None)
         if token is None:
             return
+        self._log.forget(task_id)
         self.leases.drop(task_id, token)
         retention = self._log.options.stream_retention
         commands = close_commands(self._log.keys, task_id, token=token, retention=retention)

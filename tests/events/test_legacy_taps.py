@@ -16,13 +16,16 @@ import uuid
 
 import pytest
 from a2a.server.events.event_queue import EventQueueLegacy
+from a2a.types.a2a_pb2 import TaskState
 
 from a2a_redis.connection.clients import client_from_url
 from a2a_redis.connection.cluster import is_cluster
+from a2a_redis.connection.transaction import Batch
 from a2a_redis.errors import CorruptDataError
-from a2a_redis.events.plumbing import GroupedAppends
+from a2a_redis.events.appends import EntryPacker, GroupedAppends, Write
 from a2a_redis.events.queue_manager import RedisQueueManager
-from a2a_redis.log.codec import encode_event
+from a2a_redis.log.codec import encode_event, ends_task_stream
+from a2a_redis.log.event_log import StreamRetention, append_commands
 from a2a_redis.log.keys import Keys
 from tests.events.test_join_storm import connections_by_node, reader_client
 from tests.events.test_queue_manager import close_draining, drain
@@ -148,7 +151,8 @@ async def test_a_refused_group_is_sent_again_one_append_at_a_time(redis, prefix)
 
     def append(task_id: str) -> asyncio.Future[None]:
         command = ("XADD", keys.events(task_id), "*", b"f", b"1", b"v", b"0")
-        return asyncio.ensure_future(appends.append("append", keys.events(task_id), [command]))
+        write = Write.of("append", keys.events(task_id), [command])
+        return asyncio.ensure_future(appends.write(write))
 
     leader = append("x")
     await asyncio.sleep(0)
@@ -163,3 +167,24 @@ async def test_a_refused_group_is_sent_again_one_append_at_a_time(redis, prefix)
         assert await redis.xlen(keys.events(task_id)) == 1
     assert len(calls) == (0 if is_cluster(redis) else 2)  # the leader's group, then the rest
     await appends.aclose()
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+@pytest.mark.parametrize("state", [TaskState.TASK_STATE_WORKING, TaskState.TASK_STATE_COMPLETED])
+def test_a_packed_append_is_append_commands_byte_for_byte(sharded: bool, state: int) -> None:
+    """``EntryPacker`` packs event_log's append by hand: the bytes must stay the same."""
+    keys = Keys("p", sharded=sharded)
+    retention = StreamRetention(maxlen=77, terminal_ttl=12.5, idle_ttl=99.0)
+    event = numbered(1, task_id="t:{x}", state=state)
+    write = EntryPacker(keys, retention).write("append", "t:{x}", 3, event)
+    reference = append_commands(
+        keys, "t:{x}", 3, event, terminal=ends_task_stream(event), retention=retention
+    )
+    packed, expected = Batch(), Batch()
+    for count, part, touched in write.parts:
+        packed.add_packed(count, part, *touched)
+    for command in reference:
+        expected.add(command)
+    assert packed.packed() == expected.packed()
+    assert write.commands() == reference  # what a write sent alone runs
+    assert write.key == keys.events("t:{x}")
