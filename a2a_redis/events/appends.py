@@ -223,7 +223,8 @@ class GroupedAppends:
         try:
             while self._queue and not self._closed:
                 group, self._queue = self._take()
-                await self._send(group)
+                with contextlib.suppress(Exception):  # (each of its callers has its answer)
+                    await self._send(group)
         finally:
             self._busy = False
 
@@ -252,13 +253,18 @@ class GroupedAppends:
             reply = await self._exchange(batch.packed())
         except (rex.ConnectionError, rex.TimeoutError):
             reply = None
+        except Exception:  # (the pool is exhausted): the others try alone, as they would
+            await self._one_by_one([w for w in group if w.future is not None])
+            raise
         except BaseException:  # cancelled (closing): no caller may wait forever
             _answer(group, ListenerClosedError("the log writer was closed"))
             raise
         if reply == 1:
             _answer(group, None)
-        else:
-            await self._one_by_one(group)
+            return
+        if isinstance(reply, rex.ReadOnlyError):  # a demoted primary: check out afresh
+            await self._drop_connection(self._conn)
+        await self._one_by_one(group)
 
     async def _one_by_one(self, group: list[Write]) -> None:
         """Send a failed group's writes again, each alone, each caller its own answer."""
@@ -290,11 +296,7 @@ class GroupedAppends:
         try:
             (reply,) = await _exchange(conn, packed, 1)
         except BaseException:
-            self._conn = None
-            try:
-                await conn.disconnect()  # mid-reply: unusable
-            finally:
-                await pool.release(conn)
+            await self._drop_connection(conn)  # mid-reply: unusable
             raise
         if self._closed:  # (closed meanwhile: aclose left it to us)
             self._conn = None
@@ -304,6 +306,16 @@ class GroupedAppends:
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_at(self._last + self._linger, self._idle)
         return reply
+
+    async def _drop_connection(self, conn: AbstractConnection | None) -> None:
+        """Disconnect ``conn`` (the held connection, or was) and return it to the pool."""
+        if self._conn is conn:
+            self._conn = None
+        if conn is not None and self._pool is not None:
+            try:
+                await conn.disconnect()
+            finally:
+                await self._pool.release(conn)
 
     def _idle(self) -> None:
         """Return the held connection once ``linger`` passed without a write."""
