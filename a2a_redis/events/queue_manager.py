@@ -9,11 +9,15 @@ It stands on the same per-task Streams and the same listener as ``RedisTaskEvent
   returns, so nothing can be dropped by a later ``close(immediate=True)``), and closing the
   queue appends a close mark. While the queue is open the replica holds a lease in Redis
   (``keys.lease``, see ``leases.py``), renewed every ``lease_ttl / 3`` together with a
-  pub/sub heartbeat.
+  pub/sub heartbeat. An append is one round trip, shared with the appends of the other
+  tasks enqueuing meanwhile (group commit, ``appends.py``).
 * **Any replica's** ``tap(task_id)`` returns a queue fed from the stream with every event
   enqueued from then on, exactly once and in order, ending (closed, after it drained) at the
   close mark. If the owner dies, no heartbeat comes and the tap closes after ``lease_ttl``:
-  taps never hang. ``tap`` returns None when no replica holds the task's lease. A tap that
+  taps never hang. ``tap`` returns None when no replica holds the task's lease. Its reads
+  (the lease, the stream's end) are pipelined with other joins' reads, the stream's end
+  read once per task for the taps and subscribers joining meanwhile (``backlog.py``,
+  ``reads.py``): a wave of resubscribes uses a few connections, not one each. A tap that
   meets an entry it cannot decode closes there (logged at WARNING with the key and entry
   id), as on any other error: it never skips an event silently.
 * ``get`` and ``close`` concern the queues this replica owns; ``TaskQueueExists`` and
