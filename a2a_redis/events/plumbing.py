@@ -3,7 +3,8 @@
 Both stand on one mechanism: each task's event log (``log/event_log.py``), one live listener
 and one lease keeper per process. This holds what they need of it, once: the namespace's
 keys and options, the shared listener and lease keeper (or their own, made here and closed
-by :meth:`EventPlumbing.aclose`), and the one way both write to a task's log.
+by :meth:`EventPlumbing.aclose`), the joins' shared backlog reads (``backlog.py``), and the
+one way both write to a task's log, with writes grouped across tasks (``appends.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from a2a.server.events.event_queue import Event
 
 from a2a_redis.connection.cluster import Client
 from a2a_redis.connection.transaction import Command, run_atomically
+from a2a_redis.events.appends import EntryPacker, GroupedAppends, Write
+from a2a_redis.events.backlog import Backlog
 from a2a_redis.events.leases import LeaseKeeper
 from a2a_redis.events.listener import StreamListener
 from a2a_redis.log.codec import ends_task_stream
@@ -49,6 +52,13 @@ class EventPlumbing:
         self.leases = (
             LeaseKeeper(redis, self.keys, ttl=options.lease_ttl) if leases is None else leases
         )
+        #: Joins' backlog reads, shared per task and pipelined across tasks.
+        self.backlogs = Backlog(redis, self.listener, self.keys)
+        #: Writes to tasks' logs, grouped across concurrently writing tasks.
+        self.appends = GroupedAppends(redis)
+        self._packer = EntryPacker(
+            self.keys, options.stream_retention, max_bytes=options.max_payload_bytes
+        )
 
     def append_commands(self, task_id: str, version: int, event: Event) -> list[Command]:
         """The commands appending ``event`` at ``version`` to the task's log, with its wake-up.
@@ -61,6 +71,25 @@ class EventPlumbing:
             max_bytes=self.options.max_payload_bytes,
         )  # fmt: skip
 
+    async def append(self, operation: str, task_id: str, version: int, event: Event) -> None:
+        """Append ``event`` at ``version`` to the task's log, with its wake-up.
+
+        Returns once the entry is in the stream; concurrent appends share round trips
+        (:class:`~a2a_redis.events.appends.GroupedAppends`). Raises ``PayloadTooLargeError``
+        if the event is over ``max_payload_bytes``.
+        """
+        write = self._packer.write(operation, task_id, version, event)
+        await self.appends.write(write, self.options.durability)
+
+    async def write(self, operation: str, task_id: str, commands: list[Command]) -> None:
+        """:meth:`run`, grouped with the writes of other tasks made meanwhile."""
+        write = Write.of(operation, self.keys.events(task_id), commands)
+        await self.appends.write(write, self.options.durability)
+
+    def forget(self, task_id: str) -> None:
+        """Drop what :meth:`append` keeps of the task (its writer is done with it)."""
+        self._packer.forget(task_id)
+
     async def run(self, operation: str, task_id: str, commands: list[Command]) -> None:
         """Run log commands for ``task_id`` atomically: one round trip (and ``WAIT``)."""
         await run_atomically(
@@ -70,6 +99,7 @@ class EventPlumbing:
     async def aclose(self) -> None:
         """Close the listener and lease keeper made here (shared ones stay open)."""
         try:
+            await self.appends.aclose()
             if self._owns_leases:
                 await self.leases.aclose()
         finally:

@@ -9,11 +9,15 @@ It stands on the same per-task Streams and the same listener as ``RedisTaskEvent
   returns, so nothing can be dropped by a later ``close(immediate=True)``), and closing the
   queue appends a close mark. While the queue is open the replica holds a lease in Redis
   (``keys.lease``, see ``leases.py``), renewed every ``lease_ttl / 3`` together with a
-  pub/sub heartbeat.
+  pub/sub heartbeat. An append is one round trip, shared with the appends of the other
+  tasks enqueuing meanwhile (group commit, ``appends.py``).
 * **Any replica's** ``tap(task_id)`` returns a queue fed from the stream with every event
   enqueued from then on, exactly once and in order, ending (closed, after it drained) at the
   close mark. If the owner dies, no heartbeat comes and the tap closes after ``lease_ttl``:
-  taps never hang. ``tap`` returns None when no replica holds the task's lease. A tap that
+  taps never hang. ``tap`` returns None when no replica holds the task's lease. Its reads
+  (the lease, the stream's end) are pipelined with other joins' reads, the stream's end
+  read once per task for the taps and subscribers joining meanwhile (``backlog.py``,
+  ``reads.py``): a wave of resubscribes uses a few connections, not one each. A tap that
   meets an entry it cannot decode closes there (logged at WARNING with the key and entry
   id), as on any other error: it never skips an event silently.
 * ``get`` and ``close`` concern the queues this replica owns; ``TaskQueueExists`` and
@@ -46,8 +50,7 @@ from a2a_redis.log.event_log import (
     StreamEntry,
     StreamRetention,
     close_commands,
-    decode_rows,
-    parse_entry_id,
+    format_position,
 )
 from a2a_redis.options import DEFAULT_LEASE_TTL, Options
 
@@ -84,6 +87,20 @@ class _RemoteTap(EventQueueLegacy):
     """A queue on a replica that does not own the task, fed from the task's stream."""
 
     pump: asyncio.Task[None] | None = None
+
+    def offer(self, event: Event) -> bool:
+        """Buffer ``event`` at once if that is all ``enqueue_event`` would do; else False.
+
+        So while the consumer keeps up, an event costs its pump no task, timer or lock
+        (``enqueue_event`` also feeds this tap's own taps, and waits while it is full).
+        """
+        if self._children or self._is_closed:
+            return False
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            return False
+        return True
 
     async def close(self, immediate: bool = False) -> None:
         """Close without waiting for the consumer to drain: it may be gone for good.
@@ -202,8 +219,10 @@ class RedisQueueManager(OnEventPlumbing, QueueManager):
         if local is not None:
             return await local.tap()
         lease = self._log.keys.lease(task_id)
-        with redis_errors("tap", lease):
-            token = await self.redis.get(lease)
+        with redis_errors("tap", lease):  # pipelined with other joins' reads (reads.py)
+            (token,) = await self.listener.reads.read(("GET", lease))
+            if isinstance(token, Exception):
+                raise token
         if token is None:
             return None
         return await self._remote_tap(task_id, cast(bytes, token))
@@ -232,7 +251,7 @@ class RedisQueueManager(OnEventPlumbing, QueueManager):
         """
         retention = self._log.options.stream_retention
         commands = close_commands(self._log.keys, task_id, token=b"ended", retention=retention)
-        await self._log.run("end the queue's taps", task_id, commands)
+        await self._log.write("end the queue's taps", task_id, commands)
 
     # -- lifecycle -------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
@@ -265,36 +284,37 @@ class RedisQueueManager(OnEventPlumbing, QueueManager):
         self._leases[task_id] = await self.leases.take(task_id)
 
     async def _append(self, task_id: str, event: Event) -> None:
-        commands = self._log.append_commands(task_id, 0, event)
-        await self._log.run("append to the queue", task_id, commands)
+        await self._log.append("append to the queue", task_id, 0, event)
 
     async def _mark_closed(self, task_id: str) -> None:
         """Append the close mark (naming this opening's token) and release the lease; once."""
         token = self._leases.pop(task_id, None)
         if token is None:
             return
+        self._log.forget(task_id)
         self.leases.drop(task_id, token)
         retention = self._log.options.stream_retention
         commands = close_commands(self._log.keys, task_id, token=token, retention=retention)
-        await self._log.run("close the queue", task_id, commands)
+        await self._log.write("close the queue", task_id, commands)
         await self.leases.release(task_id, token)
 
     # -- tap side --------------------------------------------------------------------------
     async def _remote_tap(self, task_id: str, token: bytes) -> EventQueueLegacy:
         tap = _RemoteTap(max_queue_size=self._tap_size)
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        key = self._log.keys.events(task_id)
 
         async def from_the_end() -> tuple[list[StreamEntry], Position]:
-            rows = cast(Rows, await self.redis.xrevrange(key, count=1))
+            """The stream's end, read once for every tap (or subscriber) joining meanwhile."""
+            page = await self._log.backlogs.page(task_id, forward=False)
             if not started.done():
                 started.set_result(None)
-            if not rows:
+            if not page.entries:
                 return [], (0, 0)
-            entry_id, fields = rows[0]
-            if close_mark_of(fields, token):
-                return decode_rows(key, rows), (0, 0)  # closed since we read the lease: end
-            return [], parse_entry_id(entry_id)  # (an older opening's close mark is history)
+            last = page.entries[-1]
+            mark = last.event is None and last.error is None
+            if mark and await self._closes(page.key, last, token):
+                return [last], (0, 0)  # closed since we read the lease: end
+            return [], last.position  # (an older opening's close mark is history)
 
         lease = lease_ttl_of(token, self.leases.ttl)
         tap.pump = asyncio.ensure_future(self._pump(task_id, tap, from_the_end, lease))
@@ -304,6 +324,18 @@ class RedisQueueManager(OnEventPlumbing, QueueManager):
         if tap.pump in done and not started.done():
             tap.pump.result()  # the tap could not start: raise why
         return tap
+
+    async def _closes(self, key: str, mark: StreamEntry, token: bytes) -> bool:
+        """Whether the close mark ``mark`` is that of the queue opened with lease ``token``.
+
+        The shared read decodes entries without the opening a close mark names: one read
+        of that entry (pipelined with other joins' reads), only when a stream ends with one.
+        """
+        at = format_position(mark.position)
+        (rows,) = await self.listener.reads.read(("XRANGE", key, at, at))
+        if isinstance(rows, Exception):
+            raise rows
+        return any(close_mark_of(fields, token) for _, fields in cast(Rows, rows))
 
     async def _pump(
         self,
@@ -325,6 +357,8 @@ class RedisQueueManager(OnEventPlumbing, QueueManager):
                     raise entry.error
                 if entry.event is None:
                     break
+                if tap.offer(entry.event):
+                    continue
                 try:  # a consumer that stops reading for lease_ttl is gone: let go
                     await asyncio.wait_for(tap.enqueue_event(entry.event), lease)
                 except asyncio.TimeoutError:

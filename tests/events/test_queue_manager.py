@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis.asyncio as aioredis
@@ -32,21 +31,6 @@ async def drain(queue: EventQueueLegacy) -> list[TaskStatusUpdateEvent]:
 async def close_draining(manager: QueueManager, task_id: str, queue: EventQueueLegacy) -> None:
     """Close the owner's queue while its own consumer drains it (close waits for that)."""
     await asyncio.wait_for(asyncio.gather(manager.close(task_id), drain(queue)), GUARD)
-
-
-@pytest.fixture
-async def managers(
-    client_factory: Callable[[], aioredis.Redis], redis: aioredis.Redis, prefix: str
-) -> AsyncIterator[Callable[..., RedisQueueManager]]:
-    made: list[RedisQueueManager] = []
-
-    def make(**kwargs: object) -> RedisQueueManager:
-        made.append(RedisQueueManager(client_factory(), prefix=prefix, **kwargs))  # type: ignore[arg-type]
-        return made[-1]
-
-    yield make
-    for manager in made:
-        await manager.aclose()
 
 
 @pytest.fixture(params=["in-memory", "redis"])
