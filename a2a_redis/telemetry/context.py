@@ -27,11 +27,11 @@ def _current_span() -> Any:
     return _trace.get_current_span() if operation is None else operation.span
 
 
-def _traceparent() -> bytes | None:
-    """The current span's W3C ``traceparent``, if a valid span is current."""
+def _traceparent(span: Any = None) -> bytes | None:
+    """The W3C ``traceparent`` of ``span`` (None: the current span), if it is valid."""
     if _S.tracer is None:
         return None
-    context = _current_span().get_span_context()
+    context = (span or _current_span()).get_span_context()
     if not context.is_valid:
         return None
     return b"00-%032x-%016x-%02x" % (context.trace_id, context.span_id, context.trace_flags)
@@ -42,10 +42,11 @@ def entry_context() -> bytes | None:
 
     None (no field) unless an SDK records here: without one, writing costs nothing.
     """
-    if not _S.on or not _recording():
+    operation = _OURS.get()  # (one is in progress only while an SDK records)
+    if operation is None and (not _S.on or not _recording()):
         return None
     stamp = b"%d" % (time.time_ns() // 1000)
-    parent = _traceparent()
+    parent = _traceparent(None if operation is None else operation.span)
     return stamp if parent is None else stamp + b";" + parent
 
 

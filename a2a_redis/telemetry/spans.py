@@ -24,37 +24,42 @@ from a2a_redis.telemetry.state import _OURS, _S, Operation, _live, _recording
 try:
     from opentelemetry import metrics as _metrics
     from opentelemetry import trace as _trace
+    from opentelemetry.context import get_current as _get_current
 except ImportError:  # no otel extra: never reached (nothing records)
-    _metrics = _trace = None  # type: ignore[assignment]
+    _metrics = _trace = _get_current = None  # type: ignore[assignment]
 
 __all__ = ["MAX_LINKS", "Subscription", "served", "span", "store_operation", "subscription"]
 
 #: Distinct producer contexts a subscription span links to, at most.
 MAX_LINKS = 32
 _DB = {"db.system.name": "redis"}
-_ATTRIBUTES: dict[str, dict[str, str]] = {}  # a span's attributes at its start, per operation
+_ATTRIBUTES: dict[str, dict[str, str]] = {}  # a span's fixed attributes, per operation
 _CONFLICTS = (ConcurrentTaskModificationError, ContentionError, TaskOwnedElsewhereError)
 _PATHS = ({"path": "live"}, {"path": "backlog"})  # written after, or before, the join
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 
 
 def _start(operation: str) -> Any:
-    """A CLIENT span ``a2a_redis <operation>``, child of the current span; None when off."""
+    """A CLIENT span ``a2a_redis <operation>``, child of the current span; None when off.
+
+    Its attributes are all set at its end, in one call (:func:`_end`): the SDK cleans and
+    locks once per call, and a sampler of ours needs none of them.
+    """
     tracer = _S.tracer
     if tracer is None:
         return None
-    attributes = _ATTRIBUTES.get(operation)
-    if attributes is None:
-        attributes = _ATTRIBUTES[operation] = {**_DB, "db.operation.name": operation}
-    return tracer.start_span(
-        f"a2a_redis {operation}", kind=_trace.SpanKind.CLIENT, attributes=attributes
-    )
+    # The current context, read once: else the tracer and its sampler each read it again.
+    return tracer.start_span(f"a2a_redis {operation}", _get_current(), _trace.SpanKind.CLIENT)
 
 
-def _end(operation: Operation, conflicts: int) -> None:
-    """Set what the operation cost on its span (one call: each call takes the span's lock)."""
+def _end(operation: Operation, name: str, conflicts: int) -> None:
+    """Set the span's attributes, with what the operation cost, and end it."""
+    static = _ATTRIBUTES.get(name)
+    if static is None:
+        static = _ATTRIBUTES[name] = {**_DB, "db.operation.name": name}
     operation.span.set_attributes(
         {
+            **static,
             "a2a_redis.round_trips": operation.round_trips,
             "a2a_redis.retries": operation.retries,
             "a2a_redis.conflicts": conflicts,
@@ -79,7 +84,7 @@ def span(operation: str) -> Iterator[Any]:
         raise
     finally:
         _OURS.reset(token)
-        _end(ours, 0)
+        _end(ours, operation, 0)
 
 
 def _failed(current: Any, error: BaseException) -> None:
@@ -120,7 +125,7 @@ def store_operation(operation: str) -> Callable[[_F], _F]:
             finally:
                 if ours is not None:
                     _OURS.reset(token)  # type: ignore[arg-type]
-                    _end(ours, int(outcome == "conflict"))
+                    _end(ours, operation, int(outcome == "conflict"))
                 _S.i["store"].record(time.perf_counter() - start, outcomes[outcome])
 
         return measured  # type: ignore[return-value]
