@@ -141,6 +141,9 @@ def test_the_dashboard_shows_what_operators_ask() -> None:
         r"a2a_redis_listener_reconnects_total",
         r"a2a_redis_leases_held",
         r"a2a_redis_orphans_failed_total",
+        r"rate\(a2a_redis_push_delivered_total",
+        r"rate\(a2a_redis_push_dead_total",
+        r"a2a_redis_push_in_flight",
     ):
         assert re.search(wanted, queries), wanted
 
