@@ -31,7 +31,7 @@ def _traceparent(span: Any = None) -> bytes | None:
     """The W3C ``traceparent`` of ``span`` (None: the current span), if it is valid."""
     if _S.tracer is None:
         return None
-    context = (span or _current_span()).get_span_context()
+    context = (_current_span() if span is None else span).get_span_context()
     if not context.is_valid:
         return None
     return b"00-%032x-%016x-%02x" % (context.trace_id, context.span_id, context.trace_flags)

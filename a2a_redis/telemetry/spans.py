@@ -42,8 +42,9 @@ _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 def _start(operation: str) -> Any:
     """A CLIENT span ``a2a_redis <operation>``, child of the current span; None when off.
 
-    Its attributes are all set at its end, in one call (:func:`_end`): the SDK cleans and
-    locks once per call, and a sampler of ours needs none of them.
+    Its attributes are all set at its end, in one call (:func:`_end`): the SDK cleans them
+    and takes the span's lock once per call. (A sampler sees none; the name tells the
+    operation.)
     """
     tracer = _S.tracer
     if tracer is None:
