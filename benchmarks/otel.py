@@ -270,7 +270,7 @@ def _report(report: Report, title: str, unit: str, paired: Paired) -> None:
     report.facts.setdefault("overhead_percent", {})[title] = costs
     report.note(
         f"{title}: median per-turn throughput cost, API only {costs[API]:+.1f}%, "
-        f"SDK + exporter {costs[SDK]:+.1f}%, of which the SDK's own calls alone "
+        f"SDK + exporter {costs[SDK]:+.1f}%, the same SDK calls alone (none of ours) "
         f"{costs[BARE]:+.1f}% (negative: faster, within noise)"
     )
 
