@@ -1,6 +1,6 @@
-"""What OpenTelemetry costs: save throughput and cross-replica delivery, three ways.
+"""What OpenTelemetry costs: save throughput and cross-replica delivery, four ways.
 
-The same workload runs with ``a2a_redis.telemetry`` in three modes, side by side: many
+The same workload runs with ``a2a_redis.telemetry`` in four modes, side by side: many
 short rounds in turns (each turn one round of each mode, in rotating order), the cost taken
 as the median of the per-turn throughput ratios, so that load from elsewhere on the
 machine hits the modes alike. The client process's CPU time per operation is given too:
@@ -13,7 +13,11 @@ it is what the instrumentation itself spends.
 * **SDK + exporter**: the SDK's ``MeterProvider`` (an ``InMemoryMetricReader``) and
   ``TracerProvider`` with a ``BatchSpanProcessor`` (what production uses) into an
   ``InMemorySpanExporter``. No request span of the
-  caller's is made: the figures are our instrumentation's cost alone.
+  caller's is made: the figures are our instrumentation's cost alone;
+* **SDK calls alone**: no instrumentation of ours (the switch off), but each save makes the
+  SDK calls that ours makes for it, straight: one span started, given its five attributes
+  and ended, one histogram point (and, on delivery, a second point). What this mode costs
+  is the SDK's own share; "SDK + exporter" minus it is ours.
 
 Figures: versioned saves per second (one coroutine: a chain of CAS updates, each with its
 event; and 16 coroutines, a task each), and deliveries per second, one at a time (A saves
@@ -39,6 +43,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from a2a_redis import telemetry
 from a2a_redis.events.event_stream import RedisTaskEventStream
@@ -48,8 +53,14 @@ from benchmarks.event_stream import replica_client
 
 CTX = ServerCallContext()
 OFF, API, SDK = "no OpenTelemetry", "API only (no-op)", "SDK + exporter"
-MODES = (OFF, API, SDK)
+BARE = "SDK calls alone"
+MODES = (OFF, API, SDK, BARE)
 CONCURRENCY = 16
+BARE_ATTRIBUTES: dict[str, str | int] = {
+    "db.system.name": "redis", "db.operation.name": "save",
+    "a2a_redis.round_trips": 2, "a2a_redis.retries": 0, "a2a_redis.conflicts": 0,
+}  # fmt: skip
+BARE_OUTCOME = {"operation": "save", "outcome": "ok"}
 Step = Callable[[], Awaitable[None]]
 
 
@@ -100,7 +111,7 @@ async def measure_paired(workloads: dict[str, list[Step]], sizes: Sizes) -> Pair
     rates: dict[str, list[float]] = {m: [] for m in workloads}
     cpu: dict[str, list[float]] = {m: [] for m in workloads}
     for turn in range(sizes.turns):
-        order = [*MODES[turn % 3 :], *MODES[: turn % 3]]
+        order = [*MODES[turn % len(MODES) :], *MODES[: turn % len(MODES)]]
         for mode in order:
             gc.collect()
             ops, wall, used = await _round(workloads[mode], sizes.seconds)
@@ -124,6 +135,8 @@ class Modes:
         self.tracers = TracerProvider()
         self.tracers.add_span_processor(BatchSpanProcessor(self.exporter))
         self.meters = MeterProvider(metric_readers=[InMemoryMetricReader()])
+        self.bare_tracer = self.tracers.get_tracer("bare")
+        self.bare_histogram = self.meters.get_meter("bare").create_histogram("bare")
         self.current = ""
 
     def use(self, mode: str) -> None:
@@ -131,12 +144,20 @@ class Modes:
             return
         self.current = mode
         self.exporter.clear()
-        if mode == OFF:
+        if mode in (OFF, BARE):
             telemetry.configure(enabled=False)
         elif mode == API:
             telemetry.configure()  # the global providers: never set here, so the no-ops
         else:
             telemetry.configure(meter_provider=self.meters, tracer_provider=self.tracers)
+
+    def bare(self, points: int = 1) -> None:
+        """The SDK calls our instrumentation makes for one save, made straight."""
+        span = self.bare_tracer.start_span("bare", None, SpanKind.CLIENT)
+        span.set_attributes(BARE_ATTRIBUTES)
+        span.end()
+        for _ in range(points):
+            self.bare_histogram.record(0.001, BARE_OUTCOME)
 
     def close(self) -> None:
         telemetry.configure()
@@ -158,8 +179,10 @@ class Chain:
         self.task = Task(id=task_id, context_id="bench", status=TaskStatus())
         self.version = TaskVersion.MISSING
 
-    async def step(self) -> None:
+    async def step(self, points: int = 1) -> None:
         self.modes.use(self.mode)
+        if self.mode == BARE:
+            self.modes.bare(points)
         event = _event(self.task.id) if self.version else self.task
         self.version = await self.store.save(
             self.task, event=event, prev_version=self.version, context=CTX
@@ -195,7 +218,7 @@ class Delivery:
 
     async def step(self) -> None:
         self.got.clear()
-        await self.chain.step()
+        await self.chain.step(points=2)  # (the save's, and the delivery's)
         await self.got.wait()
 
 
@@ -243,11 +266,12 @@ def _report(report: Report, title: str, unit: str, paired: Paired) -> None:
     with report.group(title + ": client CPU per operation", "µs", higher_is_better=False) as group:
         for mode in MODES:
             group.add(mode, paired.cpu_us[mode], anchor=mode == OFF)
-    costs = {m: (1 - paired.ratio[m]) * 100 for m in (API, SDK)}
+    costs = {m: (1 - paired.ratio[m]) * 100 for m in (API, SDK, BARE)}
     report.facts.setdefault("overhead_percent", {})[title] = costs
     report.note(
         f"{title}: median per-turn throughput cost, API only {costs[API]:+.1f}%, "
-        f"SDK + exporter {costs[SDK]:+.1f}% (negative: faster, within noise)"
+        f"SDK + exporter {costs[SDK]:+.1f}%, the same SDK calls alone (none of ours) "
+        f"{costs[BARE]:+.1f}% (negative: faster, within noise)"
     )
 
 

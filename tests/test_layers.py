@@ -47,7 +47,7 @@ def _layer(module: str) -> str:
 
 def _imports(module: str, path: Path, known: set[str]) -> set[str]:
     """The package's modules that ``module`` imports (``from a2a_redis.x import y`` names
-    module ``a2a_redis.x.y`` when that is a module, else ``a2a_redis.x``)."""
+    module ``a2a_redis.x.y`` when that is a module or a package, else ``a2a_redis.x``)."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -57,6 +57,8 @@ def _imports(module: str, path: Path, known: set[str]) -> set[str]:
                 continue
             for alias in node.names:
                 candidate = f"{node.module}.{alias.name}"
+                if candidate + ".__init__" in known:  # a package: a2a_redis.telemetry
+                    candidate += ".__init__"
                 found.add(candidate if candidate in known else node.module)
     found.discard(module)
     resolved = {m for m in found if m in known}

@@ -25,6 +25,7 @@ from redis import exceptions as rex
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from a2a_redis import telemetry
 from a2a_redis.connection.cluster import Client, is_cluster
 from a2a_redis.errors import ReplicationTimeoutError
 
@@ -87,6 +88,7 @@ async def run_script(
     counts replicas that have this connection's last write). Raises
     ``ReplicationTimeoutError`` naming ``key`` when too few replicas confirm.
     """
+    telemetry.round_trip()
     if durability is None or not durability.waits:
         return await script(keys=keys, args=args)
     if is_cluster(redis):  # WAIT must follow on the slot's own connection: not done yet

@@ -1,17 +1,13 @@
 """Optimistic transactions in two round trips: (WATCH + reads), then (MULTI ... EXEC).
 
-redis-py's ``Pipeline.watch`` executes WATCH and each read as separate round trips, and its
-``transaction()`` helper retries forever. This helper sends WATCH together with the reads in
-one write, and MULTI, the body and EXEC in a second, on one pooled connection. Callers
-decide, between the two, whether to commit; the retry policy is theirs (bounded).
-
-The body of a commit is a list of commands run by one ``EVALSHA`` of :data:`BATCH_SCRIPT`
-inside the MULTI: the server applies them exactly as if queued one by one (EXEC still
-aborts if a watched key changed), but the client reads three replies, not one per command.
-
-Commands are packed here (:class:`Batch` takes parts its callers cached) and written
-straight to the connection. It is returned to the pool clean: after EXEC (which clears
-WATCH), after an explicit :meth:`WatchedTransaction.unwatch`, or, on error, disconnected.
+redis-py's ``Pipeline.watch`` runs WATCH and each read as separate round trips, and its
+``transaction()`` retries forever. Here WATCH goes with the reads in one write, and MULTI,
+the body and EXEC in a second, on one pooled connection; callers decide in between whether
+to commit, and retry a bounded number of times. The body is a list of commands run by one
+``EVALSHA`` of :data:`BATCH_SCRIPT` inside the MULTI, applied as if queued one by one (EXEC
+still aborts if a watched key changed) with three replies to read, not one per command,
+packed here (:class:`Batch`) and written straight to the connection. The connection returns
+clean: after EXEC, ``unwatch`` or, on error, disconnected. ``telemetry`` counts round trips.
 """
 
 from __future__ import annotations
@@ -32,6 +28,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 
+from a2a_redis import telemetry
 from a2a_redis.connection.cluster import (
     REDIRECTS,
     Client,
@@ -192,6 +189,7 @@ def batch_args(commands: Sequence[Command]) -> tuple[list[bytes], list[bytes]]:
 
 async def backoff(attempt: int, base: float = 0.001, cap: float = 0.05) -> None:
     """Sleep a small, jittered, exponentially growing delay before retry ``attempt`` (1-based)."""
+    telemetry.retried()
     await asyncio.sleep(random.uniform(0, min(cap, base * (2**attempt))))
 
 
@@ -219,6 +217,7 @@ async def _exchange(
     conn: AbstractConnection, packed: bytes, count: int, wait: float = 0.0
 ) -> list[Any]:
     """Send ``packed`` and read ``count`` replies (error replies returned, not raised)."""
+    telemetry.round_trip()
     await _send(conn, packed)
     if _ONE_TIMEOUT:  # one timeout for the whole round trip, not one per reply
         deadline = getattr(conn, "socket_timeout", None)
@@ -279,6 +278,7 @@ async def execute(pipe: Pipeline | ClusterPipeline) -> list[Any]:
     redis-py rewrites pipeline errors ("Command # 1 (...) of pipeline caused error"), which
     hides the documented prefix (WRONGTYPE, ...) that ``errors.redis_errors`` looks for.
     """
+    telemetry.round_trip()
     replies: list[Any] = await pipe.execute(raise_on_error=False)
     _raise_nested(replies)
     return replies

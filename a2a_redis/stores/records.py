@@ -25,6 +25,7 @@ from a2a.types.a2a_pb2 import Task
 from a2a.utils.proto_utils import to_stream_response
 from redis import exceptions as rex
 
+from a2a_redis import telemetry
 from a2a_redis.connection.cluster import Client, SlotMovedError, is_cluster
 from a2a_redis.connection.transaction import (
     FALLBACK,
@@ -163,6 +164,7 @@ class TaskRecords:
         with redis_errors("get task", key):
             row = await call_packed(self.redis, frame.read)
             if row is FALLBACK:
+                telemetry.round_trip()  # (redis-py's, on a cluster)
                 row = await self.redis.hmget(key, list(_READ_FIELDS))
             elif isinstance(row, rex.ResponseError):
                 raise row

@@ -23,6 +23,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import REGISTRY, generate_latest
 
 from a2a_redis import telemetry
+from a2a_redis.telemetry import state
 from tests.helpers import ROOT, client_pair, final_state, replica_pair, start_stream
 
 EXAMPLES = ROOT / "examples"
@@ -95,13 +96,13 @@ def exported_names() -> set[str]:
     provider = MeterProvider(metric_readers=[reader])
     telemetry.configure(meter_provider=provider)
     try:
-        for instrument in telemetry._S.i.values():
+        for instrument in state._S.i.values():
             if hasattr(instrument, "record"):
                 instrument.record(0.01, {"operation": "save", "outcome": "ok", "path": "live"})
             elif hasattr(instrument, "add"):
                 instrument.add(1, {"reason": "too_large"})
         owner = type("Owner", (), {})()
-        for name, *_ in telemetry._OBSERVED:
+        for name, *_ in state._OBSERVED:
             telemetry.observe(name, owner, lambda _: 1)
         text = generate_latest(REGISTRY).decode()
     finally:
@@ -140,6 +141,9 @@ def test_the_dashboard_shows_what_operators_ask() -> None:
         r"a2a_redis_listener_reconnects_total",
         r"a2a_redis_leases_held",
         r"a2a_redis_orphans_failed_total",
+        r"rate\(a2a_redis_push_delivered_total",
+        r"rate\(a2a_redis_push_dead_total",
+        r"a2a_redis_push_in_flight",
     ):
         assert re.search(wanted, queries), wanted
 
