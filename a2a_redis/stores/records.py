@@ -176,6 +176,9 @@ class TaskRecords:
             task, payload, owner=owner, version=version, write_id=write_id,
             expires_at=expires_at, member=member,
         )  # fmt: skip
+        state = task.status.state
+        head = RecordHead(owner, version, task.context_id, state, member, write_id, expires_at)
+        frame.wrote(record, head)
         if old is not None:  # the record exists: write only the fields that change
             kept = {**_KEPT, F_CONTEXT: old.context_id == task.context_id}
             kept[F_EXPIRES] = old.expires_at == expires_at
@@ -231,7 +234,7 @@ class TaskRecords:
         payload = task.SerializeToString()
         self.index.packed_keys(owner, task.context_id, task.status.state)
         check_payload_size(key, "task", len(payload), self.max_payload_bytes)
-        stream = self.keys.events(task.id)
+        stream = self._frame(task.id).events
         entry = None
         if event is not None:
             entry = encode_event(0, event, key=stream, limit=self.max_payload_bytes)
@@ -341,7 +344,7 @@ class TaskRecords:
             async with WatchedTransaction(self.redis, key, self.durability) as tx:
                 (raw,) = await tx.watch_packed(frame.watch, 1)
                 try:
-                    old = decode_head(key, raw)
+                    old = frame.decode(raw)
                     if old is not None and old.write_id == write_id:
                         # An earlier attempt committed; its reply was lost. With durability,
                         # rewrite its write id so that WAIT (on this connection) confirms it.

@@ -22,7 +22,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from a2a_redis.connection.batch import BATCH_CHECK, BATCH_RUN, Batch, Script, bulk, pack
-from a2a_redis.log.codec import F_OWNER, F_SCHEMA, F_TASK, F_VERSION, HEAD_FIELDS
+from a2a_redis.log.codec import (
+    F_OWNER,
+    F_SCHEMA,
+    F_TASK,
+    F_VERSION,
+    HEAD_FIELDS,
+    RecordHead,
+    decode_head,
+)
 from a2a_redis.log.keys import Keys
 
 __all__ = ["READ_FIELDS", "SAVE", "Frame", "save_batch"]
@@ -67,16 +75,21 @@ def _count(n: int) -> bytes:
 
 
 class Frame:
-    """One task's keys, packed once: a save's fixed parts."""
+    """One task's keys, packed once: a save's fixed parts; and its last head written."""
 
-    __slots__ = ("key", "lead", "packed", "push", "raw", "read", "stream", "watch")
+    __slots__ = (
+        "events", "head", "key", "lead", "packed", "push", "raw", "read", "stream", "watch",
+    )  # fmt: skip
 
     def __init__(self, keys: Keys, task_id: str, maxlen: int) -> None:
         self.key = keys.task(task_id)
         self.raw = self.key.encode()
         self.packed = bulk(self.raw)
         self.push = keys.push_configs(task_id)  # the task's push configs share its lifetime
-        self.stream = bulk(keys.events(task_id).encode())
+        self.events = keys.events(task_id)
+        self.stream = bulk(self.events.encode())
+        #: The head fields (``HEAD_FIELDS``) of the last record this replica wrote, decoded.
+        self.head: tuple[list[bytes], RecordHead] | None = None
         #: ARGV 1-3: the publish command, the wake channel, MAXLEN.
         self.lead = b"".join(
             bulk(a.encode()) for a in (keys.publish, keys.wake(task_id), str(maxlen))
@@ -85,6 +98,21 @@ class Frame:
         self.watch = pack([("WATCH", self.raw), ("HMGET", self.raw, *HEAD_FIELDS)])
         #: Read what ``get`` returns.
         self.read = pack([("HMGET", self.raw, *READ_FIELDS)])
+
+    def decode(self, values: list[bytes | None]) -> RecordHead | None:
+        """``codec.decode_head`` of the head read, skipped when it is the one last written."""
+        last = self.head
+        if last is not None and last[0] == values:
+            return last[1]
+        return decode_head(self.key, values)
+
+    def wrote(self, record: dict[bytes, bytes], head: RecordHead) -> None:
+        """Note a write's ``record`` (all its fields) and its ``head``, in case it commits.
+
+        ``decode_head`` is a function of the bytes read alone, so a head noted for bytes
+        that are not the stored ones (a write that lost its race) is never used wrongly.
+        """
+        self.head = ([record[name] for name in HEAD_FIELDS], head)
 
 
 def save_batch(
