@@ -61,7 +61,14 @@ class SlotMovedError(rex.ConnectionError):
 
 def is_cluster(redis: Any) -> TypeIs[RedisCluster]:
     """True for a ``redis.asyncio.cluster.RedisCluster``."""
-    return isinstance(redis, RedisCluster)
+    kind = type(redis)  # (isinstance against RedisCluster, a Protocol, takes microseconds)
+    found = _CLUSTER_TYPES.get(kind)
+    if found is None:
+        found = _CLUSTER_TYPES[kind] = isinstance(redis, RedisCluster)
+    return found
+
+
+_CLUSTER_TYPES: dict[type, bool] = {}
 
 
 def node_client(node: ClusterNode, address: str | None = None) -> Redis:

@@ -1,20 +1,26 @@
 """Optimistic transactions in two round trips: (WATCH + reads), then (MULTI ... EXEC).
 
-redis-py's ``Pipeline.watch`` runs WATCH and each read as separate round trips, and its
-``transaction()`` retries forever. Here WATCH goes with the reads in one write, and MULTI,
-the body and EXEC in a second, on one pooled connection; callers decide in between whether
-to commit, and retry a bounded number of times. The body is a list of commands run by one
-``EVALSHA`` of :data:`BATCH_SCRIPT` inside the MULTI, applied as if queued one by one (EXEC
-still aborts if a watched key changed) with three replies to read, not one per command,
-packed here (:class:`Batch`) and written straight to the connection. The connection returns
-clean: after EXEC, ``unwatch`` or, on error, disconnected. ``telemetry`` counts round trips.
+redis-py's ``Pipeline.watch`` executes WATCH and each read as separate round trips, and its
+``transaction()`` helper retries forever. This helper sends WATCH together with the reads in
+one write, and MULTI, the body and EXEC in a second, on one pooled connection. Callers
+decide, between the two, whether to commit; the retry policy is theirs (bounded).
+
+The body of a commit is a list of commands run by one ``EVALSHA`` of :data:`BATCH_SCRIPT`
+inside the MULTI: the server applies them exactly as if queued one by one (EXEC still
+aborts if a watched key changed), but the client reads three replies, not one per command.
+
+Commands are packed in ``batch.py`` (:class:`Batch` takes parts its callers cached) and
+written straight to the connection; replies are read straight from redis-py's hiredis
+reader (one pass per round trip instead of redis-py's layers per reply). The connection
+is returned to the pool clean: after EXEC (which clears WATCH), after an explicit
+:meth:`WatchedTransaction.unwatch`, or, on error, disconnected.
+``telemetry`` counts the round trips and retries of the operation in progress.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import math
 import random
 import sys
@@ -29,6 +35,18 @@ from redis.asyncio.cluster import ClusterPipeline
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 
 from a2a_redis import telemetry
+from a2a_redis.connection.batch import (
+    BATCH,
+    BATCH_BODY,
+    BATCH_SCRIPT,
+    WITH_ENTRY_ID,
+    Batch,
+    Command,
+    batch_args,
+    bulk,
+    pack,
+    resp,
+)
 from a2a_redis.connection.cluster import (
     REDIRECTS,
     Client,
@@ -46,145 +64,17 @@ __all__ = [
     "run_atomically",
 ]  # fmt: skip
 
-Command = tuple[Any, ...]
-
-#: Runs ARGV as a batch of commands: ``argc name arg ... argc name arg ...``. A (S)PUBLISH
-#: whose message starts with :data:`WITH_ENTRY_ID` publishes the id of the entry that was
-#: last in the stream before the batch's last XADD ("0-0" if none), a space, that XADD's
-#: id, a newline, and the rest of the message: a wake-up that carries its entry, and says
-#: which entry it follows (so a reader can tell that nothing came in between).
-#: Redis does not roll a script back when a command fails, so the script first checks
-#: that every key it will write as a zset or a stream is of that type (or absent), once
-#: per key: otherwise it writes nothing and replies ``WRONGTYPE <key> ...``, naming the
-#: key. (The task hash needs no check: the read that precedes every write of it, under
-#: WATCH, has already met it.) ``first`` is where the batch starts in ARGV: a script may
-#: prepend arguments: :data:`BATCH_BODY` is the script without its first line, for scripts
-#: that begin with their own checks and set ``first`` themselves.
-BATCH_BODY = b"""local want, seen = {ZADD = 'zset', ZREM = 'zset', XADD = 'stream'}, {}
-local i = first
-while i <= #ARGV do
-  local kind, key = want[ARGV[i + 1]], ARGV[i + 2]
-  if kind and not seen[key] then
-    seen[key] = true
-    local held = redis.call('TYPE', key)['ok']
-    if held ~= 'none' and held ~= kind then
-      return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. held .. ', not a ' .. kind)
-    end
-  end
-  i = i + tonumber(ARGV[i]) + 1
-end
-i = first
-local added, prev = '', '0-0'
-while i <= #ARGV do
-  local argc = tonumber(ARGV[i])
-  local name = ARGV[i + 1]
-  if (name == 'PUBLISH' or name == 'SPUBLISH') and string.sub(ARGV[i + 3], 1, 3) == '$E:' then
-    local ids = prev .. ' ' .. added .. '\\n'
-    redis.call(name, ARGV[i + 2], ids .. string.sub(ARGV[i + 3], 4))
-  else
-    if name == 'XADD' then
-      local tail = redis.call('XREVRANGE', ARGV[i + 2], '+', '-', 'COUNT', 1)
-      prev = tail[1] and tail[1][1] or '0-0'
-    end
-    local reply = redis.call(unpack(ARGV, i + 1, i + argc))
-    if name == 'XADD' then added = reply end
-  end
-  i = i + argc + 1
-end
-return 1
-"""
-BATCH_SCRIPT = b"local first = 1\n" + BATCH_BODY
-WITH_ENTRY_ID = b"$E:"
-_BATCH_SHA = hashlib.sha1(BATCH_SCRIPT).hexdigest().encode()  # Redis names scripts by SHA-1
 # redis-py 8 reads without its own per-reply timeout when given math.inf; Python 3.11 has
 # asyncio.timeout. With both, a round trip pays one timeout instead of one per reply.
 _ONE_TIMEOUT = sys.version_info >= (3, 11) and int(redis_version.split(".")[0]) >= 8
-_NOT_KEYS = frozenset({b"PUBLISH", b"SPUBLISH", b"MULTI", b"EXEC"})
-_MULTI_KEY = frozenset({b"UNLINK", b"DEL"})
-
-
-def _arg(value: Any) -> bytes:
-    if type(value) is bytes:
-        return value
-    if isinstance(value, str):
-        return value.encode()
-    if isinstance(value, int):
-        return b"%d" % value
-    raise TypeError(f"unsupported Redis argument type {type(value).__name__}")
-
-
-def bulk(value: bytes) -> bytes:
-    """``value`` as one RESP bulk string (an argument of a packed command)."""
-    return b"$%d\r\n%b\r\n" % (len(value), value)
-
-
-def _resp(args: Sequence[bytes]) -> bytes:
-    return b"*%d\r\n%b" % (len(args), b"".join(map(bulk, args)))
-
-
-def pack(commands: Sequence[Command | bytes]) -> bytes:
-    """Encode commands in RESP (args: bytes, str or int); pre-packed bytes pass through."""
-    return b"".join(c if isinstance(c, bytes) else _resp([_arg(a) for a in c]) for c in commands)
-
-
 _MULTI, _EXEC, _UNWATCH = pack([("MULTI",)]), pack([("EXEC",)]), pack([("UNWATCH",)])
+try:  # replies are read from redis-py's hiredis reader directly (see _read_hiredis)
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
+    from redis._parsers.hiredis import _AsyncHiredisParser as _HiredisParser
+except ImportError:  # pragma: no cover - another redis-py layout: read_response per reply
+    _HiredisParser, _NOT_ENOUGH_DATA = None, None  # type: ignore[assignment,misc]
 #: What :func:`call_packed` returns when the caller must use redis-py's own path.
 FALLBACK: Any = object()
-
-
-class Batch:
-    """The body of a commit: commands for :data:`BATCH_SCRIPT`, packed as they are added.
-
-    :meth:`add_packed` takes a command's ARGV part (argument count, name, arguments, each a
-    :func:`bulk` string) packed by the caller, who caches what it can of it.
-    """
-
-    __slots__ = ("_count", "_keys", "_parts", "first_key")
-
-    def __init__(self) -> None:
-        self._keys: dict[bytes, None] = {}
-        self._parts: list[bytes] = []
-        self._count = 0  # elements of ARGV
-        self.first_key = b""  # the key of the first command (the slot, for messages)
-
-    def add(self, command: Command) -> None:
-        """Append ``command`` (args: bytes, str or int)."""
-        args = [a if type(a) is bytes else _arg(a) for a in command]
-        name = args[0] = args[0].upper()
-        keys = args[1:] if name in _MULTI_KEY else [] if name in _NOT_KEYS else args[1:2]
-        self.add_packed(len(args) + 1, b"".join(map(bulk, [b"%d" % len(args), *args])), *keys)
-
-    def add_packed(self, count: int, packed: bytes, *keys: bytes) -> None:
-        """Append a command packed as ``count`` ARGV elements, touching ``keys``."""
-        if not self._count and keys:
-            self.first_key = keys[0]
-        self._keys.update(dict.fromkeys(keys))
-        self._parts.append(packed)
-        self._count += count
-
-    def packed(self) -> bytes:
-        """The EVALSHA running the batch, declaring every key it touches."""
-        keys = self._keys
-        head = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%b\r\n" % (3 + len(keys) + self._count, _BATCH_SHA)
-        return b"".join([head, bulk(b"%d" % len(keys)), *map(bulk, keys), *self._parts])
-
-
-def batch_args(commands: Sequence[Command]) -> tuple[list[bytes], list[bytes]]:
-    """KEYS and ARGV of :data:`BATCH_SCRIPT` running ``commands``."""
-    keys: dict[bytes, None] = {}
-    argv: list[bytes] = []
-    for command in commands:
-        args = [
-            a if type(a) is bytes else a.encode() if type(a) is str else _arg(a) for a in command
-        ]
-        name = args[0] = args[0].upper()
-        if name in _MULTI_KEY:
-            keys.update(dict.fromkeys(args[1:]))
-        elif name not in _NOT_KEYS and len(args) > 1:
-            keys[args[1]] = None
-        argv.append(b"%d" % len(args))
-        argv += args
-    return list(keys), argv
 
 
 async def backoff(attempt: int, base: float = 0.001, cap: float = 0.05) -> None:
@@ -208,7 +98,9 @@ async def _send(conn: AbstractConnection, packed: bytes) -> None:
         raise rex.ConnectionError("Connection closed by the server before write")
     try:
         writer.writelines((packed,))  # (what redis-py calls: fakeredis has no write)
-        await writer.drain()
+        buffered = getattr(writer.transport, "get_write_buffer_size", None)
+        if buffered is None or buffered():  # only what the socket did not take can wait
+            await writer.drain()
     except OSError as e:
         raise rex.ConnectionError(f"Error while writing to socket: {e}") from e
 
@@ -231,12 +123,51 @@ async def _exchange(
 
 
 async def _read(conn: AbstractConnection, count: int, timeout: float | None) -> list[Any]:
+    parser = getattr(conn, "_parser", None)
+    if (  # a real socket under redis-py's hiredis parser (not, say, fakeredis)
+        type(parser) is _HiredisParser
+        and getattr(parser, "_connected", False)
+        and type(getattr(parser, "_stream", None)) is asyncio.StreamReader
+    ):
+        return await _read_hiredis(conn, parser, count)
     replies: list[Any] = []
     for _ in range(count):
         try:
             replies.append(await conn.read_response(timeout=timeout))
         except rex.ResponseError as e:
             replies.append(e)
+    return replies
+
+
+async def _read_hiredis(conn: AbstractConnection, parser: Any, count: int) -> list[Any]:
+    """``count`` replies straight from the connection's hiredis reader and stream.
+
+    What redis-py's ``read_response`` does per reply (push messages, RESP3, go to the
+    parser's handler), in one loop per round trip; a failure leaves the connection to the
+    caller to disconnect.
+    """
+    reader, stream = parser._reader, parser._stream
+    push = getattr(parser, "_hiredis_PushNotificationType", None) or ()
+    replies: list[Any] = []
+    try:
+        while len(replies) < count:
+            reply = reader.gets()
+            if reply is _NOT_ENOUGH_DATA:
+                data = await stream.read(parser._read_size)
+                if not data:
+                    raise rex.ConnectionError("Connection closed by server.")
+                reader.feed(data)
+            elif isinstance(reply, push):
+                await parser.handle_push_response(reply)
+            elif isinstance(reply, rex.ConnectionError):  # LOADING and the like, as redis-py
+                raise reply
+            else:
+                replies.append(reply)
+    except OSError as e:
+        where = f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')}"
+        raise rex.ConnectionError(f"Error while reading from {where}: {e.args}") from e
+    if conn.health_check_interval:
+        conn.next_health_check = asyncio.get_running_loop().time() + conn.health_check_interval
     return replies
 
 
@@ -301,7 +232,7 @@ async def run_atomically(
     with redis_errors(operation, key):
         if durability is None or not durability.waits:  # one EVALSHA, packed here
             reply = await call_packed(
-                redis, _resp([b"EVALSHA", _BATCH_SHA, b"%d" % len(keys), *keys, *argv])
+                redis, resp([b"EVALSHA", BATCH.sha, b"%d" % len(keys), *keys, *argv])
             )
             if isinstance(reply, rex.ResponseError) and not isinstance(reply, rex.NoScriptError):
                 raise reply
@@ -436,7 +367,7 @@ class WatchedTransaction:
             watch, seen = self._watched
             self._watched = (b"", [])  # once: a script flushed again counts as a lost race
             replies = await self._roundtrip(
-                pack([("SCRIPT", "LOAD", BATCH_SCRIPT)]) + watch, len(seen) + 2
+                pack([("SCRIPT", "LOAD", batch.script.source)]) + watch, len(seen) + 2
             )
             await self._redirected(replies)
             _raise_nested(replies)

@@ -57,6 +57,7 @@ __all__ = [
     "decode_rows",
     "destroy_commands",
     "format_position",
+    "pack_entry",
     "pack_fields",
     "parse_entry_id",
     "read_entries",
@@ -175,7 +176,12 @@ def destroy_commands(keys: Keys, task_id: str) -> list[Command]:
 
 def pack_fields(fields: list[bytes]) -> bytes:
     """A stream entry's fields (name, value, ...) as the msgpack map a wake-up carries."""
-    packed: bytes = msgpack.packb(dict(zip(fields[::2], fields[1::2], strict=True)))
+    return pack_entry(dict(zip(fields[::2], fields[1::2], strict=True)))
+
+
+def pack_entry(entry: dict[bytes, bytes]) -> bytes:
+    """A stream entry's fields as the msgpack map a wake-up carries."""
+    packed: bytes = msgpack.packb(entry)
     return packed
 
 

@@ -35,7 +35,6 @@ from a2a_redis.connection.transaction import (
     backoff,
     bulk,
     call_packed,
-    pack,
 )
 from a2a_redis.errors import (
     A2ARedisError,
@@ -52,7 +51,6 @@ from a2a_redis.log.codec import (
     F_EXPIRES,
     F_OWNER,
     F_SCHEMA,
-    F_TASK,
     F_VERSION,
     F_WRITE,
     HEAD_FIELDS,
@@ -61,17 +59,14 @@ from a2a_redis.log.codec import (
     check_payload_size,
     decode_head,
     decode_stored,
+    encode_event,
     encode_record,
     index_member,
 )
-from a2a_redis.log.event_log import (
-    AppendLedger,
-    append_commands,
-    destroy_commands,
-    retention_commands,
-)
+from a2a_redis.log.event_log import AppendLedger, append_commands, destroy_commands, pack_entry
 from a2a_redis.log.keys import Keys
 from a2a_redis.options import Options
+from a2a_redis.stores.save_body import READ_FIELDS, Frame, save_batch
 from a2a_redis.stores.task_index import TaskIndex
 
 __all__ = ["Decide", "TaskRecords"]
@@ -82,27 +77,11 @@ logger = logging.getLogger(__name__)
 Decide = Callable[[RecordHead | None], int]
 
 _CACHED = 4096  # tasks whose keys are kept packed (until they end, or are deleted)
-_HSET = bulk(b"HSET")
-_READ_FIELDS = (F_SCHEMA, F_OWNER, F_VERSION, F_TASK)
 #: Fields a write can leave out when the stored record has the same value: the schema
 #: (a record read under WATCH has the current one), the owner (checked equal), and these.
 _KEPT = {F_SCHEMA: True, F_OWNER: True}
-
-
-class _Frame:
-    """One task's keys, packed once (a write's fixed parts)."""
-
-    __slots__ = ("key", "packed", "push", "read", "watch")
-
-    def __init__(self, key: str, push: str) -> None:
-        self.key = key
-        raw = key.encode()
-        self.packed = bulk(raw)
-        self.push = push
-        #: WATCH the record, and read its head, in one write.
-        self.watch = pack([("WATCH", raw), ("HMGET", raw, *HEAD_FIELDS)])
-        #: Read what ``get`` returns.
-        self.read = pack([("HMGET", raw, *_READ_FIELDS)])
+#: A stream entry's fields, but for the version (set by each attempt).
+Entry = dict[bytes, bytes]
 
 
 class TaskRecords:
@@ -127,9 +106,11 @@ class TaskRecords:
         self.index = TaskIndex(redis, self.keys, split=is_cluster(redis))
         #: Events this store appended, which ``publish`` then need not (shared with the stream).
         self.ledger = AppendLedger()
-        self._frames: dict[str, _Frame] = {}
+        self._frames: dict[str, Frame] = {}
+        ttls = (self.retention.idle_ttl, self.retention.terminal_ttl)
+        self._ttls = tuple(bulk(b"%d" % int(ttl * 1000)) for ttl in ttls)  # stream TTL (ms)
 
-    def _frame(self, task_id: str, keep: bool = True) -> _Frame:
+    def _frame(self, task_id: str, keep: bool = True) -> Frame:
         """The task's packed keys (``InvalidIdError`` for an over-long id).
 
         Kept (``keep``) for the tasks this replica writes, until they end or are deleted;
@@ -137,8 +118,7 @@ class TaskRecords:
         """
         frame = self._frames.get(task_id)
         if frame is None:
-            key, push = self.keys.task(task_id), self.keys.push_configs(task_id)
-            frame = _Frame(key, push)
+            frame = Frame(self.keys, task_id, self.retention.maxlen)
             if keep:
                 if len(self._frames) >= _CACHED:
                     self._frames.clear()
@@ -165,7 +145,7 @@ class TaskRecords:
             row = await call_packed(self.redis, frame.read)
             if row is FALLBACK:
                 telemetry.round_trip()  # (redis-py's, on a cluster)
-                row = await self.redis.hmget(key, list(_READ_FIELDS))
+                row = await self.redis.hmget(key, list(READ_FIELDS))
             elif isinstance(row, rex.ResponseError):
                 raise row
         return decode_stored(key, task_id, cast("list[bytes | None]", row))
@@ -173,20 +153,21 @@ class TaskRecords:
     # -- write ---------------------------------------------------------------------------
     def _write_commands(
         self,
-        frame: _Frame,
+        frame: Frame,
         task: Task,
         payload: bytes,
         owner: str,
         version: int,
         write_id: bytes,
         old: RecordHead | None,
-        event: Event | None,
+        entry: Entry | None,
         history: Sequence[tuple[int, Event]] = (),
     ) -> tuple[Batch, list[Command], int]:
-        """The write's commands in the task's slot, its index commands, and its expiry.
+        """The write's body in the task's slot, its index commands, and its expiry.
 
-        Index commands join the task's MULTI on one server; on a cluster they run after it
-        in the owner's slot (``task_index.py``).
+        ``entry`` is the event's stream entry (its version is set here). Index changes
+        join the body on one server; on a cluster they run after it in the owner's slot
+        (``task_index.py``), and are returned.
         """
         terminal = task.status.state in TERMINAL_STATES
         expires_at = 0
@@ -197,17 +178,30 @@ class TaskRecords:
             task, payload, owner=owner, version=version, write_id=write_id,
             expires_at=expires_at, member=member,
         )  # fmt: skip
+        state = task.status.state
+        head = RecordHead(owner, version, task.context_id, state, member, write_id, expires_at)
+        frame.wrote(record, head)
         if old is not None:  # the record exists: write only the fields that change
             kept = {**_KEPT, F_CONTEXT: old.context_id == task.context_id}
             kept[F_EXPIRES] = old.expires_at == expires_at
             record = {name: value for name, value in record.items() if not kept.get(name, False)}
-        batch = Batch()
-        fields = [bulk(part) for item in record.items() for part in item]
-        batch.add_packed(
-            len(fields) + 3,
-            b"%b%b%b%b" % (bulk(b"%d" % (len(fields) + 2)), _HSET, frame.packed, b"".join(fields)),
-            frame.key.encode(),
-        )
+        index_cmds: list[Command] = []
+        moves: tuple[list[bytes], list[bytes], list[bytes]] = ([], [], [])
+        if self.index.split:
+            index_cmds = self.index.index_commands(owner, old, task, member, expires_at)
+        else:
+            gone, added = self.index.moves(owner, old, task, member)
+            moves = (  # (key, packed key) pairs: packed keys, each once
+                [p for k, p in gone if (k, p) in added],
+                [p for k, p in gone if (k, p) not in added],
+                [p for k, p in added if (k, p) not in gone],
+            )
+        wake = b""
+        if entry is not None:
+            entry = {**entry, F_VERSION: b"%d" % version}
+            wake = pack_entry(entry)
+        members = (old.member if old is not None else b"", member)
+        batch = save_batch(frame, record, moves, members, entry, wake, self._ttls[terminal])
         key, push = frame.key, frame.push  # the task's push configs share its lifetime
         if expires_at:
             batch.add(("PEXPIREAT", key, expires_at))
@@ -215,30 +209,41 @@ class TaskRecords:
         elif old is not None and old.expires_at:
             batch.add(("PERSIST", key))
             batch.add(("PERSIST", push))
-        index_cmds: list[Command] = []
-        if self.index.split:
-            index_cmds = self.index.index_commands(owner, old, task, member, expires_at)
-        else:
-            self.index.pack_commands(batch, owner, old, task, member, expires_at)
-        cmds: list[Command] = []
-        if event is not None:
-            cmds += append_commands(
-                self.keys, task.id, version, event, terminal=terminal, retention=self.retention,
-                max_bytes=self.max_payload_bytes,
-            )  # fmt: skip
+        if not self.index.split:
+            for command in self.index.expiry_commands(owner, old, task, member, expires_at):
+                batch.add(command)
         for at, past in history:  # an import: events the stream does not hold yet
             if old is None or at > old.version:
-                cmds += append_commands(
+                for command in append_commands(
                     self.keys, task.id, at, past, terminal=terminal, retention=self.retention,
                     max_bytes=self.max_payload_bytes,
-                )  # fmt: skip
-        if event is None:
-            cmds += retention_commands(
-                self.keys, task.id, terminal=terminal, retention=self.retention
-            )
-        for command in cmds:
-            batch.add(command)
+                ):  # fmt: skip
+                    batch.add(command)
         return batch, index_cmds, expires_at
+
+    def _encode(
+        self,
+        key: str,
+        task: Task,
+        owner: str,
+        event: Event | None,
+        history: Sequence[tuple[int, Event]],
+    ) -> tuple[bytes, Entry | None]:
+        """The task's payload and the event's entry (each attempt sets its version).
+
+        Refuses what cannot be written before any round trip: over-long ids, big payloads.
+        """
+        payload = task.SerializeToString()
+        self.index.packed_keys(owner, task.context_id, task.status.state)
+        check_payload_size(key, "task", len(payload), self.max_payload_bytes)
+        stream = self._frame(task.id).events
+        entry = None
+        if event is not None:
+            entry = encode_event(0, event, key=stream, limit=self.max_payload_bytes)
+        for _, past in history:
+            size = to_stream_response(past).ByteSize()
+            check_payload_size(stream, "event", size, self.max_payload_bytes)
+        return payload, entry
 
     async def write(
         self,
@@ -267,14 +272,7 @@ class TaskRecords:
         recognise its own committed write instead of reporting a conflict.
         """
         key = self._frame(task.id).key
-        payload = task.SerializeToString()
-        # Refuse what cannot be written before any round trip: over-long ids, big payloads.
-        self.index.packed_keys(owner, task.context_id, task.status.state)
-        check_payload_size(key, "task", len(payload), self.max_payload_bytes)
-        events = ([] if event is None else [event]) + [past for _, past in history]
-        for one in events:
-            size = to_stream_response(one).ByteSize()
-            check_payload_size(self.keys.events(task.id), "event", size, self.max_payload_bytes)
+        payload, entry = self._encode(key, task, owner, event, history)
         write_id = os.urandom(8)
         intent = self.index.intent(task.id, write_id) if self.index.split else b""
         # On a cluster the pending intent goes out with the first WATCH; commits wait for it.
@@ -285,7 +283,7 @@ class TaskRecords:
             for attempt in range(1, self.max_attempts + 1):
                 try:
                     committed = await self._attempt(
-                        key, task, payload, owner, event, decide, write_id, intent_set, history
+                        key, task, payload, owner, entry, decide, write_id, intent_set, history
                     )
                 except (rex.ConnectionError, rex.TimeoutError) as e:
                     raise_if_pool_exhausted(e, "save", key)
@@ -333,7 +331,7 @@ class TaskRecords:
         task: Task,
         payload: bytes,
         owner: str,
-        event: Event | None,
+        entry: Entry | None,
         decide: Decide,
         write_id: bytes,
         intent_set: asyncio.Future[None] | None,
@@ -348,7 +346,7 @@ class TaskRecords:
             async with WatchedTransaction(self.redis, key, self.durability) as tx:
                 (raw,) = await tx.watch_packed(frame.watch, 1)
                 try:
-                    old = decode_head(key, raw)
+                    old = frame.decode(raw)
                     if old is not None and old.write_id == write_id:
                         # An earlier attempt committed; its reply was lost. With durability,
                         # rewrite its write id so that WAIT (on this connection) confirms it.
@@ -380,7 +378,7 @@ class TaskRecords:
                     await tx.unwatch()
                     raise
                 cmds, index_cmds, expires_at = self._write_commands(
-                    frame, task, payload, owner, version, write_id, old, event, history
+                    frame, task, payload, owner, version, write_id, old, entry, history
                 )
                 if intent_set is not None:
                     await intent_set  # the pending intent is set before anything commits

@@ -47,7 +47,7 @@ from a2a.utils.errors import InvalidParamsError
 from a2a.utils.task import decode_list_tasks_cursor, decode_page_token, encode_list_tasks_cursor
 
 from a2a_redis.connection.cluster import Client
-from a2a_redis.connection.transaction import Batch, Command, bulk, execute, run_atomically
+from a2a_redis.connection.transaction import Command, bulk, execute, run_atomically
 from a2a_redis.errors import A2ARedisError, CorruptDataError, InvalidIdError, redis_errors
 from a2a_redis.log.codec import (
     F_CONTEXT,
@@ -79,7 +79,6 @@ PENDING_GRACE_MS = 5_000
 RECONCILE_BATCH = 64
 QUERY_ROUNDS = 4  # a list re-reads after purging, reconciling or repairing, this often
 _CACHED = 4096  # (owner, context id, state) combinations whose index keys are kept packed
-_ZREM, _ZADD = bulk(b"3") + bulk(b"ZREM"), bulk(b"4") + bulk(b"ZADD")
 #: An index key, as bytes and as a packed argument.
 Packed = tuple[tuple[bytes, bytes], ...]
 
@@ -111,7 +110,7 @@ class TaskIndex:
             found = self._packed[owner, context_id, state] = tuple((k, bulk(k)) for k in keys)
         return found
 
-    def _moves(
+    def moves(
         self, owner: str, old: RecordHead | None, new: Task | None, new_member: bytes
     ) -> tuple[Packed, Packed]:
         """The index entries a write leaves (member ``old.member``) and enters (``new_member``)."""
@@ -138,33 +137,12 @@ class TaskIndex:
 
         ``new`` None means the task is deleted. Entries that do not change are not touched.
         """
-        gone, added = self._moves(owner, old, new, new_member)
+        gone, added = self.moves(owner, old, new, new_member)
         cmds: list[Command] = [("ZREM", k, old.member) for k, _ in gone] if old is not None else []
         cmds += [("ZADD", k, 0, new_member) for k, _ in added]
-        return cmds + self._expiry_commands(owner, old, new, new_member, new_expires_at)
+        return cmds + self.expiry_commands(owner, old, new, new_member, new_expires_at)
 
-    def pack_commands(
-        self,
-        batch: Batch,
-        owner: str,
-        old: RecordHead | None,
-        new: Task,
-        new_member: bytes,
-        new_expires_at: int = 0,
-    ) -> None:
-        """:meth:`index_commands` of a write, added to ``batch`` (packed from the cache)."""
-        gone, added = self._moves(owner, old, new, new_member)
-        if gone and old is not None:
-            member = bulk(old.member)
-            for key, packed in gone:
-                batch.add_packed(4, _ZREM + packed + member, key)
-        member = b"$1\r\n0\r\n" + bulk(new_member)
-        for key, packed in added:
-            batch.add_packed(5, _ZADD + packed + member, key)
-        for command in self._expiry_commands(owner, old, new, new_member, new_expires_at):
-            batch.add(command)
-
-    def _expiry_commands(
+    def expiry_commands(
         self,
         owner: str,
         old: RecordHead | None,

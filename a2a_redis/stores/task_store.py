@@ -46,6 +46,7 @@ from a2a_redis.stores.records import TaskRecords
 __all__ = ["RedisTaskStore", "VersionedRedisTaskStore"]
 
 _Store = TypeVar("_Store", bound="_OverRecords")
+_CANCELED = TaskState.TASK_STATE_CANCELED  # (a protobuf enum's attribute takes a microsecond)
 _STRICT: contextvars.ContextVar[bool] = contextvars.ContextVar("a2a_redis_strict", default=False)
 
 
@@ -177,7 +178,7 @@ class VersionedRedisTaskStore(_OverRecords, VersionedTaskStore):
         """
         del prev
         # (A strict cancel is checked against prev_version like any write.)
-        cancel = task.status.state == TaskState.TASK_STATE_CANCELED and not _STRICT.get()
+        cancel = task.status.state == _CANCELED and not _STRICT.get()
 
         def decide(old: RecordHead | None) -> int:
             if cancel:

@@ -37,7 +37,7 @@ from a2a_redis.connection.sentinel import (
     parse_sentinel_url,
 )
 from a2a_redis.connection.transaction import WatchedTransaction
-from a2a_redis.log.codec import F_VERSION
+from a2a_redis.log.codec import F_VERSION, encode_event
 from a2a_redis.log.keys import Keys
 from a2a_redis.ops.cli import main as cli
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
@@ -382,7 +382,8 @@ async def test_a_write_the_replica_does_not_confirm_raises_naming_the_key_and_st
             def decide(old: object) -> int:
                 return 3
 
-            attempt = (keys.task("t"), task, task.SerializeToString(), "alice", event)
+            entry = encode_event(0, event, key=keys.events("t"))  # (each attempt sets v)
+            attempt = (keys.task("t"), task, task.SerializeToString(), "alice", entry)
             with pytest.raises(ReplicationTimeoutError):
                 await records._attempt(*attempt, decide, write_id, None)
             with pytest.raises(ReplicationTimeoutError):  # the recovery path waits as well

@@ -2,8 +2,8 @@
 in batches, driven by the ListTasks indexes: every command this process sends is read off
 the wire (``send_packed_command``), and none is a KEYS or a SCAN over tasks.
 
-The tasks are written in bulk (pipelines of the store's own record and index commands,
-``TaskRecords._write_commands``), not saved one by one: the same keys and index entries as
+The tasks are written in bulk (pipelines of the store's own commit bodies and index
+commands, ``TaskRecords._write_commands``), not saved one by one: the same keys and index entries as
 a save, at a fraction of the round trips.
 """
 
@@ -20,9 +20,9 @@ import redis.asyncio as aioredis
 from a2a.server.context import ServerCallContext
 from a2a.types.a2a_pb2 import ListTasksRequest, Task, TaskState, TaskStatus
 
-from a2a_redis.connection.transaction import Batch
 from a2a_redis.options import Options
 from a2a_redis.stores.records import TaskRecords
+from a2a_redis.stores.save_body import SAVE
 from a2a_redis.stores.task_store import VersionedRedisTaskStore
 from tests.helpers import NamedUser, connect
 from tests.ops.test_migrate import run_cli as cli
@@ -52,6 +52,7 @@ async def bulk_seed(
 ) -> None:
     """``n`` tasks of ``owner`` (``owner-i``), pipelined 2,000 at a time."""
     records = TaskRecords(client, Options(prefix=prefix))
+    await client.script_load(SAVE.source)
     now = time.time_ns()
     for start in range(0, n, 2_000):
         async with client.pipeline(transaction=False) as pipe:
@@ -63,21 +64,11 @@ async def bulk_seed(
                     records._frame(task.id), task, task.SerializeToString(), owner, 1,
                     os.urandom(8), None, None,
                 )  # fmt: skip
-                for cmd in (*unbatch(batch), *index_cmds):
+                name, *args = next(resp_commands(batch.packed()))  # the commit's EVALSHA
+                pipe.execute_command(name.decode(), *args)  # (a cluster client wants a str name)
+                for cmd in index_cmds:
                     pipe.execute_command(*cmd)
             await pipe.execute()
-
-
-def unbatch(batch: Batch) -> list[list[str | bytes]]:
-    """The commands of a store's commit body (its EVALSHA's ARGV: count, name, arguments)."""
-    ((_evalsha, _sha, keys, *rest),) = resp_commands(batch.packed())
-    argv, commands = rest[int(keys) :], []
-    while argv:
-        count = int(argv[0])
-        name, *args = argv[1 : 1 + count]
-        commands.append([name.decode(), *args])  # (a cluster client wants a str name)
-        argv = argv[1 + count :]
-    return commands
 
 
 class Wire(collections.Counter[bytes]):
