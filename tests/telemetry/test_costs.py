@@ -32,11 +32,23 @@ def costs(otel: Otel, name: str) -> list[tuple[Any, Any, Any]]:
     ]
 
 
-async def warmed(redis: aioredis.Redis, prefix: str, otel: Otel) -> VersionedRedisTaskStore:
-    """A store whose server has our batch script loaded (else a first commit loads it: +2)."""
-    store = VersionedRedisTaskStore(redis, prefix=prefix)
-    warm = make_task("task-warm")
-    await store.save(warm, event=warm, prev_version=MISSING, context=ctx())
+async def warmed(
+    redis: aioredis.Redis,
+    prefix: str,
+    otel: Otel,
+    paired: tuple[VersionedRedisTaskStore, RedisTaskEventStream] | None = None,
+) -> VersionedRedisTaskStore:
+    """A store whose server has our scripts loaded: the save's, the batch (a delete's) and,
+    given a ``paired`` store and stream, the publish's. Else the first use of each loads it:
+    +1 or +2 round trips. Warmed on ``task-1``'s keys: on a cluster, on the node the
+    test's task lives on."""
+    store, stream = paired or (VersionedRedisTaskStore(redis, prefix=prefix), None)
+    warm = make_task("task-1")
+    version = await store.save(warm, event=warm, prev_version=MISSING, context=ctx())
+    if stream is not None:
+        reply = Message(message_id="warm", task_id="task-1", context_id="ctx")
+        await stream.publish("task-1", VersionedEvent(reply, version))
+    await store.delete("task-1", ctx())
     otel.exporter.clear()
     return store
 
@@ -91,8 +103,9 @@ async def test_a_save_that_loses_a_race_counts_its_retry(
 async def test_a_publish_span_counts_its_round_trip(
     otel: Otel, redis: aioredis.Redis, prefix: str
 ) -> None:
-    store = await warmed(redis, prefix, otel)
+    store = VersionedRedisTaskStore(redis, prefix=prefix)
     stream = RedisTaskEventStream(redis, task_store=store)
+    await warmed(redis, prefix, otel, (store, stream))
     try:
         task = make_task("task-1")
         version = await store.save(task, event=task, prev_version=MISSING, context=ctx())
