@@ -6,19 +6,19 @@ A publish events across the tasks as fast as they can (``publish`` on a stream w
 store, the cheapest writer; ``FAN_SAVE`` in ``event_stream.py`` switches to save +
 publish). A and B share this process's event loop.
 
-Four phases over the same subscribers, in one run: CPython's default garbage collection;
-the same with A's writers in a process of their own (spawned; so B's event loop does only
-B's work, and the figures are B's capacity, not the two replicas' sharing one core); then,
-A back in this loop, after ``gc.freeze()`` (the optional tuning the README describes:
-freeze once the process reached its steady state, so full collections walk only what came
-later); then, also optional, the freeze with a generation-0 threshold of
-:data:`GEN0_THRESHOLD` instead of 700 (young collections, each of which walks every young
-subscriber's objects, run 70 times less often). Each phase reports deliveries per second, this process's CPU time per delivery
-(less diluted than the rate by other processes on a shared machine), delivery latency
-(median, p99), and every full (generation 2) collection's pause while publishing
+Four phases over the same subscribers, in one run: CPython's default garbage collection; the
+same with A's writers in a process of their own (spawned; so B's event loop does only B's
+work, and the figures are B's capacity, not the two replicas' sharing one core); then, A
+back in this loop, after ``gc.freeze()`` (the optional tuning the README describes: freeze
+once the process reached its steady state, so full collections walk only what came later);
+then, also optional, the freeze with a generation-0 threshold of :data:`GEN0_THRESHOLD`
+instead of 700 (young collections, each of which walks every young subscriber's objects, run
+70 times less often). Each phase reports deliveries per second, this process's CPU time per
+delivery (less diluted than the rate by other processes on a shared machine), delivery
+latency (median, p99), and every full (generation 2) collection's pause while publishing
 (``gc.callbacks`` timing). Phases run in that order: a later one may run on a busier
-machine, so compare phases by their CPU time per delivery, or across runs. Also: the
-Redis connections B's client holds (``CLIENT LIST`` by client name), memory per subscriber
+machine, so compare phases by their CPU time per delivery, or across runs. Also: the Redis
+connections B's client holds (``CLIENT LIST`` by client name), memory per subscriber
 (tracemalloc) and ``listener.stats()``. ``--quick``: 1,000 subscribers over 100 tasks.
 """
 
@@ -390,5 +390,5 @@ async def run(ctx: RunContext, report: Report) -> None:
 
 
 BENCHMARK = Benchmark(
-    "fanout", "10,000 subscribers on one replica, default GC, gc.freeze() and a gen-0 threshold", run
+    "fanout", "10,000 subscribers on one replica, default GC, gc.freeze(), a gen-0 threshold", run
 )
